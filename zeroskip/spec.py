@@ -1,0 +1,465 @@
+"""LayerSpec: one validated, frozen descriptor of a convolution operator.
+
+A spec covers every argument of ``torch.nn.Conv{1,2,3}d`` and ``ConvTranspose{1,2,3}d`` plus the
+two backward operators of a convolution. Every operator is described through one *associated
+convolution* (``x -> y``, weight ``(C_y, C_x / groups, *kernel)``), whose per-axis geometry
+(:class:`Axis`) the compiler reads:
+
+=================  ===================================  ===============================
+op                 computes                             fields describe
+=================  ===================================  ===============================
+conv               y = conv(x, w)                       the conv itself
+conv_transpose     x_t -> y_t (torch's ConvTranspose)   torch's ConvTranspose arguments
+conv_grad_input    dL/dx from dL/dy                     the forward conv
+conv_grad_weight   dL/dw from x and dL/dy               the forward conv
+=================  ===================================  ===============================
+
+A transposed convolution is the ``conv_grad_input`` of the convolution that maps its output
+back to its input, so its associated conv has ``in = out_channels``, ``out = in_channels`` and
+input size = the transposed conv's output size.
+
+Invalid values raise the exception type PyTorch raises for the same mistake, naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+OPS = ("conv", "conv_transpose", "conv_grad_input", "conv_grad_weight")
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+_DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16"}
+
+
+@dataclass(frozen=True)
+class Axis:
+    """Geometry of one spatial axis of the associated convolution ``x -> y``.
+
+    ``x`` has ``size`` elements, is padded by ``pad_lo``/``pad_hi`` and read by ``kernel`` taps
+    spaced ``dilation`` apart at every ``stride``-th position; ``y`` has ``out_size`` elements.
+    Output ``o`` and tap ``k`` read ``x[o * stride - pad_lo + k * dilation]``.
+    """
+
+    size: int
+    kernel: int
+    stride: int
+    dilation: int
+    pad_lo: int
+    pad_hi: int
+    out_size: int
+
+    @property
+    def extent(self) -> int:
+        """Span of the dilated kernel, holes included."""
+        return self.dilation * (self.kernel - 1) + 1
+
+    @property
+    def padded_size(self) -> int:
+        return self.size + self.pad_lo + self.pad_hi
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _ints(value: Any, rank: int, field: str) -> tuple[int, ...]:
+    """An int or a sequence of ``rank`` ints, as a tuple (torch's ``_ntuple``)."""
+    if _is_int(value):
+        return (int(value),) * rank
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{field} must be an int or a tuple of {rank} ints, got {value!r}")
+    if len(value) != rank:
+        raise ValueError(f"{field} must have {rank} elements for a {rank}-d convolution, "
+                         f"got {len(value)}: {tuple(value)!r}")
+    if not all(_is_int(v) for v in value):
+        raise TypeError(f"{field} must contain only ints, got {tuple(value)!r}")
+    return tuple(int(v) for v in value)
+
+
+def _rank_of(*values: Any) -> int:
+    """Spatial rank: the length of the first sequence among the arguments, else 1."""
+    for value in values:
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+            return len(value)
+    return 1
+
+
+def _normalize_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...],
+                       stride: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Padding as one ``(lo, hi)`` pair per axis; 'same' pads like torch (extra on the high side)."""
+    rank = len(kernel)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * rank
+        if padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError("padding='same' is not supported for strided convolutions "
+                                 f"(stride={stride})")
+            pairs = []
+            for k, d in zip(kernel, dilation):
+                total = d * (k - 1)
+                pairs.append((total // 2, total - total // 2))
+            return tuple(pairs)
+        raise ValueError(f"Invalid padding string {padding!r}, should be one of ('valid', 'same')")
+    if (isinstance(padding, Sequence) and len(padding) == rank
+            and any(isinstance(p, Sequence) for p in padding)):
+        pairs = []
+        for p in padding:
+            if not (isinstance(p, Sequence) and len(p) == 2 and all(_is_int(v) for v in p)):
+                raise TypeError(f"padding must give an int or a (lo, hi) pair of ints per axis, "
+                                f"got {tuple(padding)!r}")
+            pairs.append((int(p[0]), int(p[1])))
+        return tuple(pairs)
+    return tuple((p, p) for p in _ints(padding, rank, "padding"))
+
+
+def _normalize_dtype(dtype: Any) -> str:
+    name = "float32" if dtype is None else str(dtype)
+    name = name.removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise TypeError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A frozen, validated convolution operator; build it with :meth:`conv` or
+    :meth:`conv_transpose`, derive backward operators with :meth:`grad_input` and
+    :meth:`grad_weight`."""
+
+    op: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    groups: int
+    output_padding: tuple[int, ...]
+    padding_mode: str
+    bias: bool
+    input_size: tuple[int, ...]
+    batch: int = 1
+    density: float = 1.0
+    dtype: str = "float32"
+
+    # ----------------------------------------------------------------------------- constructors
+    @classmethod
+    def conv(cls, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+             dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+             dtype=None, *, input_size, batch: int = 1, density: float = 1.0) -> "LayerSpec":
+        """Mirrors ``torch.nn.ConvNd(in_channels, out_channels, kernel_size, stride, padding,
+        dilation, groups, bias, padding_mode, device, dtype)``; ``input_size`` is the spatial size
+        of the input (its length sets the rank), ``density`` the expected share of non-zeros."""
+        rank = _rank_of(input_size, kernel_size, stride, padding, dilation)
+        if not 1 <= rank <= 3:
+            raise ValueError(f"input_size must have 1 to 3 spatial dimensions, got {rank}")
+        kernel = _ints(kernel_size, rank, "kernel_size")
+        stride_t = _ints(stride, rank, "stride")
+        dilation_t = _ints(dilation, rank, "dilation")
+        return cls(op="conv", in_channels=in_channels, out_channels=out_channels,
+                   kernel_size=kernel, stride=stride_t,
+                   padding=_normalize_padding(padding, kernel, dilation_t, stride_t),
+                   dilation=dilation_t, groups=groups, output_padding=(0,) * rank,
+                   padding_mode=padding_mode, bias=bias,
+                   input_size=_ints(input_size, rank, "input_size"), batch=batch,
+                   density=density, dtype=_normalize_dtype(dtype))
+
+    @classmethod
+    def conv_transpose(cls, in_channels: int, out_channels: int, kernel_size, stride=1,
+                       padding=0, output_padding=0, groups: int = 1, bias: bool = True,
+                       dilation=1, padding_mode: str = "zeros", dtype=None, *, input_size,
+                       batch: int = 1, density: float = 1.0) -> "LayerSpec":
+        """Mirrors ``torch.nn.ConvTransposeNd(in_channels, out_channels, kernel_size, stride,
+        padding, output_padding, groups, bias, dilation, padding_mode, device, dtype)``."""
+        rank = _rank_of(input_size, kernel_size, stride, padding, output_padding, dilation)
+        if not 1 <= rank <= 3:
+            raise ValueError(f"input_size must have 1 to 3 spatial dimensions, got {rank}")
+        if isinstance(padding, str):
+            raise ValueError(f"padding={padding!r} is not supported for transposed convolutions; "
+                             "padding must be an int or a tuple of ints")
+        pad = _ints(padding, rank, "padding")
+        return cls(op="conv_transpose", in_channels=in_channels, out_channels=out_channels,
+                   kernel_size=_ints(kernel_size, rank, "kernel_size"),
+                   stride=_ints(stride, rank, "stride"), padding=tuple((p, p) for p in pad),
+                   dilation=_ints(dilation, rank, "dilation"), groups=groups,
+                   output_padding=_ints(output_padding, rank, "output_padding"),
+                   padding_mode=padding_mode, bias=bias,
+                   input_size=_ints(input_size, rank, "input_size"), batch=batch,
+                   density=density, dtype=_normalize_dtype(dtype))
+
+    # ----------------------------------------------------------------------------- validation
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
+        rank = len(self.kernel_size)
+        if not 1 <= rank <= 3:
+            raise ValueError(f"kernel_size must have 1 to 3 spatial dimensions, got {rank}")
+        for field in ("in_channels", "out_channels", "groups", "batch"):
+            if not _is_int(getattr(self, field)):
+                raise TypeError(f"{field} must be an int, got {getattr(self, field)!r}")
+        for field in ("kernel_size", "stride", "dilation", "output_padding", "input_size"):
+            value = getattr(self, field)
+            if len(value) != rank or not all(_is_int(v) for v in value):
+                raise ValueError(f"{field} must be {rank} ints, got {value!r}")
+        if len(self.padding) != rank or not all(
+                len(p) == 2 and all(_is_int(v) for v in p) for p in self.padding):
+            raise ValueError(f"padding must be {rank} (lo, hi) pairs of ints, got {self.padding!r}")
+        if not isinstance(self.bias, bool):
+            raise TypeError(f"bias must be a bool, got {self.bias!r}")
+        object.__setattr__(self, "dtype", _normalize_dtype(self.dtype))
+        self._check_values()
+
+    def _check_values(self) -> None:
+        # The order and exception types follow torch: module construction raises ValueError,
+        # the convolution itself raises RuntimeError.
+        if self.groups <= 0:
+            raise ValueError(f"groups must be a positive integer, got groups={self.groups}")
+        if self.in_channels <= 0 or self.out_channels <= 0:
+            raise ValueError("in_channels and out_channels must be positive, got "
+                             f"in_channels={self.in_channels}, out_channels={self.out_channels}")
+        if self.in_channels % self.groups:
+            raise ValueError(f"in_channels must be divisible by groups "
+                             f"(in_channels={self.in_channels}, groups={self.groups})")
+        if self.out_channels % self.groups:
+            raise ValueError(f"out_channels must be divisible by groups "
+                             f"(out_channels={self.out_channels}, groups={self.groups})")
+        if self.padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {list(PADDING_MODES)}, "
+                             f"but got padding_mode={self.padding_mode!r}")
+        if self.op == "conv_transpose" and self.padding_mode != "zeros":
+            raise ValueError('Only "zeros" padding mode is supported for transposed convolutions, '
+                             f"got padding_mode={self.padding_mode!r}")
+        if not isinstance(self.density, numbers.Real) or isinstance(self.density, bool) \
+                or not 0.0 <= float(self.density) <= 1.0:
+            raise ValueError(f"density must be a number in [0, 1], got density={self.density!r}")
+        object.__setattr__(self, "density", float(self.density))
+        if self.batch < 0:
+            raise RuntimeError(f"batch must be non-negative, got batch={self.batch}")
+        if any(k <= 0 for k in self.kernel_size):
+            raise RuntimeError(f"kernel_size must be positive, got kernel_size={self.kernel_size}")
+        if any(s <= 0 for s in self.stride):
+            raise RuntimeError(f"non-positive stride is not supported (stride={self.stride})")
+        if any(d <= 0 for d in self.dilation):
+            raise RuntimeError(f"dilation should be greater than zero (dilation={self.dilation})")
+        if any(p < 0 for pair in self.padding for p in pair):
+            raise RuntimeError(f"negative padding is not supported (padding={self.padding})")
+        if any(n < 0 for n in self.input_size):
+            raise RuntimeError(f"input_size must be non-negative, got input_size={self.input_size}")
+        if self.op == "conv_transpose":
+            if self.padding_mode != "zeros" or any(lo != hi for lo, hi in self.padding):
+                raise ValueError(f"padding must be symmetric for transposed convolutions, "
+                                 f"got padding={self.padding}")
+            if any(op < 0 for op in self.output_padding):
+                raise RuntimeError(f"negative output_padding is not supported "
+                                   f"(output_padding={self.output_padding})")
+            if any(op >= max(s, d) for op, s, d in
+                   zip(self.output_padding, self.stride, self.dilation)):
+                raise RuntimeError(
+                    "output padding must be smaller than either stride or dilation, but got "
+                    f"output_padding={self.output_padding}, stride={self.stride}, "
+                    f"dilation={self.dilation}")
+            if any(n <= 0 for n in self.input_size):
+                raise RuntimeError(f"input_size must be positive, got input_size={self.input_size}")
+            out = self._transpose_output_size()
+            if any(n <= 0 for n in out):
+                raise RuntimeError(f"Given input_size={self.input_size}, the calculated output "
+                                   f"size {out} is too small (check padding={self.padding})")
+        else:
+            if any(self.output_padding):
+                raise ValueError(f"output_padding applies to transposed convolutions only, "
+                                 f"got output_padding={self.output_padding} for op={self.op!r}")
+            padded = tuple(n + lo + hi for n, (lo, hi) in zip(self.input_size, self.padding))
+            extent = tuple(d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation))
+            if any(p < e for p, e in zip(padded, extent)):
+                raise RuntimeError(
+                    f"Calculated padded input size per channel: {padded}. Kernel size: {extent}. "
+                    "Kernel size can't be greater than actual input size "
+                    f"(input_size={self.input_size}, kernel_size={self.kernel_size}, "
+                    f"dilation={self.dilation}, padding={self.padding})")
+            if self.padding_mode in ("reflect", "circular"):
+                # Reflect needs pad < size, circular pad <= size (torch.nn.functional.pad).
+                limit = (lambda pad, n: pad < n) if self.padding_mode == "reflect" \
+                    else (lambda pad, n: pad <= n)
+                if not all(limit(p, n) for pair, n in zip(self.padding, self.input_size)
+                           for p in pair):
+                    raise RuntimeError(
+                        f"padding={self.padding} is too large for padding_mode="
+                        f"{self.padding_mode!r} on input_size={self.input_size}")
+
+    def _transpose_output_size(self) -> tuple[int, ...]:
+        return tuple((n - 1) * s - lo - hi + d * (k - 1) + op + 1 for n, s, (lo, hi), d, k, op in
+                     zip(self.input_size, self.stride, self.padding, self.dilation,
+                         self.kernel_size, self.output_padding))
+
+    # ----------------------------------------------------------------------------- shapes
+    @property
+    def rank(self) -> int:
+        return len(self.kernel_size)
+
+    @property
+    def output_size(self) -> tuple[int, ...]:
+        """Spatial size of what the operator returns (for conv_grad_weight: the kernel size)."""
+        if self.op == "conv":
+            return tuple(a.out_size for a in self.axes)
+        if self.op == "conv_transpose":
+            return self._transpose_output_size()
+        if self.op == "conv_grad_input":
+            return self.input_size
+        return self.kernel_size
+
+    @property
+    def axes(self) -> tuple[Axis, ...]:
+        """Per-axis geometry of the associated convolution (see the module docstring)."""
+        if self.op == "conv_transpose":
+            sizes = self._transpose_output_size()
+            return tuple(Axis(size=y, kernel=k, stride=s, dilation=d, pad_lo=lo, pad_hi=hi,
+                              out_size=x)
+                         for y, x, k, s, d, (lo, hi) in zip(sizes, self.input_size,
+                                                             self.kernel_size, self.stride,
+                                                             self.dilation, self.padding))
+        axes = []
+        for n, k, s, d, (lo, hi) in zip(self.input_size, self.kernel_size, self.stride,
+                                        self.dilation, self.padding):
+            out = (n + lo + hi - d * (k - 1) - 1) // s + 1
+            axes.append(Axis(size=n, kernel=k, stride=s, dilation=d, pad_lo=lo, pad_hi=hi,
+                             out_size=out))
+        return tuple(axes)
+
+    @property
+    def conv_channels(self) -> tuple[int, int]:
+        """``(C_x, C_y)``: input and output channels of the associated convolution."""
+        if self.op == "conv_transpose":
+            return self.out_channels, self.in_channels
+        return self.in_channels, self.out_channels
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """torch's weight layout: ``(out, in / groups, *k)``, or ``(in, out / groups, *k)`` for a
+        transposed conv; in both cases ``(C_y, C_x / groups, *k)`` of the associated conv."""
+        c_x, c_y = self.conv_channels
+        return (c_y, c_x // self.groups, *self.kernel_size)
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the operator's tensor operands, by name."""
+        c_x, c_y = self.conv_channels
+        x_shape = (self.batch, c_x, *(a.size for a in self.axes))
+        y_shape = (self.batch, c_y, *(a.out_size for a in self.axes))
+        if self.op == "conv":
+            shapes = {"input": x_shape, "weight": self.weight_shape}
+        elif self.op == "conv_transpose":
+            shapes = {"input": y_shape, "weight": self.weight_shape}
+        elif self.op == "conv_grad_input":
+            shapes = {"grad_output": y_shape, "weight": self.weight_shape}
+        else:
+            shapes = {"input": x_shape, "grad_output": y_shape}
+        if self.bias and self.op in ("conv", "conv_transpose"):
+            shapes["bias"] = (self.out_channels,)
+        return shapes
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        if self.op == "conv_grad_weight":
+            return self.weight_shape
+        channels = self.in_channels if self.op == "conv_grad_input" else self.out_channels
+        return (self.batch, channels, *self.output_size)
+
+    @property
+    def torch_name(self) -> str:
+        """The torch.nn.functional name of the operator (or of its forward op for gradients)."""
+        base = "conv_transpose" if self.op == "conv_transpose" else "conv"
+        name = f"{base}{self.rank}d"
+        return {"conv_grad_input": f"{name}.grad_input",
+                "conv_grad_weight": f"{name}.grad_weight"}.get(self.op, name)
+
+    # ----------------------------------------------------------------------------- backward ops
+    def grad_input(self, density: float = 1.0) -> "LayerSpec":
+        """The operator computing the gradient w.r.t. this operator's input.
+
+        For a conv it is ``conv_grad_input`` of the same conv (a transposed convolution); for a
+        transposed conv it is an ordinary ``conv`` of its output gradient. ``density`` is the
+        expected share of non-zeros of the incoming gradient.
+        """
+        if self.op == "conv":
+            return dataclasses.replace(self, op="conv_grad_input", bias=False, density=density)
+        if self.op == "conv_transpose":
+            c_x, c_y = self.conv_channels
+            return LayerSpec(op="conv", in_channels=c_x, out_channels=c_y,
+                             kernel_size=self.kernel_size, stride=self.stride,
+                             padding=self.padding, dilation=self.dilation, groups=self.groups,
+                             output_padding=(0,) * self.rank, padding_mode="zeros", bias=False,
+                             input_size=self._transpose_output_size(), batch=self.batch,
+                             density=density, dtype=self.dtype)
+        raise ValueError(f"grad_input() is defined for 'conv' and 'conv_transpose', not {self.op!r}")
+
+    def grad_weight(self) -> "LayerSpec":
+        """The operator computing the gradient w.r.t. the weight: ``conv_grad_weight`` of the
+        associated conv. For a transposed conv its ``input`` operand is the gradient of the
+        transposed conv's output and its ``grad_output`` operand the transposed conv's input."""
+        if self.op == "conv":
+            return dataclasses.replace(self, op="conv_grad_weight", bias=False)
+        if self.op == "conv_transpose":
+            forward = self.grad_input(density=1.0)
+            return dataclasses.replace(forward, op="conv_grad_weight")
+        raise ValueError(f"grad_weight() is defined for 'conv' and 'conv_transpose', "
+                         f"not {self.op!r}")
+
+    # ----------------------------------------------------------------------------- display
+    def describe(self) -> str:
+        """One line naming the operator and its arguments, e.g. for generated-file headers."""
+        parts = [f"{self.torch_name}({self.in_channels}->{self.out_channels}",
+                 f"k={_fmt(self.kernel_size)}"]
+        if any(s != 1 for s in self.stride):
+            parts.append(f"s={_fmt(self.stride)}")
+        if any(any(p) for p in self.padding):
+            sym = all(lo == hi for lo, hi in self.padding)
+            parts.append("p=" + (_fmt(tuple(lo for lo, _ in self.padding)) if sym
+                                 else str(self.padding).replace(" ", "")))
+        if any(d != 1 for d in self.dilation):
+            parts.append(f"d={_fmt(self.dilation)}")
+        if any(self.output_padding):
+            parts.append(f"op={_fmt(self.output_padding)}")
+        if self.groups != 1:
+            parts.append(f"g={self.groups}")
+        if self.padding_mode != "zeros":
+            parts.append(f"mode={self.padding_mode}")
+        text = ", ".join(parts) + ")"
+        text += f" on {self.batch}x{'x'.join(map(str, self.input_size))}"
+        if self.density < 1.0:
+            text += f" density={self.density:g}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LayerSpec":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"unknown LayerSpec fields: {sorted(unknown)}")
+        kwargs = dict(data)
+        for name in ("kernel_size", "stride", "dilation", "output_padding", "input_size"):
+            if name in kwargs and isinstance(kwargs[name], list):
+                kwargs[name] = tuple(kwargs[name])
+        if isinstance(kwargs.get("padding"), list):
+            kwargs["padding"] = tuple(tuple(p) if isinstance(p, list) else p
+                                      for p in kwargs["padding"])
+        return cls(**kwargs)
+
+
+def _fmt(values: tuple[int, ...]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+__all__ = ["LayerSpec", "Axis", "OPS", "PADDING_MODES", "DTYPES"]
