@@ -29,8 +29,9 @@ class Report:
     ``dense_macs``: multiplications of the naive graph (every zero explicit); ``nonzero_macs``:
     multiplications left after the passes, equal to the closed-form count of products of two
     elements that are not structural zeros; ``steps``: the graph after each step;
-    ``strategy``: ``dense``, ``sparse`` or ``mixed`` (by region), with the ``reason`` given for
-    the region doing the most multiplications.
+    ``strategy``: ``dense`` or ``sparse``, whichever runs most of the multiplications (small
+    border regions may differ: ``strategy_macs`` splits the MACs by strategy), with the
+    ``reason`` given for the region doing the most multiplications.
     """
 
     spec: LayerSpec
@@ -45,6 +46,12 @@ class Report:
     def skipped(self) -> float:
         """Share of the naive graph's multiplications that are never performed."""
         return 1.0 - self.nonzero_macs / self.dense_macs if self.dense_macs else 0.0
+
+    @property
+    def strategy_share(self) -> float:
+        """Share of the non-zero MACs that run with ``strategy``."""
+        return self.strategy_macs.get(self.strategy, 0) / self.nonzero_macs \
+            if self.nonzero_macs else 1.0
 
     @property
     def graph(self) -> nx.DiGraph:
@@ -84,7 +91,8 @@ class Report:
                   f"  dense MACs     {self.dense_macs:>16,}",
                   f"  non-zero MACs  {self.nonzero_macs:>16,}",
                   f"  skipped        {self.skipped:>16.1%}",
-                  f"  strategy       {self.strategy}: {self.reason}"]
+                  f"  strategy       {self.strategy} ({self.strategy_share:.0%} of MACs): "
+                  f"{self.reason}"]
         return "\n".join(lines)
 
 
@@ -102,8 +110,7 @@ def explain(spec: LayerSpec, dump_dir=None) -> Report:
         by_strategy[op(final, node).strategy] += macs
         if macs > heaviest_macs:
             heaviest, heaviest_macs = node, macs
-    used = {k for k, v in by_strategy.items() if v}
-    strategy = used.pop() if len(used) == 1 else ("mixed" if used else "dense")
+    strategy = max(by_strategy, key=by_strategy.get) if any(by_strategy.values()) else "dense"
     nonzero = steps[-1].macs
     expected = nonzero_macs(spec)
     if nonzero != expected:  # an exactness bug in a pass: never report a wrong count

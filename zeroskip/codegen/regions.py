@@ -19,7 +19,7 @@ from typing import Callable
 import networkx as nx
 import numpy as np
 
-from .ir import Affine, AxisLoop, Contract, add_node, op, operand
+from .ir import Affine, Assemble, AxisLoop, Contract, add_node, nodes_of, op, operand, parts
 
 
 def _ceil_div(a, b):
@@ -133,3 +133,50 @@ def split_contract(graph: nx.DiGraph, node: str,
 def drop_if_unused(graph: nx.DiGraph, node: str) -> None:
     if graph.has_node(node) and graph.out_degree(node) == 0:
         graph.remove_node(node)
+
+
+def coalesce(graph: nx.DiGraph) -> nx.DiGraph:
+    """Merge regions that differ only in adjacent output ranges along one axis.
+
+    After densify_zeros a border region often keeps the whole sub-kernel of its phase (the taps
+    it lost to padding were inserted zeros anyway); merging it into the phase's interior leaves
+    one region per distinct tap set, which is what a kernel should loop over.
+    """
+    for assemble in list(nodes_of(graph, Assemble)):
+        merged = True
+        while merged:
+            merged = False
+            for axis in range(len(op(graph, assemble).shape) - 2):
+                merged |= _coalesce_axis(graph, assemble, axis)
+    return graph
+
+
+def _coalesce_axis(graph: nx.DiGraph, assemble: str, axis: int) -> bool:
+    runs: dict[tuple, list[str]] = {}
+    for node in parts(graph, assemble):
+        c: Contract = op(graph, node)
+        loops = list(c.loops)
+        loops[axis] = dataclasses.replace(loops[axis], u=(0, 0))
+        key = (operand(graph, node, "lhs"), operand(graph, node, "rhs"),
+               dataclasses.replace(c, loops=tuple(loops), shape=(), region=""))
+        runs.setdefault(key, []).append(node)
+    merged = False
+    for nodes in runs.values():
+        nodes.sort(key=lambda n: op(graph, n).loops[axis].u[0])
+        keep = nodes[0]
+        for node in nodes[1:]:
+            a, b = op(graph, keep), op(graph, node)
+            if a.loops[axis].u[1] != b.loops[axis].u[0]:
+                keep = node
+                continue
+            loops = list(a.loops)
+            loops[axis] = dataclasses.replace(loops[axis], u=(a.loops[axis].u[0],
+                                                              b.loops[axis].u[1]))
+            region = a.region if "interior" in a.region or "interior" not in b.region \
+                else b.region
+            graph.nodes[keep]["op"] = dataclasses.replace(
+                a, loops=tuple(loops), shape=(*a.shape[:2], *(l.u_len for l in loops)),
+                region=region)
+            graph.remove_node(node)
+            merged = True
+    return merged

@@ -12,7 +12,7 @@ from __future__ import annotations
 import networkx as nx
 
 from ..ir import Contract, ZeroInsert, nodes_of, op, operand, with_history
-from ..regions import drop_if_unused, restrict, split_contract
+from ..regions import coalesce, drop_if_unused, restrict, split_contract
 
 
 def densify_zeros(graph: nx.DiGraph) -> nx.DiGraph:
@@ -31,4 +31,4 @@ def densify_zeros(graph: nx.DiGraph) -> nx.DiGraph:
 
         split_contract(graph, node, per_axis, label, lhs=operand(graph, inserted, "src"))
         drop_if_unused(graph, inserted)
-    return with_history(graph, "densify_zeros")
+    return with_history(coalesce(graph), "densify_zeros")

@@ -15,7 +15,7 @@ import networkx as nx
 
 from ..ir import (Assemble, Contract, Subsample, ZeroInsert, bypass, nodes_of, op, operand, parts,
                   with_history)
-from ..regions import drop_if_unused, restrict, split_contract
+from ..regions import coalesce, drop_if_unused, restrict, split_contract
 
 
 def skip_dilation(graph: nx.DiGraph) -> nx.DiGraph:
@@ -44,4 +44,4 @@ def skip_dilation(graph: nx.DiGraph) -> nx.DiGraph:
         graph.nodes[assemble]["op"] = dataclasses.replace(op(graph, assemble),
                                                           shape=op(graph, node).shape)
         bypass(graph, node)
-    return with_history(graph, "skip_dilation")
+    return with_history(coalesce(graph), "skip_dilation")

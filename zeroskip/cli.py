@@ -1,0 +1,122 @@
+"""The ``zeroskip`` command line: ``explain`` one operator, ``demo`` the built-in networks."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .codegen.ir import to_dot
+from .spec import PADDING_MODES, LayerSpec
+
+OPS = [f"{base}{rank}d" for base in ("conv", "conv_transpose") for rank in (1, 2, 3)]
+
+
+def _padding(text: str):
+    if text in ("same", "valid"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, 'same' or 'valid', got {text!r}")
+
+
+def _per_axis(values: list, rank: int, flag: str, parser: argparse.ArgumentParser):
+    """One value for every axis, or exactly ``rank`` values."""
+    if len(values) == 1:
+        return values[0] if isinstance(values[0], str) else (values[0],) * rank
+    if len(values) != rank or any(isinstance(v, str) for v in values):
+        parser.error(f"{flag} takes 1 or {rank} ints for a {rank}-d operator, got {values}")
+    return tuple(values)
+
+
+def spec_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LayerSpec:
+    rank = int(args.op[-2])
+    if len(args.input_size) != rank:
+        parser.error(f"--input-size takes {rank} ints for {args.op}, got {args.input_size}")
+    common = dict(bias=not args.no_bias, dtype=args.dtype, input_size=tuple(args.input_size),
+                  batch=args.batch, density=args.density)
+    kernel = _per_axis(args.kernel, rank, "--kernel", parser)
+    stride = _per_axis(args.stride, rank, "--stride", parser)
+    padding = _per_axis(args.padding, rank, "--padding", parser)
+    dilation = _per_axis(args.dilation, rank, "--dilation", parser)
+    try:
+        if args.op.startswith("conv_transpose"):
+            spec = LayerSpec.conv_transpose(
+                args.in_channels, args.out_channels, kernel, stride, padding,
+                _per_axis(args.output_padding, rank, "--output-padding", parser), args.groups,
+                dilation=dilation, padding_mode=args.padding_mode, **common)
+        else:
+            if args.output_padding != [0]:
+                parser.error("--output-padding applies to conv_transpose operators only")
+            spec = LayerSpec.conv(args.in_channels, args.out_channels, kernel, stride, padding,
+                                  dilation, args.groups, padding_mode=args.padding_mode,
+                                  **common)
+        if args.grad == "input":
+            spec = spec.grad_input()
+        elif args.grad == "weight":
+            spec = spec.grad_weight()
+    except (ValueError, RuntimeError, TypeError) as exc:
+        parser.error(str(exc))
+    return spec
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zeroskip", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("explain", help="run the passes on one operator and report MACs skipped",
+                        description="Compile one operator through the passes; print the MACs "
+                                    "before and after each pass, the share skipped and the "
+                                    "strategy. Flags follow torch's argument names.")
+    ex.add_argument("--op", required=True, choices=OPS)
+    ex.add_argument("--in", dest="in_channels", type=int, required=True, metavar="C")
+    ex.add_argument("--out", dest="out_channels", type=int, required=True, metavar="C")
+    ex.add_argument("--kernel", type=int, nargs="+", required=True, metavar="K")
+    ex.add_argument("--input-size", type=int, nargs="+", required=True, metavar="N")
+    ex.add_argument("--stride", type=int, nargs="+", default=[1], metavar="S")
+    ex.add_argument("--padding", type=_padding, nargs="+", default=[0], metavar="P")
+    ex.add_argument("--dilation", type=int, nargs="+", default=[1], metavar="D")
+    ex.add_argument("--output-padding", type=int, nargs="+", default=[0], metavar="P")
+    ex.add_argument("--groups", type=int, default=1)
+    ex.add_argument("--padding-mode", choices=PADDING_MODES, default="zeros")
+    ex.add_argument("--no-bias", action="store_true")
+    ex.add_argument("--batch", type=int, default=1)
+    ex.add_argument("--density", type=float, default=1.0,
+                    help="expected share of non-zeros in the input (default 1.0)")
+    ex.add_argument("--dtype", default="float32")
+    ex.add_argument("--grad", choices=("input", "weight"),
+                    help="explain the backward operator for this input instead")
+    ex.add_argument("--json", action="store_true", help="print the report as JSON")
+    ex.add_argument("--graphs", action="store_true", help="with --json: include every graph")
+    ex.add_argument("--dot", type=Path, metavar="FILE", help="write the final graph as DOT")
+    ex.add_argument("--dump", type=Path, metavar="DIR",
+                    help="write every step's graph (JSON and DOT) under DIR")
+    ex.set_defaults(subparser=ex)
+
+    sub.add_parser("demo", help="explain every conv of the built-in networks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from . import demo
+        demo.run(sys.stdout)
+        return 0
+
+    from .explain import explain
+    parser = args.subparser
+    spec = spec_from_args(args, parser)
+    report = explain(spec, dump_dir=args.dump)
+    if args.dot:
+        try:
+            args.dot.write_text(to_dot(report.graph))
+        except OSError as exc:
+            parser.error(f"--dot: cannot write {args.dot}: {exc.strerror}")
+    print(report.to_json(graphs=args.graphs) if args.json else report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
