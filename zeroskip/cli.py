@@ -52,7 +52,8 @@ def spec_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                                   dilation, args.groups, padding_mode=args.padding_mode,
                                   **common)
         if args.grad == "input":
-            spec = spec.grad_input()
+            # --density then describes the incoming gradient, the operator's data operand.
+            spec = spec.grad_input(density=args.density)
         elif args.grad == "weight":
             spec = spec.grad_weight()
     except (ValueError, RuntimeError, TypeError) as exc:
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--no-bias", action="store_true")
     ex.add_argument("--batch", type=int, default=1)
     ex.add_argument("--density", type=float, default=1.0,
-                    help="expected share of non-zeros in the input (default 1.0)")
+                    help="expected share of non-zeros of the operator's data operand: the "
+                         "input, or with --grad input the output gradient (default 1.0)")
     ex.add_argument("--dtype", default="float32")
     ex.add_argument("--grad", choices=("input", "weight"),
                     help="explain the backward operator for this input instead")

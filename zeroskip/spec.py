@@ -179,7 +179,7 @@ class LayerSpec:
         if not 1 <= rank <= 3:
             raise ValueError(f"input_size must have 1 to 3 spatial dimensions, got {rank}")
         if isinstance(padding, str):
-            raise ValueError(f"padding={padding!r} is not supported for transposed convolutions; "
+            raise TypeError(f"padding={padding!r} is not supported for transposed convolutions; "
                              "padding must be an int or a tuple of ints")
         pad = _ints(padding, rank, "padding")
         return cls(op="conv_transpose", in_channels=in_channels, out_channels=out_channels,
@@ -272,6 +272,9 @@ class LayerSpec:
             if any(self.output_padding):
                 raise ValueError(f"output_padding applies to transposed convolutions only, "
                                  f"got output_padding={self.output_padding} for op={self.op!r}")
+            if self.batch and not all(self.input_size):
+                raise RuntimeError("Only zero batch or zero channel inputs are supported, got "
+                                   f"batch={self.batch}, input_size={self.input_size}")
             padded = tuple(n + lo + hi for n, (lo, hi) in zip(self.input_size, self.padding))
             extent = tuple(d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation))
             if any(p < e for p, e in zip(padded, extent)):
@@ -388,9 +391,13 @@ class LayerSpec:
             return dataclasses.replace(self, op="conv_grad_input", bias=False, density=density)
         if self.op == "conv_transpose":
             c_x, c_y = self.conv_channels
+            # output_padding >= stride (allowed when dilation > stride) leaves trailing outputs
+            # no input reaches; trim pad_hi so the conv yields exactly input_size outputs.
+            padding = tuple((lo, hi - max(0, op - s + 1)) for (lo, hi), op, s in
+                            zip(self.padding, self.output_padding, self.stride))
             return LayerSpec(op="conv", in_channels=c_x, out_channels=c_y,
                              kernel_size=self.kernel_size, stride=self.stride,
-                             padding=self.padding, dilation=self.dilation, groups=self.groups,
+                             padding=padding, dilation=self.dilation, groups=self.groups,
                              output_padding=(0,) * self.rank, padding_mode="zeros", bias=False,
                              input_size=self._transpose_output_size(), batch=self.batch,
                              density=density, dtype=self.dtype)

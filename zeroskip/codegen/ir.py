@@ -196,7 +196,7 @@ def op(graph: nx.DiGraph, node: str) -> Any:
 
 def operand(graph: nx.DiGraph, node: str, port: str) -> str:
     """The single node feeding ``port`` of ``node``."""
-    found = [src for src, _, p in graph.in_edges(node, data="port") if p == port]
+    found = [src for src, edge in graph.pred[node].items() if edge["port"] == port]
     if len(found) != 1:
         raise IRError(f"node {node!r}: expected one operand on port {port!r}, found {found}")
     return found[0]
@@ -204,7 +204,7 @@ def operand(graph: nx.DiGraph, node: str, port: str) -> str:
 
 def parts(graph: nx.DiGraph, node: str) -> list[str]:
     """The Contracts feeding an Assemble node, in a stable order."""
-    return sorted(src for src, _, p in graph.in_edges(node, data="port") if p == "part")
+    return sorted(src for src, edge in graph.pred[node].items() if edge["port"] == "part")
 
 
 def nodes_of(graph: nx.DiGraph, kind: type) -> Iterator[str]:
@@ -234,15 +234,18 @@ def with_history(graph: nx.DiGraph, name: str) -> nx.DiGraph:
 def verify(graph: nx.DiGraph) -> nx.DiGraph:
     """Check the IR invariants; raise :class:`IRError` naming the node that breaks one."""
     if not nx.is_directed_acyclic_graph(graph):
-        raise IRError("graph has a cycle")
+        cycle = [a for a, _ in nx.find_cycle(graph)]
+        raise IRError(f"graph has a cycle through nodes {cycle}")
+    for node in graph:
+        payload = graph.nodes[node].get("op")
+        if type(payload) not in PAYLOADS.values():
+            raise IRError(f"node {node!r}: unknown payload {payload!r}")
     outputs = [n for n in graph if isinstance(op(graph, n), Output)]
     if len(outputs) != 1:
         raise IRError(f"graph must have exactly one Output node, found {outputs}")
     for node in graph:
-        payload = graph.nodes[node].get("op")
-        if type(payload).__name__ not in PAYLOADS:
-            raise IRError(f"node {node!r}: unknown payload {payload!r}")
-        ports = sorted(p for _, _, p in graph.in_edges(node, data="port"))
+        payload = op(graph, node)
+        ports = sorted(str(p) for _, _, p in graph.in_edges(node, data="port"))
         expected = sorted(payload.ports)
         if isinstance(payload, Assemble):
             ok = ports and set(ports) == {"part"}
@@ -382,13 +385,16 @@ def _encode(value: Any) -> Any:
 
 
 def to_json(graph: nx.DiGraph) -> dict[str, Any]:
-    """A JSON-ready dict of the graph: spec, pass history, nodes (kind + fields) and edges."""
+    """A JSON-ready dict of the graph: spec, pass history, nodes (kind + fields) and edges, in
+    topological order, so that ``to_json(from_json(d)) == d``."""
+    order = list(nx.lexicographical_topological_sort(graph))
     return {
         "spec": graph.graph["spec"].to_dict(),
         "history": list(graph.graph["history"]),
         "nodes": [{"id": n, "kind": type(op(graph, n)).__name__, **_encode(op(graph, n))}
-                  for n in nx.topological_sort(graph)],
-        "edges": [{"src": a, "dst": b, "port": p} for a, b, p in graph.edges(data="port")],
+                  for n in order],
+        "edges": [{"src": a, "dst": b, "port": p} for a in order
+                  for _, b, p in sorted(graph.out_edges(a, data="port"))],
     }
 
 
@@ -442,7 +448,7 @@ def to_dot(graph: nx.DiGraph) -> str:
     spec = graph.graph["spec"]
     lines = ["digraph zeroskip {", "  rankdir=TB;", "  node [shape=box, fontname=monospace];",
              f'  label="{spec.describe()} after {graph.graph["history"][-1]}";']
-    ids = {n: f"n{i}" for i, n in enumerate(nx.topological_sort(graph))}
+    ids = {n: f"n{i}" for i, n in enumerate(nx.lexicographical_topological_sort(graph))}
     for node, key in ids.items():
         label = f"{node}\\n{node_label(op(graph, node))}".replace('"', "'")
         lines.append(f'  {key} [label="{label}"];')

@@ -12,6 +12,7 @@ product over axes (:func:`split_contract`) to get the new regions. Both rewrites
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Callable
@@ -26,7 +27,8 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-def clip(loop: AxisLoop, shift: int, size: int) -> list[tuple[AxisLoop, bool]]:
+@functools.lru_cache(maxsize=4096)
+def clip(loop: AxisLoop, shift: int, size: int) -> tuple[tuple[AxisLoop, bool], ...]:
     """Split ``loop`` so the lhs index minus ``shift`` stays in ``[0, size)``.
 
     Returns ``(loop, full)`` pairs in output order; ``full`` says the region keeps every tap of
@@ -60,10 +62,11 @@ def clip(loop: AxisLoop, shift: int, size: int) -> list[tuple[AxisLoop, bool]]:
         taps = (int(first[a]), int(stop[a]))
         new = dataclasses.replace(loop, u=(int(u[a]), int(u[b - 1]) + 1), v=taps, lhs=lhs)
         loops.append((new, taps == (v0, v1)))
-    return loops
+    return tuple(loops)
 
 
-def restrict(loop: AxisLoop, target: str, factor: int) -> list[tuple[AxisLoop, int]]:
+@functools.lru_cache(maxsize=4096)
+def restrict(loop: AxisLoop, target: str, factor: int) -> tuple[tuple[AxisLoop, int], ...]:
     """Keep the pairs where index map ``target`` ('lhs', 'rhs' or 'out') is a multiple of
     ``factor``, and divide that map by ``factor``.
 
@@ -71,10 +74,8 @@ def restrict(loop: AxisLoop, target: str, factor: int) -> list[tuple[AxisLoop, i
     no real tap becomes an empty-tap region, whose block is zero); for 'out' the positions that
     are not multiples are dropped (they are not part of the result).
     """
-    if factor == 1:
-        return [(loop, 0)]
-    if target != "out" and loop.v_len == 0:
-        return [(loop, 0)]
+    if factor == 1 or (target != "out" and loop.v_len == 0):
+        return ((loop, 0),)
     f = getattr(loop, target)
     period_u = factor // math.gcd(f.u, factor)
     period_v = factor // math.gcd(f.v, factor)
@@ -101,11 +102,11 @@ def restrict(loop: AxisLoop, target: str, factor: int) -> list[tuple[AxisLoop, i
         if j1 > j0 or target == "out":
             maps[target] = Affine(u=t.u // factor, v=t.v // factor, c=t.c // factor)
         loops.append((AxisLoop(u=(t0, t1), v=(j0, j1), **maps), r))
-    return loops
+    return tuple(loops)
 
 
 def split_contract(graph: nx.DiGraph, node: str,
-                   per_axis: Callable[[int, AxisLoop], list[tuple[AxisLoop, object]]],
+                   per_axis: Callable[[int, AxisLoop], tuple[tuple[AxisLoop, object], ...]],
                    label: Callable[[str, tuple], str], **rewire: str) -> list[str]:
     """Replace Contract ``node`` by the product over axes of ``per_axis(axis, loop)``.
 
@@ -155,10 +156,10 @@ def _coalesce_axis(graph: nx.DiGraph, assemble: str, axis: int) -> bool:
     runs: dict[tuple, list[str]] = {}
     for node in parts(graph, assemble):
         c: Contract = op(graph, node)
-        loops = list(c.loops)
-        loops[axis] = dataclasses.replace(loops[axis], u=(0, 0))
-        key = (operand(graph, node, "lhs"), operand(graph, node, "rhs"),
-               dataclasses.replace(c, loops=tuple(loops), shape=(), region=""))
+        others = c.loops[:axis] + c.loops[axis + 1:]
+        this = c.loops[axis]
+        key = (tuple(graph.pred[node]), c.pattern, c.groups, c.strategy, others,
+               this.v, this.out, this.lhs, this.rhs)
         runs.setdefault(key, []).append(node)
     merged = False
     for nodes in runs.values():
