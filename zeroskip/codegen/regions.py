@@ -20,7 +20,8 @@ from typing import Callable
 import networkx as nx
 import numpy as np
 
-from .ir import Affine, Assemble, AxisLoop, Contract, add_node, nodes_of, op, operand, parts
+from .ir import (Affine, Assemble, AxisLoop, Contract, ZeroInsert, add_node, nodes_of, op,
+                 operand, parts)
 
 
 def _ceil_div(a, b):
@@ -129,6 +130,21 @@ def split_contract(graph: nx.DiGraph, node: str,
         graph.add_edge(name, assemble, port="part")
         names.append(name)
     return names
+
+
+def fold_zero_inserts(graph: nx.DiGraph, port: str,
+                      label: Callable[[str, tuple], str] = lambda region, _: region) -> None:
+    """Make every Contract whose ``port`` operand is a :class:`ZeroInsert` read the original
+    tensor, keeping only the pairs that meet its real elements (:func:`restrict`)."""
+    for node in list(nodes_of(graph, Contract)):
+        inserted = operand(graph, node, port)
+        payload = op(graph, inserted)
+        if not isinstance(payload, ZeroInsert):
+            continue
+        split_contract(graph, node,
+                       lambda axis, loop, f=payload.factor: restrict(loop, port, f[axis]),
+                       label, **{port: operand(graph, inserted, "src")})
+        drop_if_unused(graph, inserted)
 
 
 def drop_if_unused(graph: nx.DiGraph, node: str) -> None:

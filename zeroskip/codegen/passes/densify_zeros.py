@@ -5,30 +5,22 @@ input gradient of a strided convolution: ``s - 1`` zeros between elements) is sp
 into the ``s`` output phases; in each phase only the taps that meet a real element remain, a
 dense sub-kernel, and the Contract reads the original tensor. Phases whose sub-kernel is empty
 (kernel smaller than the stride, dilation sharing a factor with it) become empty-tap regions.
-Runs after trim_padding, so each trimmed border region is split into its phases too.
+Runs after trim_padding, so each trimmed border region is split into its phases too; regions
+left with the same sub-kernel are merged again (:func:`coalesce`).
 """
 from __future__ import annotations
 
 import networkx as nx
 
-from ..ir import Contract, ZeroInsert, nodes_of, op, operand, with_history
-from ..regions import coalesce, drop_if_unused, restrict, split_contract
+from ..ir import with_history
+from ..regions import coalesce, fold_zero_inserts
+
+
+def _phase_label(region: str, phase: tuple[int, ...]) -> str:
+    return f"{region} phase{phase}"
 
 
 def densify_zeros(graph: nx.DiGraph) -> nx.DiGraph:
     graph = graph.copy()
-    for node in list(nodes_of(graph, Contract)):
-        inserted = operand(graph, node, "lhs")
-        payload = op(graph, inserted)
-        if not isinstance(payload, ZeroInsert):
-            continue
-
-        def per_axis(axis, loop, factor=payload.factor):
-            return restrict(loop, "lhs", factor[axis])
-
-        def label(region, phase, factor=payload.factor):
-            return f"{region} phase{phase}" if any(f > 1 for f in factor) else region
-
-        split_contract(graph, node, per_axis, label, lhs=operand(graph, inserted, "src"))
-        drop_if_unused(graph, inserted)
+    fold_zero_inserts(graph, "lhs", _phase_label)
     return with_history(coalesce(graph), "densify_zeros")

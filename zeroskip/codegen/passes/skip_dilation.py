@@ -13,26 +13,13 @@ import dataclasses
 
 import networkx as nx
 
-from ..ir import (Assemble, Contract, Subsample, ZeroInsert, bypass, nodes_of, op, operand, parts,
-                  with_history)
-from ..regions import coalesce, drop_if_unused, restrict, split_contract
+from ..ir import Assemble, Subsample, bypass, nodes_of, op, operand, parts, with_history
+from ..regions import coalesce, fold_zero_inserts, restrict, split_contract
 
 
 def skip_dilation(graph: nx.DiGraph) -> nx.DiGraph:
     graph = graph.copy()
-    for node in list(nodes_of(graph, Contract)):
-        holes = operand(graph, node, "rhs")
-        payload = op(graph, holes)
-        if not isinstance(payload, ZeroInsert):
-            continue
-
-        def per_axis(axis, loop, factor=payload.factor):
-            return restrict(loop, "rhs", factor[axis])
-
-        split_contract(graph, node, per_axis, lambda region, _: region,
-                       rhs=operand(graph, holes, "src"))
-        drop_if_unused(graph, holes)
-
+    fold_zero_inserts(graph, "rhs")
     for node in list(nodes_of(graph, Subsample)):
         assemble = operand(graph, node, "src")
         if not isinstance(op(graph, assemble), Assemble) or graph.out_degree(assemble) != 1:
