@@ -395,6 +395,12 @@ class LayerSpec:
             # no input reaches; trim pad_hi so the conv yields exactly input_size outputs.
             padding = tuple((lo, hi - max(0, op - s + 1)) for (lo, hi), op, s in
                             zip(self.padding, self.output_padding, self.stride))
+            if any(hi < 0 for _, hi in padding):
+                # It would be a conv of a cropped output gradient, which a spec cannot state.
+                raise NotImplementedError(
+                    f"the input gradient of a transposed conv with output_padding="
+                    f"{self.output_padding} >= stride={self.stride} + padding="
+                    f"{tuple(lo for lo, _ in self.padding)} is not representable as a conv spec")
             return LayerSpec(op="conv", in_channels=c_x, out_channels=c_y,
                              kernel_size=self.kernel_size, stride=self.stride,
                              padding=padding, dilation=self.dilation, groups=self.groups,
