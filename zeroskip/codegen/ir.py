@@ -439,6 +439,10 @@ def node_label(payload: Any) -> str:
         text = f"Contract {payload.pattern} {payload.region}: block [{shape}], taps {taps}"
         if payload.strategy:
             text += f", {payload.strategy}"
+        for loop in payload.loops:
+            text += (f"\nu in [{loop.u[0]}, {loop.u[1]}), v in [{loop.v[0]}, {loop.v[1]}): "
+                     f"out[{loop.out}] "
+                     f"lhs[{loop.lhs}] rhs[{loop.rhs}]")
         return text
     return f"{name} [{shape}]"
 
@@ -450,7 +454,8 @@ def to_dot(graph: nx.DiGraph) -> str:
              f'  label="{spec.describe()} after {graph.graph["history"][-1]}";']
     ids = {n: f"n{i}" for i, n in enumerate(nx.lexicographical_topological_sort(graph))}
     for node, key in ids.items():
-        label = f"{node}\\n{node_label(op(graph, node))}".replace('"', "'")
+        text = node_label(op(graph, node)).replace("\n", "\\n")
+        label = f"{node}\\n{text}".replace('"', "'")
         lines.append(f'  {key} [label="{label}"];')
     for a, b, port in graph.edges(data="port"):
         lines.append(f'  {ids[a]} -> {ids[b]} [label="{port}"];')

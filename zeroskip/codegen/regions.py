@@ -21,7 +21,7 @@ import networkx as nx
 import numpy as np
 
 from .ir import (Affine, Assemble, AxisLoop, Contract, ZeroInsert, add_node, nodes_of, op,
-                 operand, parts)
+                 operand, parts, replace_payload)
 
 
 def _ceil_div(a, b):
@@ -191,9 +191,8 @@ def _coalesce_axis(graph: nx.DiGraph, assemble: str, axis: int) -> bool:
                                                               b.loops[axis].u[1]))
             region = a.region if "interior" in a.region or "interior" not in b.region \
                 else b.region
-            graph.nodes[keep]["op"] = dataclasses.replace(
-                a, loops=tuple(loops), shape=(*a.shape[:2], *(l.u_len for l in loops)),
-                region=region)
+            replace_payload(graph, keep, loops=tuple(loops),
+                            shape=(*a.shape[:2], *(l.u_len for l in loops)), region=region)
             graph.remove_node(node)
             merged = True
     return merged

@@ -14,11 +14,10 @@ measurements; the constants here only need the crossover in the right place (den
 """
 from __future__ import annotations
 
-import dataclasses
-
 import networkx as nx
 
-from ..ir import Contract, contract_channels, nodes_of, op, operand, with_history
+from ..ir import (Contract, contract_channels, nodes_of, op, operand, replace_payload,
+                  with_history)
 from ..macs import contract_macs
 
 SCATTER_COST = 2.4     # a scattered MAC: indirect addressing, shorter vectors than a dense one
@@ -61,5 +60,5 @@ def choose_strategy(graph: nx.DiGraph) -> nx.DiGraph:
     for node in nodes_of(graph, Contract):
         c = op(graph, node)
         strategy, reason = decide(contract_macs(graph, node), density, _reuse(graph, node, c))
-        graph.nodes[node]["op"] = dataclasses.replace(c, strategy=strategy, reason=reason)
+        replace_payload(graph, node, strategy=strategy, reason=reason)
     return with_history(graph, "choose_strategy")

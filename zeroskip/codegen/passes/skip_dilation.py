@@ -9,11 +9,10 @@
 """
 from __future__ import annotations
 
-import dataclasses
-
 import networkx as nx
 
-from ..ir import Assemble, Subsample, bypass, nodes_of, op, operand, parts, with_history
+from ..ir import (Assemble, Subsample, bypass, nodes_of, op, operand, parts, replace_payload,
+                  with_history)
 from ..regions import coalesce, fold_zero_inserts, restrict, split_contract
 
 
@@ -28,7 +27,6 @@ def skip_dilation(graph: nx.DiGraph) -> nx.DiGraph:
         for part in parts(graph, assemble):
             split_contract(graph, part, lambda axis, loop: restrict(loop, "out", factor[axis]),
                            lambda region, _: region)
-        graph.nodes[assemble]["op"] = dataclasses.replace(op(graph, assemble),
-                                                          shape=op(graph, node).shape)
+        replace_payload(graph, assemble, shape=op(graph, node).shape)
         bypass(graph, node)
     return with_history(coalesce(graph), "skip_dilation")
