@@ -13,19 +13,23 @@ def training_ops(spec: LayerSpec) -> list[tuple[str, LayerSpec]]:
             ("grad_weight", spec.grad_weight())]
 
 
+def totals(rows: list[tuple[str, str, Report]]) -> tuple[int, int, float]:
+    """``(dense MACs, non-zero MACs, share skipped)`` summed over the rows."""
+    dense = sum(r.dense_macs for _, _, r in rows)
+    nonzero = sum(r.nonzero_macs for _, _, r in rows)
+    return dense, nonzero, (1 - nonzero / dense if dense else 0.0)
+
+
 def table(rows: list[tuple[str, str, Report]]) -> str:
     """A markdown table of the reports, with totals."""
     head = ("| layer | op | operator | density | dense MACs | non-zero MACs | skipped "
             "| strategy |")
     lines = [head, "|" + "---|" * 8]
-    dense = nonzero = 0
     for layer, which, r in rows:
-        dense += r.dense_macs
-        nonzero += r.nonzero_macs
         lines.append(f"| {layer} | {which} | {r.spec.describe().split(' on ')[0]} "
                      f"| {r.spec.density:.2f} | {r.dense_macs:,} | {r.nonzero_macs:,} "
                      f"| {r.skipped:.1%} | {r.strategy} |")
-    skipped = 1 - nonzero / dense if dense else 0.0
+    dense, nonzero, skipped = totals(rows)
     lines.append(f"| **total** | | | | {dense:,} | {nonzero:,} | {skipped:.1%} | |")
     return "\n".join(lines)
 
@@ -43,8 +47,7 @@ def run(out: TextIO) -> list[tuple[str, str, Report]]:
                     for name, spec in layers for which, op_spec in training_ops(spec)]
         print(table(net_rows), file=out)
         rows += net_rows
-    dense = sum(r.dense_macs for _, _, r in rows)
-    nonzero = sum(r.nonzero_macs for _, _, r in rows)
+    dense, nonzero, skipped = totals(rows)
     print(f"\nEvery layer, forward and backward: {dense:,} dense MACs -> {nonzero:,} non-zero "
-          f"MACs ({1 - nonzero / dense:.1%} skipped)", file=out)
+          f"MACs ({skipped:.1%} skipped)", file=out)
     return rows
