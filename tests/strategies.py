@@ -18,13 +18,14 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 @st.composite
-def specs(draw, ops=OPS, ranks=(1, 2, 3), limits=FULL, modes=True) -> LayerSpec:
+def specs(draw, ops=OPS, ranks=(1, 2, 3), limits=FULL, modes=True, channels=(1, 2)) -> LayerSpec:
+    """``channels``: range of channels per group (wide ranges reach the kernels' vector tiles)."""
     op = draw(st.sampled_from(ops))
     rank = draw(st.sampled_from(ranks))
     max_k, max_s, max_d, max_extra = limits[rank]
     groups = draw(st.sampled_from((1, 1, 2, 3)))
-    c_in = groups * draw(st.integers(1, 2))
-    c_out = groups * draw(st.integers(1, 2))
+    c_in = groups * draw(st.integers(*channels))
+    c_out = groups * draw(st.integers(*channels))
     kernel = tuple(draw(st.integers(1, max_k)) for _ in range(rank))
     stride = tuple(draw(st.integers(1, max_s)) for _ in range(rank))
     dilation = tuple(draw(st.integers(1, max_d)) for _ in range(rank))

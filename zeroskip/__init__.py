@@ -1,10 +1,25 @@
 """zeroskip: a convolution compiler that skips the multiplications by zero.
 
-Public API: :class:`LayerSpec` (a validated layer descriptor) and :func:`explain` (run the
-compiler's passes on a spec and report the MACs skipped and the strategy chosen).
+Public API: :class:`LayerSpec` (a validated layer descriptor), :func:`explain` (the compiler's
+passes on a spec: MACs skipped and strategy chosen), ``zeroskip.functional`` and ``zeroskip.nn``
+(drop-ins for torch's convolutions on generated kernels), :func:`convert` (swap a model's
+convolution modules) and :func:`stats` (what ran). The torch-facing parts load on first use, so
+the compiler itself imports without torch.
 """
 from .explain import Report, explain
 from .spec import LayerSpec
 
 __version__ = "0.1.0"
-__all__ = ["LayerSpec", "explain", "Report", "__version__"]
+__all__ = ["LayerSpec", "explain", "Report", "functional", "nn", "convert", "stats",
+           "__version__"]
+
+
+def __getattr__(name: str):
+    import importlib
+    if name in ("functional", "nn"):
+        return importlib.import_module(f".{name}", __name__)
+    if name == "convert":
+        return importlib.import_module(".convert", __name__).convert
+    if name == "stats":
+        return importlib.import_module(".runtime.stats", __name__).stats
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

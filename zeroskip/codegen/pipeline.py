@@ -43,10 +43,14 @@ def run(spec: LayerSpec, dump_dir: str | os.PathLike | None = None
     return steps
 
 
+def dump_folder(spec: LayerSpec, root: Path) -> Path:
+    """Where the dumps of ``spec`` go: ``root/<spec slug>/``."""
+    return root / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec.describe()).strip("_")[:120]
+
+
 def dump(spec: LayerSpec, steps: list[tuple[str, nx.DiGraph]], root: Path) -> Path:
     """Write every step's graph as JSON and DOT under ``root/<spec slug>/``; return that folder."""
-    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec.describe()).strip("_")[:120]
-    folder = root / slug
+    folder = dump_folder(spec, root)
     folder.mkdir(parents=True, exist_ok=True)
     for i, (name, graph) in enumerate(steps):
         stem = folder / f"{i:02d}-{name}"

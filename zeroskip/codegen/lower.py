@@ -1,0 +1,222 @@
+"""Optimized graph -> a :class:`KernelPlan`: which template renders each region, with what constants.
+
+A plan is all a template sees (never the graph): small frozen records of integers and names.
+One plan is one C translation unit, whose entry point runs every region of the layer:
+
+* each :class:`~.ir.Contract` becomes a :class:`RegionPlan`. Its family picks the template:
+  ``direct`` (dense region of a conv, a trimmed border, or a phase sub-convolution of a
+  transposed conv: after the passes they are all a box of taps with affine index maps),
+  ``sparse_scatter`` (a region the cost model marked sparse: only non-zero inputs are
+  multiplied), ``weight_grad`` (the weight gradient, touching real taps only);
+* a :class:`~.ir.Pad` in a data-carrying mode (reflect, replicate, circular) becomes index
+  tables of a copy into a padded scratch buffer, and a :class:`~.ir.PadAdjoint` the matching
+  scatter-add;
+* a :class:`~.ir.BiasAdd` is fused into the regions' accumulator initialisation.
+
+The batch size is not part of a plan: kernels take it at run time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import networkx as nx
+
+from ..spec import LayerSpec
+from .ir import (Assemble, BiasAdd, Contract, Input, IRError, Output, Pad, PadAdjoint,
+                 contract_channels, nodes_of, op, operand, parts)
+from .macs import contract_macs
+from .reference import pad_index
+
+FAMILIES = ("direct", "sparse_scatter", "weight_grad")
+CTYPES = {"float32": "float", "float64": "double"}
+MAX_RANK = 3
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """One axis of a region: ``u in [u0, u1)``, ``v in [v0, v1)`` and the index maps
+    ``out = ou*u + oc``, ``lhs = lu*u + lv*v + lc``, ``rhs = ru*u + rv*v + rc``."""
+
+    u0: int
+    u1: int
+    v0: int
+    v1: int
+    ou: int
+    oc: int
+    lu: int
+    lv: int
+    lc: int
+    ru: int
+    rv: int
+    rc: int
+
+    @property
+    def u_len(self) -> int:
+        return self.u1 - self.u0
+
+
+@dataclass(frozen=True)
+class RegionPlan:
+    name: str
+    family: str
+    label: str
+    axes: tuple[AxisPlan, ...]
+    macs_per_sample: int      # multiplications per batch element (grad_weight: per batch too)
+    vectorize: str            # 'channels' (output channels in vector lanes) or 'positions'
+
+
+@dataclass(frozen=True)
+class PadPlan:
+    """Copy the lhs (``src`` spatial shape) into a padded buffer (``dst``), or, as an adjoint,
+    scatter-add a padded buffer back; ``index[a][i]`` is the source position of padded ``i``."""
+
+    mode: str
+    src: tuple[int, ...]
+    dst: tuple[int, ...]
+    index: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Everything the templates need for one operator, batch size excluded."""
+
+    spec: str                 # LayerSpec.describe(), batch shown as N
+    history: tuple[str, ...]  # passes that shaped the graph
+    pattern: str              # forward | grad_input | grad_weight
+    ctype: str                # float | double
+    rank: int
+    groups: int
+    c_red: int                # channels contracted per group
+    c_out: int                # output channels per group (grad_weight: C_y / groups)
+    lhs_channels: int
+    out_channels: int         # channels of the output tensor (grad_weight: C_y)
+    lhs_size: tuple[int, ...]  # spatial shape the regions read the data operand at
+    rhs_shape: tuple[int, ...]  # full shape of the second operand (weight, or grad_output)
+    out_size: tuple[int, ...]  # spatial shape the regions write
+    kernel: tuple[int, ...]    # spatial shape of the weight tensor
+    bias: bool
+    vector_bytes: int
+    c_out_padded: int          # packed weight row length (a multiple of the vector length)
+    tile_vectors: int          # vectors of output channels held per register tile
+    tile_width: int            # output positions per register tile
+    regions: tuple[RegionPlan, ...]
+    pad: PadPlan | None = None
+    pad_adjoint: PadPlan | None = None
+
+    @property
+    def lanes(self) -> int:
+        return self.vector_bytes // (4 if self.ctype == "float" else 8)
+
+    @property
+    def taps(self) -> int:
+        return math.prod(self.kernel)
+
+    @property
+    def packed_elems(self) -> int:
+        """Packed weights ``[g][c_red][tap][c_out_padded]`` then bias ``[g][c_out_padded]``."""
+        if self.pattern == "grad_weight":
+            return 0
+        return self.groups * self.c_out_padded * (self.c_red * self.taps + 1)
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(sorted({r.family for r in self.regions}))
+
+
+def _registers(vector_bytes: int) -> int:
+    return 32 if vector_bytes >= 64 else 16
+
+
+def tile_shape(c_out: int, lanes: int, vector_bytes: int) -> tuple[int, int]:
+    """``(vectors, width)`` of a register tile: output channels x output positions, sized so the
+    accumulators, one row of weights and a broadcast input fit the vector register file."""
+    vectors = max(1, min(4, -(-c_out // lanes)))
+    width = max(1, min(12, (_registers(vector_bytes) - vectors - 2) // vectors))
+    return vectors, width
+
+
+def plan(graph: nx.DiGraph, vector_bytes: int = 32) -> KernelPlan:
+    """Lower an optimized, verified graph to a kernel plan; :class:`IRError` if the graph holds a
+    node no template implements."""
+    spec: LayerSpec = graph.graph["spec"]
+    if spec.dtype not in CTYPES:
+        raise IRError(f"no C kernel for dtype {spec.dtype!r}; C kernels cover {sorted(CTYPES)}")
+    if spec.rank > MAX_RANK:
+        raise IRError(f"rank {spec.rank} exceeds {MAX_RANK}")
+    (assemble,) = nodes_of(graph, Assemble)
+    (output,) = nodes_of(graph, Output)
+    contracts = parts(graph, assemble)
+    first: Contract = op(graph, contracts[0])
+    lhs_node = operand(graph, contracts[0], "lhs")
+    rhs_node = operand(graph, contracts[0], "rhs")
+    for node in contracts:
+        if (operand(graph, node, "lhs"), operand(graph, node, "rhs")) != (lhs_node, rhs_node):
+            raise IRError(f"region {node!r} reads other operands than {contracts[0]!r}")
+
+    pad = _pad_plan(graph, lhs_node)
+    data = operand(graph, lhs_node, "src") if pad else lhs_node
+    if not isinstance(op(graph, data), Input) or not isinstance(op(graph, rhs_node), Input):
+        raise IRError("a region must read the operator's inputs (or one padded copy of its data)")
+    lhs_shape = op(graph, lhs_node).shape
+    rhs_shape = op(graph, rhs_node).shape
+    _, c_x, c_y = contract_channels(first, lhs_shape, rhs_shape)
+    g = first.groups
+    c_red, c_out = {"forward": (c_x // g, c_y // g), "grad_input": (c_y // g, c_x // g),
+                    "grad_weight": (c_x // g, c_y // g)}[first.pattern]
+
+    after = next(iter(graph.successors(assemble)))
+    bias = isinstance(op(graph, after), BiasAdd)
+    adjoint = None
+    if isinstance(op(graph, after), PadAdjoint):
+        p = op(graph, after)
+        adjoint = _pad_table(p.mode, p.shape[2:], p.lo, p.hi)
+    elif not bias and after != output:
+        raise IRError(f"no template implements {type(op(graph, after)).__name__} after the "
+                      "regions")
+
+    ctype = CTYPES[spec.dtype]
+    lanes = vector_bytes // (4 if ctype == "float" else 8)
+    vectors, width = tile_shape(c_out, lanes, vector_bytes)
+    c_out_padded = -(-c_out // (vectors * lanes)) * vectors * lanes
+    # Few output channels per group (depthwise, RGB outputs): vector lanes run along positions.
+    vectorize = "channels" if 2 * c_out >= lanes else "positions"
+    regions = []
+    for i, node in enumerate(contracts):
+        c: Contract = op(graph, node)
+        family = "weight_grad" if c.pattern == "grad_weight" else \
+            "sparse_scatter" if c.strategy == "sparse" else "direct"
+        if family != "weight_grad" and any(l.rhs.u for l in c.loops):
+            raise IRError(f"region {node!r}: its weight index depends on the output position")
+        axes = tuple(AxisPlan(l.u[0], l.u[1], l.v[0], max(l.v[0], l.v[1]), l.out.u, l.out.c,
+                              l.lhs.u, l.lhs.v, l.lhs.c, l.rhs.u, l.rhs.v, l.rhs.c)
+                     for l in c.loops)
+        macs = contract_macs(graph, node) // max(1, lhs_shape[0])
+        regions.append(RegionPlan(f"region_{i}", family, c.region, axes, macs, vectorize))
+    out_shape = op(graph, assemble).shape
+    spec_text = spec.describe().rsplit(" on ", 1)
+    return KernelPlan(
+        spec=f"{spec_text[0]} on Nx{'x'.join(map(str, spec.input_size))}",
+        history=tuple(graph.graph["history"]), pattern=first.pattern, ctype=ctype,
+        rank=spec.rank, groups=g, c_red=c_red, c_out=c_out, lhs_channels=lhs_shape[1],
+        out_channels=out_shape[0] if first.pattern == "grad_weight" else out_shape[1],
+        lhs_size=tuple(lhs_shape[2:]), rhs_shape=tuple(rhs_shape),
+        out_size=tuple(out_shape[2:]),
+        kernel=tuple(rhs_shape[2:]), bias=bias, vector_bytes=vector_bytes,
+        c_out_padded=c_out_padded, tile_vectors=vectors, tile_width=width,
+        regions=tuple(regions), pad=pad, pad_adjoint=adjoint)
+
+
+def _pad_table(mode: str, size, lo, hi) -> PadPlan:
+    index = tuple(tuple(int(i) for i in pad_index(n, a, b, mode)) for n, a, b in zip(size, lo, hi))
+    return PadPlan(mode, tuple(size), tuple(len(t) for t in index), index)
+
+
+def _pad_plan(graph: nx.DiGraph, node: str) -> PadPlan | None:
+    p = op(graph, node)
+    if not isinstance(p, Pad):
+        return None
+    if p.mode == "zeros":
+        raise IRError(f"zero pad {node!r} survived trim_padding")
+    src = op(graph, operand(graph, node, "src")).shape
+    return _pad_table(p.mode, src[2:], p.lo, p.hi)

@@ -1,0 +1,39 @@
+"""Drop-ins for ``torch.nn.functional``'s convolutions, with the same signatures, running on
+generated kernels (see :func:`zeroskip.runtime.ops.convolution`)."""
+from __future__ import annotations
+
+from .runtime.ops import convolution
+
+
+def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return convolution("conv", 1, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return convolution("conv", 2, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return convolution("conv", 3, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    return convolution("conv_transpose", 1, input, weight, bias, stride, padding, dilation,
+                       groups, output_padding)
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    return convolution("conv_transpose", 2, input, weight, bias, stride, padding, dilation,
+                       groups, output_padding)
+
+
+def conv_transpose3d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    return convolution("conv_transpose", 3, input, weight, bias, stride, padding, dilation,
+                       groups, output_padding)
+
+
+__all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+           "conv_transpose3d"]

@@ -1,0 +1,61 @@
+"""Drop-ins for torch's convolution modules: subclasses with the same constructor, parameters,
+``state_dict`` and ``padding_mode``, whose forward runs on generated kernels."""
+from __future__ import annotations
+
+import torch
+
+from .runtime.ops import convolution
+
+
+class _Conv:
+    _rank: int
+
+    def _conv_forward(self, input, weight, bias):
+        return convolution("conv", self._rank, input, weight, bias, self.stride, self.padding,
+                           self.dilation, self.groups, 0, self.padding_mode)
+
+
+class _ConvTranspose:
+    _rank: int
+
+    def forward(self, input, output_size=None):
+        if self.padding_mode != "zeros":
+            raise ValueError(f"Only 'zeros' padding mode is supported for "
+                             f"{type(self).__name__}")
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding,
+                                              self.kernel_size, self._rank, self.dilation)
+        return convolution("conv_transpose", self._rank, input, self.weight, self.bias,
+                           self.stride, self.padding, self.dilation, self.groups, output_padding)
+
+
+class Conv1d(_Conv, torch.nn.Conv1d):
+    _rank = 1
+
+
+class Conv2d(_Conv, torch.nn.Conv2d):
+    _rank = 2
+
+
+class Conv3d(_Conv, torch.nn.Conv3d):
+    _rank = 3
+
+
+class ConvTranspose1d(_ConvTranspose, torch.nn.ConvTranspose1d):
+    _rank = 1
+
+
+class ConvTranspose2d(_ConvTranspose, torch.nn.ConvTranspose2d):
+    _rank = 2
+
+
+class ConvTranspose3d(_ConvTranspose, torch.nn.ConvTranspose3d):
+    _rank = 3
+
+
+REPLACEMENTS = {torch.nn.Conv1d: Conv1d, torch.nn.Conv2d: Conv2d, torch.nn.Conv3d: Conv3d,
+                torch.nn.ConvTranspose1d: ConvTranspose1d,
+                torch.nn.ConvTranspose2d: ConvTranspose2d,
+                torch.nn.ConvTranspose3d: ConvTranspose3d}
+
+__all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+           "ConvTranspose3d"]

@@ -1,0 +1,359 @@
+"""Launching generated kernels on torch tensors: spec -> kernel, and the convolution entry point.
+
+:func:`kernel_for` turns a :class:`LayerSpec` into a loaded :class:`Kernel`: the compiler's
+passes, the plan, the rendered C, the cache (compiling on a miss), ``ctypes``. It is memoized
+per spec in the process, so a repeated call skips rendering and hashing.
+
+:func:`convolution` is what ``zeroskip.functional`` and ``zeroskip.nn`` call. Its fast path is
+one dict lookup keyed by everything but the batch size; the slow path (first call of a shape)
+validates the arguments exactly as torch does and prepares a :class:`Call`: the forward kernel,
+and, compiled on the first backward, the two gradient kernels. What the C kernels do not cover
+runs on torch's op through :func:`stats.fallback`.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .. import __version__
+from ..codegen import emit, lower, pipeline
+from ..codegen.ir import IRError
+from ..spec import LayerSpec
+from . import cache, cc, stats
+
+DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+PACK_CACHE_SIZE = 16
+
+
+class Kernel:
+    """One compiled operator. ``launch`` runs it on contiguous tensors of any batch size."""
+
+    def __init__(self, spec: LayerSpec, plan: lower.KernelPlan, folder: Path):
+        self.spec, self.plan, self.folder = spec, plan, folder
+        self.source = folder / "kernel.c"
+        self.lib = cc.Library(folder / "kernel.so")
+        self._packs: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The weights (and bias) in the kernel's layout, cached per weight version."""
+        if self.lib.packed_elems == 0:
+            return weight
+        key = (id(weight), weight._version, weight.data_ptr(),
+               None if bias is None else (id(bias), bias._version, bias.data_ptr()))
+        with self._lock:
+            hit = self._packs.get(key)
+            if hit is not None:
+                self._packs.move_to_end(key)
+                return hit[0]
+        w = weight.detach().contiguous()
+        b = None if bias is None else bias.detach().contiguous()
+        packed = torch.empty(self.lib.packed_elems, dtype=weight.dtype)
+        self.lib.pack(w.data_ptr(), 0 if b is None else b.data_ptr(), packed.data_ptr())
+        with self._lock:
+            # The entry holds the tensors, so their ids and storage stay theirs while cached.
+            self._packs[key] = (packed, weight, bias)
+            while len(self._packs) > PACK_CACHE_SIZE:
+                self._packs.popitem(last=False)
+        return packed
+
+    def launch(self, lhs: torch.Tensor, packed: torch.Tensor, rhs: torch.Tensor,
+               out: torch.Tensor) -> torch.Tensor:
+        if out.numel():
+            status = self.lib.run(lhs.shape[0], torch.get_num_threads(), lhs.data_ptr(),
+                                  packed.data_ptr(), rhs.data_ptr(), out.data_ptr())
+            if status:
+                raise MemoryError(f"zeroskip kernel {self.source}: out of scratch memory")
+        stats.add("kernel_calls")
+        return out
+
+
+# --------------------------------------------------------------------------------- compiling
+_kernels: dict[LayerSpec, Kernel] = {}
+_kernels_lock = threading.Lock()
+
+
+def kernel_for(spec: LayerSpec) -> Kernel:
+    """The compiled kernel of ``spec`` (its batch size is ignored: kernels take it at run time).
+    Raises :class:`cc.CompileError`, :class:`emit.TemplateError` or :class:`IRError`."""
+    spec = dataclasses.replace(spec, batch=1)
+    kernel = _kernels.get(spec)
+    if kernel is not None:
+        stats.add("memo_hits")
+        return kernel
+    with _kernels_lock:
+        kernel = _kernels.get(spec) or _compile(spec)
+        _kernels[spec] = kernel
+    return kernel
+
+
+def _compile(spec: LayerSpec) -> Kernel:
+    command, flags = cc.compiler()
+    dump = os.environ.get("ZEROSKIP_DUMP")
+    steps = pipeline.run(spec, dump_dir=dump)
+    plan = lower.plan(steps[-1][1], vector_bytes=cc.vector_bytes(flags))
+    source = emit.render(plan)
+    if dump:
+        folder = pipeline.dump_folder(spec, Path(dump))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "kernel.c").write_text(source)
+    key = cache.make_key(version=__version__, templates=emit.template_hash(), source=source,
+                         compiler=cc.identity(command), flags=flags, target=cc.cpu_target())
+    if cache.lookup(key) is None:
+        with cache.lock(key):
+            if cache.lookup(key) is None:
+                def make(tmp: Path) -> list[str]:
+                    (tmp / "kernel.c").write_text(source)
+                    seconds = cc.compile_library(command, flags, tmp / "kernel.c",
+                                                 tmp / "kernel.so")
+                    stats.add("compiles")
+                    stats.add("compile_seconds", seconds)
+                    return ["kernel.c", "kernel.so"]
+                try:
+                    cache.build(key, {"spec": spec.to_dict(), "version": __version__,
+                                      "compiler": cc.identity(command), "flags": list(flags),
+                                      "target": cc.cpu_target()}, make)
+                except cc.CompileError as exc:
+                    # The build directory is gone; keep the source where the message points.
+                    kept = cache.cache_dir() / "failed" / f"{key}.c"
+                    kept.parent.mkdir(mode=0o700, exist_ok=True)
+                    kept.write_text(source)
+                    raise cc.CompileError(f"{exc}\nthe source is kept at {kept}") from exc
+                return Kernel(spec, plan, cache.entry_dir(key))
+    stats.add("cache_hits")
+    return Kernel(spec, plan, cache.entry_dir(key))
+
+
+OPERANDS = {"conv": ("input", "weight"), "conv_transpose": ("input", "weight"),
+            "conv_grad_input": ("grad_output", "weight"),
+            "conv_grad_weight": ("input", "grad_output")}
+
+
+def run_spec(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run the kernel of ``spec`` on its operands, named as in ``spec.input_shapes``."""
+    kernel = kernel_for(spec)
+    lhs_name, rhs_name = OPERANDS[spec.op]
+    lhs, rhs = tensors[lhs_name].contiguous(), tensors[rhs_name].contiguous()
+    shape = spec.output_shape if spec.op == "conv_grad_weight" else \
+        (lhs.shape[0], *spec.output_shape[1:])
+    packed = kernel.pack(rhs, tensors.get("bias"))
+    return kernel.launch(lhs, packed, rhs, torch.empty(shape, dtype=lhs.dtype))
+
+
+# --------------------------------------------------------------------------------- calls
+@dataclasses.dataclass
+class Call:
+    """A prepared operator: its spec and kernels (gradient kernels compiled on first use)."""
+
+    spec: LayerSpec
+    forward: Kernel
+    out_shape: tuple[int, ...]            # output shape without the batch dimension
+    channels_last: bool = False
+    _grads: dict = dataclasses.field(default_factory=dict)
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        out = torch.empty((x.shape[0], *self.out_shape), dtype=x.dtype)
+        packed = self.forward.pack(weight, bias)
+        return self.forward.launch(x, packed, weight.detach().contiguous(), out)
+
+    def grad_kernel(self, which: str) -> Kernel | None:
+        """The kernel of ``spec.grad_input()`` / ``spec.grad_weight()``; None (with a fallback
+        accounted by the caller) when the operator has no spec or no kernel."""
+        if which not in self._grads:
+            try:
+                spec = self.spec.grad_input() if which == "input" else self.spec.grad_weight()
+                self._grads[which] = kernel_for(spec)
+            except NotImplementedError as exc:
+                self._grads[which] = exc
+            except (cc.CompileError, emit.TemplateError, IRError) as exc:
+                self._grads[which] = exc
+        found = self._grads[which]
+        return found if isinstance(found, Kernel) else None
+
+
+class _Convolution(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, call: Call, fallback: Any, x, weight, bias):
+        ctx.call, ctx.fallback = call, fallback
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return call.run(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        call: Call = ctx.call
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        transposed = call.spec.op == "conv_transpose"
+        gx = gw = gb = None
+        if ctx.needs_input_grad[2]:
+            kernel = call.grad_kernel("input")
+            if kernel is None:
+                gx = _torch_grad(ctx, call, x, weight, grad, "input")
+            else:
+                gx = kernel.launch(grad, kernel.pack(weight, None), weight.contiguous(),
+                                   torch.empty_like(x))
+        if ctx.needs_input_grad[3]:
+            kernel = call.grad_kernel("weight")
+            if kernel is None:
+                gw = _torch_grad(ctx, call, x, weight, grad, "weight")
+            else:
+                lhs, rhs = (grad, x) if transposed else (x, grad)
+                gw = kernel.launch(lhs, rhs, rhs, torch.empty_like(weight))
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            gb = grad.sum(dim=(0, *range(2, grad.dim())))
+        return None, None, gx, gw, gb
+
+
+def _torch_grad(ctx, call: Call, x, weight, grad, which: str) -> torch.Tensor:
+    reason = call._grads[which]
+    stats.fallback(f"no generated kernel for the {which} gradient of {call.spec.torch_name}",
+                   f"{type(reason).__name__}: {reason}")
+    with torch.enable_grad():
+        xx = x.detach().requires_grad_(which == "input")
+        ww = weight.detach().requires_grad_(which == "weight")
+        y = ctx.fallback(xx, ww, None)
+        (result,) = torch.autograd.grad(y, xx if which == "input" else ww, grad)
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Fallback:
+    """Why a call runs on torch's op (``reason``: short and stable, one warning per reason)."""
+
+    reason: str
+    detail: str = ""
+
+
+_calls: dict[tuple, Call | Fallback] = {}
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilation, groups,
+                output_padding=0, padding_mode: str = "zeros") -> torch.Tensor:
+    """``torch.nn.functional.conv{rank}d`` (op ``conv``) or ``conv_transpose{rank}d``, plus a
+    ``padding_mode`` as ``torch.nn.Conv{rank}d`` applies it, on generated kernels."""
+    args = (stride, padding, dilation, groups, output_padding, padding_mode)
+
+    def torch_op(x, w, b):
+        return _torch_convolution(op, rank, x, w, b, *args)
+
+    try:
+        key = (op, rank, input.dtype, input.device, input.dim(), tuple(input.shape[1:]),
+               weight.dtype, weight.device, tuple(weight.shape),
+               None if bias is None else (bias.dtype, bias.device, tuple(bias.shape)),
+               _freeze(stride), _freeze(padding), _freeze(dilation), groups,
+               _freeze(output_padding), padding_mode)
+        call = _calls.get(key)
+    except (AttributeError, TypeError):   # not tensors, unhashable arguments: torch says why
+        key, call = None, None
+    if call is None:
+        call = _prepare(op, rank, input, weight, bias, args, torch_op)
+        if key is not None:
+            _calls[key] = call
+    if isinstance(call, Fallback):
+        stats.fallback(call.reason, call.detail)
+        return torch_op(input, weight, bias)
+    batched = input.dim() == rank + 2
+    x = input if batched else input.unsqueeze(0)
+    x = x.contiguous()
+    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        out = _Convolution.apply(call, torch_op, x, weight, bias)
+    else:
+        out = call.run(x, weight, bias)
+    if not batched:
+        out = out.squeeze(0)
+    elif call.channels_last and x.dim() == 4 and input.is_contiguous(
+            memory_format=torch.channels_last) and not input.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _torch_convolution(op, rank, x, w, b, stride, padding, dilation, groups, output_padding,
+                       padding_mode):
+    if op == "conv_transpose":
+        fn = getattr(F, f"conv_transpose{rank}d")
+        return fn(x, w, b, stride, padding, output_padding, groups, dilation)
+    fn = getattr(F, f"conv{rank}d")
+    if padding_mode != "zeros":
+        pad = LayerSpec.conv(1, 1, w.shape[2:], stride, padding, dilation,
+                             input_size=(1,) * rank).padding
+        x = F.pad(x, [p for pair in reversed(pad) for p in pair], mode=padding_mode)
+        padding = 0
+    return fn(x, w, b, stride, padding, dilation, groups)
+
+
+def _prepare(op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
+    """Validate a new call as torch would; return its :class:`Call`, or the reason it runs on
+    torch's op instead."""
+    name = f"{'conv_transpose' if op == 'conv_transpose' else 'conv'}{rank}d"
+    for position, (arg, value) in enumerate((("input", input), ("weight", weight),
+                                             ("bias", bias)), start=1):
+        if not isinstance(value, torch.Tensor) and not (arg == "bias" and value is None):
+            raise TypeError(f"{name}(): argument '{arg}' (position {position}) must be Tensor, "
+                            f"not {type(value).__name__}")
+    tensors = [t for t in (input, weight, bias) if t is not None]
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return Fallback("tensor subclasses are not covered by the C kernels")
+    devices = {t.device.type for t in tensors}
+    if devices != {"cpu"}:
+        return Fallback(f"device {'/'.join(sorted(devices))} is not covered by the C kernels "
+                        "(CPU only)")
+    if any(t.layout != torch.strided for t in tensors):
+        return Fallback("sparse or non-strided tensors are not covered by the C kernels")
+    if weight.dtype != input.dtype:
+        raise RuntimeError(f"{name}: expected scalar type {_scalar(input.dtype)} but found "
+                           f"{_scalar(weight.dtype)} (input is {input.dtype}, weight is "
+                           f"{weight.dtype}; they must be the same)")
+    if bias is not None and bias.dtype != input.dtype:
+        raise RuntimeError(f"{name}: Input type ({_scalar(input.dtype).lower()}) and bias type "
+                           f"({_scalar(bias.dtype).lower()}) should be the same")
+    if input.dtype not in DTYPES:
+        return Fallback(f"dtype {input.dtype} has no C kernel (float32 and float64 do)")
+    # torch's own checks of the tensor shapes, run on meta tensors.
+    try:
+        meta = torch_op(input.to("meta"), weight.to("meta"),
+                        None if bias is None else bias.to("meta"))
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+        raise
+    except Exception:   # a crash of the meta implementation; the spec below names the field
+        meta = None
+    stride, padding, dilation, groups, output_padding, padding_mode = args
+    x_size = tuple(input.shape[-rank:])
+    if op == "conv_transpose":
+        spec = LayerSpec.conv_transpose(weight.shape[0], weight.shape[1] * groups,
+                                        tuple(weight.shape[2:]), stride, padding,
+                                        output_padding, groups, bias is not None, dilation,
+                                        padding_mode, DTYPES[input.dtype], input_size=x_size)
+    else:
+        spec = LayerSpec.conv(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                              stride, padding, dilation, groups, bias is not None, padding_mode,
+                              DTYPES[input.dtype], input_size=x_size)
+    out_shape = spec.output_shape[1:]
+    if meta is not None and tuple(meta.shape[-rank - 1:]) != out_shape:
+        raise AssertionError(f"zeroskip computed output shape {out_shape} for {spec.describe()}"
+                             f", torch {tuple(meta.shape)}")
+    try:
+        kernel = kernel_for(spec)
+    except (cc.CompileError, emit.TemplateError, IRError) as exc:
+        return Fallback(f"the kernel of {spec.describe()} failed to build",
+                        f"{type(exc).__name__}: {exc}")
+    return Call(spec, kernel, out_shape, channels_last=rank == 2)
+
+
+def _scalar(dtype: torch.dtype) -> str:
+    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype).removeprefix("torch."))
