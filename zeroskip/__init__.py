@@ -19,7 +19,7 @@ def __getattr__(name: str):
     if name in ("functional", "nn"):
         return importlib.import_module(f".{name}", __name__)
     if name == "convert":
-        return importlib.import_module(".convert", __name__).convert
+        return importlib.import_module(".conversion", __name__).convert
     if name == "stats":
         return importlib.import_module(".runtime.stats", __name__).stats
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

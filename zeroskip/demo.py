@@ -1,7 +1,16 @@
-"""``zeroskip demo``: explain every conv of the built-in networks, forward and backward."""
+"""``zeroskip demo``: the built-in networks on generated kernels, checked against torch.
+
+For each network: convert a copy with :func:`zeroskip.convert`, run both on the sample input and
+compare; then, per conv layer, the MACs the compiler skips (forward) and the time of torch's
+module and of the converted one on the input that layer saw. Finally the MACs of every layer's
+forward and backward operators, which the training path (issue-free of the forward) will use.
+"""
 from __future__ import annotations
 
-from typing import TextIO
+import copy
+import statistics
+import time
+from typing import Callable, TextIO
 
 from .explain import Report, explain
 from .spec import LayerSpec
@@ -13,41 +22,93 @@ def training_ops(spec: LayerSpec) -> list[tuple[str, LayerSpec]]:
             ("grad_weight", spec.grad_weight())]
 
 
-def totals(rows: list[tuple[str, str, Report]]) -> tuple[int, int, float]:
-    """``(dense MACs, non-zero MACs, share skipped)`` summed over the rows."""
-    dense = sum(r.dense_macs for _, _, r in rows)
-    nonzero = sum(r.nonzero_macs for _, _, r in rows)
+def totals(reports: list[Report]) -> tuple[int, int, float]:
+    """``(dense MACs, non-zero MACs, share skipped)`` summed over the reports."""
+    dense = sum(r.dense_macs for r in reports)
+    nonzero = sum(r.nonzero_macs for r in reports)
     return dense, nonzero, (1 - nonzero / dense if dense else 0.0)
 
 
-def table(rows: list[tuple[str, str, Report]]) -> str:
-    """A markdown table of the reports, with totals."""
-    head = ("| layer | op | operator | density | dense MACs | non-zero MACs | skipped "
-            "| strategy |")
-    lines = [head, "|" + "---|" * 8]
-    for layer, which, r in rows:
-        lines.append(f"| {layer} | {which} | {r.spec.describe().split(' on ')[0]} "
-                     f"| {r.spec.density:.2f} | {r.dense_macs:,} | {r.nonzero_macs:,} "
-                     f"| {r.skipped:.1%} | {r.strategy} |")
-    dense, nonzero, skipped = totals(rows)
-    lines.append(f"| **total** | | | | {dense:,} | {nonzero:,} | {skipped:.1%} | |")
+def median_ms(fn: Callable[[], object], repeats: int = 5, calls: int = 3) -> float:
+    """Median over ``repeats`` of the mean time of ``calls`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times) * 1e3
+
+
+def layer_rows(reference, converted, sample) -> list[dict]:
+    """Per conv layer of ``reference`` (torch) and its ``converted`` twin: spec, report, times."""
+    import torch
+
+    from .trace import CONV_TYPES, spec_of
+
+    seen: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(
+        name, args[0].detach())) for name, m in reference.named_modules()
+        if isinstance(m, CONV_TYPES)]
+    try:
+        reference(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    twins = dict(converted.named_modules())
+    rows = []
+    for name, module in reference.named_modules():
+        if name not in seen:
+            continue
+        x = seen[name]
+        density = float((x != 0).sum()) / max(x.numel(), 1)
+        spec = spec_of(module, tuple(x.shape), round(density, 4))
+        rows.append(dict(name=name, spec=spec, report=explain(spec),
+                         torch_ms=median_ms(lambda: module(x)),
+                         zeroskip_ms=median_ms(lambda: twins[name](x))))
+    return rows
+
+
+def table(net: str, rows: list[dict]) -> str:
+    lines = ["| layer | operator | input density | MACs skipped | torch ms | zeroskip ms "
+             "| speed-up |", "|" + "---|" * 7]
+    for row in rows:
+        r: Report = row["report"]
+        lines.append(f"| {net}.{row['name']} | {r.spec.describe().split(' on ')[0]} "
+                     f"| {r.spec.density:.2f} | {r.skipped:.1%} | {row['torch_ms']:.3f} "
+                     f"| {row['zeroskip_ms']:.3f} | {row['torch_ms'] / row['zeroskip_ms']:.2f}x |")
     return "\n".join(lines)
 
 
-def run(out: TextIO) -> list[tuple[str, str, Report]]:
-    from .models import builtin_workload
-    from .trace import trace_specs
+def run(out: TextIO) -> bool:
+    """Run the demo, printing to ``out``; return whether every network matched torch."""
+    import torch
 
-    rows = []
-    for net, model, sample in builtin_workload():
-        layers = trace_specs(model, sample)
-        print(f"\n## {net}: {type(model).__name__} on input {list(sample.shape)}, "
-              f"{len(layers)} conv layers\n", file=out)
-        net_rows = [(f"{net}.{name}", which, explain(op_spec))
-                    for name, spec in layers for which, op_spec in training_ops(spec)]
-        print(table(net_rows), file=out)
-        rows += net_rows
-    dense, nonzero, skipped = totals(rows)
-    print(f"\nEvery layer, forward and backward: {dense:,} dense MACs -> {nonzero:,} non-zero "
-          f"MACs ({skipped:.1%} skipped)", file=out)
-    return rows
+    from . import convert, stats
+    from .models import builtin_workload
+
+    stats(reset=True)
+    ok = True
+    training: list[Report] = []
+    with torch.no_grad():
+        for net, model, sample in builtin_workload():
+            converted = convert(copy.deepcopy(model))
+            want, got = model(sample), converted(sample)
+            error = float((got - want).abs().max())
+            match = torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+            ok &= match
+            rows = layer_rows(model, converted, sample)
+            print(f"\n## {net}: {type(model).__name__} on input {list(sample.shape)}, "
+                  f"{len(rows)} conv layers; output {'matches' if match else 'DIFFERS FROM'} "
+                  f"torch (max |difference| {error:.2e})\n", file=out)
+            print(table(net, rows), file=out)
+            training += [explain(op) for row in rows for _, op in training_ops(row["spec"])]
+    counts = stats()
+    print(f"\nGenerated kernels: {counts['kernel_calls']} calls, {counts['compiles']} compiled, "
+          f"{counts['cache_hits']} from the cache, {counts['fallback_calls']} fallbacks to torch.",
+          file=out)
+    dense, nonzero, skipped = totals(training)
+    print(f"Forward and backward operators of every layer: {dense:,} dense MACs -> {nonzero:,} "
+          f"non-zero MACs ({skipped:.1%} skipped).", file=out)
+    return ok

@@ -100,6 +100,8 @@ class KernelPlan:
     c_out_padded: int          # packed weight row length (a multiple of the vector length)
     tile_vectors: int          # vectors of output channels held per register tile
     tile_width: int            # output positions per register tile
+    pos_channels: int          # 'positions' tiles: output channels per tile (divides c_out)
+    pos_vectors: int           # 'positions' tiles: vectors of output positions per tile
     regions: tuple[RegionPlan, ...]
     pad: PadPlan | None = None
     pad_adjoint: PadPlan | None = None
@@ -181,6 +183,8 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32) -> KernelPlan:
     c_out_padded = -(-c_out // (vectors * lanes)) * vectors * lanes
     # Few output channels per group (depthwise, RGB outputs): vector lanes run along positions.
     vectorize = "channels" if 2 * c_out >= lanes else "positions"
+    pos_channels = max(d for d in range(1, 5) if c_out % d == 0)
+    pos_vectors = min(4, (_registers(vector_bytes) - 4) // (pos_channels + 1))
     regions = []
     for i, node in enumerate(contracts):
         c: Contract = op(graph, node)
@@ -204,6 +208,7 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32) -> KernelPlan:
         out_size=tuple(out_shape[2:]),
         kernel=tuple(rhs_shape[2:]), bias=bias, vector_bytes=vector_bytes,
         c_out_padded=c_out_padded, tile_vectors=vectors, tile_width=width,
+        pos_channels=pos_channels, pos_vectors=pos_vectors,
         regions=tuple(regions), pad=pad, pad_adjoint=adjoint)
 
 

@@ -1,4 +1,7 @@
-"""``convert(model)``: run every torch convolution module of a model on generated kernels."""
+"""``convert(model)``: run every torch convolution module of a model on generated kernels.
+
+(Not ``convert.py``: a submodule of that name would shadow the function ``zeroskip.convert``.)
+"""
 from __future__ import annotations
 
 import torch
