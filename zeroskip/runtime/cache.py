@@ -79,7 +79,10 @@ def build(key: str, meta: dict[str, Any], make: Callable[[Path], list[str]]) -> 
     names; their hashes go into ``meta.json``; the directory then replaces any stale entry.
     Call under :func:`lock`. If ``make`` raises, nothing is left behind."""
     final = entry_dir(key)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=final.parent))
+    prefix = f".tmp-{key[:16]}-"
+    for stale in final.parent.glob(prefix + "*"):   # a builder of this key that died: we
+        shutil.rmtree(stale, ignore_errors=True)     # hold the key's lock, so none is alive
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     try:
         names = make(tmp)
         meta = {**meta, "key": key,

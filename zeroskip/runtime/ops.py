@@ -31,6 +31,7 @@ from . import cache, cc, stats
 
 DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 PACK_CACHE_SIZE = 16
+MACS_PER_THREAD = 1 << 16   # below this much work per thread, waking another costs more
 
 
 class Kernel:
@@ -42,6 +43,7 @@ class Kernel:
         self.lib = cc.Library(folder / "kernel.so")
         self._packs: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
+        self.macs_per_sample = sum(r.macs_per_sample for r in plan.regions)
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The weights (and bias) in the kernel's layout, cached per weight version."""
@@ -68,8 +70,11 @@ class Kernel:
     def launch(self, lhs: torch.Tensor, packed: torch.Tensor, rhs: torch.Tensor,
                out: torch.Tensor) -> torch.Tensor:
         if out.numel():
-            status = self.lib.run(lhs.shape[0], torch.get_num_threads(), lhs.data_ptr(),
-                                  packed.data_ptr(), rhs.data_ptr(), out.data_ptr())
+            batch = lhs.shape[0]
+            threads = min(torch.get_num_threads(),
+                          1 + batch * self.macs_per_sample // MACS_PER_THREAD)
+            status = self.lib.run(batch, threads, lhs.data_ptr(), packed.data_ptr(),
+                                  rhs.data_ptr(), out.data_ptr())
             if status:
                 raise MemoryError(f"zeroskip kernel {self.source}: out of scratch memory")
         stats.add("kernel_calls")

@@ -1,0 +1,273 @@
+"""The generated C kernels against torch: every operator and dtype, the sparse strategy, both
+vectorizations and tile remainders, and the properties of the generated source."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from oracle import random_inputs, torch_result
+from strategies import EXECUTABLE, specs
+from zeroskip import LayerSpec
+from zeroskip.codegen import emit, lower, pipeline
+from zeroskip.runtime import cc
+from zeroskip.runtime.ops import kernel_for, run_spec
+
+TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
+
+
+def run_and_compare(spec: LayerSpec, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Run the kernel of ``spec`` on ``arrays``, assert it matches torch, return its result."""
+    want = torch_result(spec, arrays)
+    dtype = getattr(torch, spec.dtype)
+    got = run_spec(spec, {k: torch.tensor(v, dtype=dtype) for k, v in arrays.items()}).numpy()
+    assert got.shape == want.shape, (spec.describe(), got.shape, want.shape)
+    # Tolerance relative to the result's magnitude (long float32 reductions round).
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    error = float(np.abs(got - want).max(initial=0.0))
+    assert error <= TOLERANCE[spec.dtype] * scale, (spec.describe(), error, scale)
+    return got
+
+
+def plan_of(spec: LayerSpec) -> lower.KernelPlan:
+    """The plan kernel_for would build, without compiling (any batch size)."""
+    steps = pipeline.run(spec)
+    return lower.plan(steps[-1][1], vector_bytes=cc.vector_bytes(cc.compiler()[1]))
+
+
+# ----------------------------------------------------------------------------- every operator
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(specs(limits=EXECUTABLE, channels=(1, 40)), st.sampled_from(("float32", "float64")))
+def test_kernels_match_torch(spec, dtype):
+    spec = dataclasses.replace(spec, dtype=dtype)
+    run_and_compare(spec, random_inputs(spec))
+
+
+# ----------------------------------------------------------------------------- sparse strategy
+# Large enough that the cost model picks the sparse strategy for the interior.
+SPARSE_CONV = LayerSpec.conv(16, 32, 3, padding=1, input_size=(12, 12), density=0.1, batch=2)
+
+
+def sparse_array(shape, density: float, rng: np.random.Generator) -> np.ndarray:
+    """Exactly round(density * size) non-zeros (magnitudes in [0.5, 1.5]) at random places."""
+    size = int(np.prod(shape))
+    count = round(density * size)
+    flat = np.zeros(size)
+    where = rng.choice(size, count, replace=False)
+    flat[where] = rng.uniform(0.5, 1.5, count) * rng.choice((-1.0, 1.0), count)
+    return flat.reshape(shape)
+
+
+def inputs_with(spec: LayerSpec, data: np.ndarray, seed: int = 1) -> dict[str, np.ndarray]:
+    """Dense weights and bias from ``random_inputs``, ``data`` as the data operand."""
+    arrays = random_inputs(spec, seed)
+    name = "grad_output" if spec.op == "conv_grad_input" else "input"
+    assert arrays[name].shape == data.shape
+    arrays[name] = data
+    return arrays
+
+
+def has_sparse(spec: LayerSpec) -> bool:
+    return "sparse_scatter" in kernel_for(spec).plan.families
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.1, 0.5, 1.0])
+def test_sparse_at_density(density):
+    rng = np.random.default_rng(int(density * 100))
+    x = sparse_array(SPARSE_CONV.input_shapes["input"], density, rng)
+    assert np.count_nonzero(x) == round(density * x.size)
+    # The kernel compiled for this density: sparse for low densities, never for dense data.
+    spec = dataclasses.replace(SPARSE_CONV, density=density)
+    if density <= 0.1:
+        assert has_sparse(spec)
+    if density == 1.0:
+        assert all(r.family != "sparse_scatter" for r in kernel_for(spec).plan.regions)
+    run_and_compare(spec, inputs_with(spec, x))
+    # The sparse kernel is exact whatever the actual density of its data.
+    assert has_sparse(SPARSE_CONV)
+    run_and_compare(SPARSE_CONV, inputs_with(SPARSE_CONV, x))
+
+
+def test_sparse_all_zero_channels():
+    rng = np.random.default_rng(2)
+    x = sparse_array(SPARSE_CONV.input_shapes["input"], 0.3, rng)
+    x[:, ::2] = 0                                  # every other channel entirely zero
+    x[1, :] = 0                                    # and the whole second sample
+    assert has_sparse(SPARSE_CONV)
+    got = run_and_compare(SPARSE_CONV, inputs_with(SPARSE_CONV, x))
+    bias = random_inputs(SPARSE_CONV, 1)["bias"]
+    # The all-zero sample's output is the bias everywhere.
+    np.testing.assert_allclose(got[1], np.broadcast_to(bias[:, None, None], got[1].shape),
+                               rtol=1e-6)
+
+
+def test_sparse_single_nonzero():
+    spec = dataclasses.replace(SPARSE_CONV, bias=False)
+    assert has_sparse(spec)
+    x = np.zeros(spec.input_shapes["input"])
+    x[1, 5, 0, 11] = 2.5                           # a corner: border and interior regions
+    got = run_and_compare(spec, inputs_with(spec, x))
+    assert not got[0].any()                        # no stray writes into the empty sample
+    # Only the 3x3 neighbourhood of the non-zero is reached (rows 0-1, columns 10-11).
+    reached = np.argwhere(got[1].any(axis=0))
+    assert reached.min(axis=0).tolist() == [0, 10] and reached.max(axis=0).tolist() == [1, 11]
+
+
+@pytest.mark.parametrize("spec", [
+    LayerSpec.conv_transpose(32, 16, 4, stride=2, padding=1, input_size=(7, 7), density=0.1,
+                             batch=2),
+    LayerSpec.conv(16, 32, 3, padding=1, input_size=(12, 12), density=0.1, batch=2,
+                   padding_mode="reflect"),
+    LayerSpec.conv(16, 32, 3, stride=2, padding=1, groups=2, input_size=(12, 11), density=0.05,
+                   batch=2),
+    LayerSpec.conv(8, 24, 3, padding=1, input_size=(40,), density=0.2, batch=2,
+                   dtype="float64"),
+    SPARSE_CONV.grad_input(density=0.1),
+], ids=lambda s: s.describe())
+def test_sparse_variants(spec):
+    assert has_sparse(spec)
+    if spec.padding_mode == "reflect":
+        assert kernel_for(spec).plan.pad.mode == "reflect"
+    name = "grad_output" if spec.op == "conv_grad_input" else "input"
+    x = sparse_array(spec.input_shapes[name], spec.density, np.random.default_rng(3))
+    assert np.count_nonzero(x) == round(spec.density * x.size)
+    run_and_compare(spec, inputs_with(spec, x))
+
+
+# ----------------------------------------------------------------------------- vectorization
+def direct_regions(plan: lower.KernelPlan, vectorize: str):
+    return [r for r in plan.regions if r.family == "direct" and r.vectorize == vectorize]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_channels_tile_remainders(dtype):
+    """Many output channels: lanes along channels, register tiles of tile_width positions on
+    the last axis; a last axis of whole tiles and one with a remainder tile."""
+    probe = plan_of(LayerSpec.conv(4, 64, 3, input_size=(5, 5), dtype=dtype))
+    width = probe.tile_width
+    assert width > 1
+    for last, multiple in ((2 * width, True), (2 * width + 3, False)):
+        # kernel 3, no padding: one region whose last axis has ``last`` outputs.
+        spec = LayerSpec.conv(4, 64, 3, input_size=(5, last + 2), dtype=dtype, batch=2)
+        plan = kernel_for(spec).plan
+        assert plan.tile_width == width
+        regions = direct_regions(plan, "channels")
+        assert regions and all(r.axes[-1].u_len == last > width for r in regions)
+        assert all((r.axes[-1].u_len % plan.tile_width == 0) == multiple for r in regions)
+        run_and_compare(spec, random_inputs(spec))
+
+
+def test_channels_padded_output_channels():
+    """Output channels not a multiple of the vector tile: the packed row is padded."""
+    spec = LayerSpec.conv(3, 20, 3, padding=1, input_size=(9, 13), batch=2)
+    plan = kernel_for(spec).plan
+    assert direct_regions(plan, "channels")
+    assert plan.c_out_padded > plan.c_out == 20
+    run_and_compare(spec, random_inputs(spec))
+
+
+@pytest.mark.parametrize("dtype, multiplier, stride, extra", [
+    ("float32", 1, 1, 0),          # whole position tiles only
+    ("float32", 1, 1, "vector"),   # a remainder tile of whole vectors
+    ("float32", 3, 1, 5),          # a remainder with a partial vector; 3 channels per group
+    ("float32", 2, 2, 3),          # strided positions (gathered loads)
+    ("float64", 1, 1, 5),
+])
+def test_positions_tile_remainders(dtype, multiplier, stride, extra):
+    """Few output channels per group (depthwise): lanes run along output positions, in tiles of
+    pos_vectors vectors on the last axis; whole tiles, and remainders."""
+    def depthwise(length: int) -> LayerSpec:
+        return LayerSpec.conv(4, 4 * multiplier, 3, stride=stride, groups=4, dtype=dtype,
+                              input_size=(3, length), batch=2)
+    probe = plan_of(depthwise(9))
+    width = probe.pos_vectors * probe.lanes
+    extra = probe.lanes if extra == "vector" else extra
+    last = 2 * width + extra                       # outputs on the last axis
+    spec = depthwise((last - 1) * stride + 3)     # kernel 3, no padding: one region
+    plan = kernel_for(spec).plan
+    regions = direct_regions(plan, "positions")
+    assert regions and all(r.vectorize == "positions" for r in plan.regions)
+    assert plan.c_out == multiplier and plan.c_out % plan.pos_channels == 0
+    assert all(r.axes[-1].u_len == last and (last % width == 0) == (extra == 0)
+               for r in regions)
+    run_and_compare(spec, random_inputs(spec))
+
+
+# ----------------------------------------------------------------------------- generated source
+def test_source_header_names_spec_and_passes():
+    spec = LayerSpec.conv(4, 8, 3, stride=2, padding=1, input_size=(10, 10), batch=3)
+    kernel = kernel_for(spec)
+    source = kernel.source.read_text()
+    assert source.startswith("/*")
+    header = source[:source.index("*/")]
+    plan = kernel.plan
+    assert plan.spec in header and "on Nx10x10" in plan.spec
+    assert " -> ".join(plan.history) in header
+    assert plan.history[0] == "frontend" and "choose_strategy" in plan.history
+    assert source == emit.render(plan)             # the cached source is the rendered one
+
+
+@pytest.mark.parametrize("spec", [
+    LayerSpec.conv(4, 8, 3, padding=1, input_size=(10, 10)),
+    LayerSpec.conv(16, 32, 3, padding=1, input_size=(12, 12), density=0.1,
+                   padding_mode="reflect"),
+    LayerSpec.conv(4, 6, 3, stride=2, input_size=(9,)).grad_weight(),
+], ids=lambda s: s.describe())
+def test_source_has_no_batch_size(spec):
+    one = emit.render(plan_of(dataclasses.replace(spec, batch=1)))
+    seven = emit.render(plan_of(dataclasses.replace(spec, batch=7)))
+    assert one == seven
+
+
+@pytest.fixture
+def template_copy(tmp_path, monkeypatch):
+    """A writable copy of the templates that emit renders from (environment re-created)."""
+    folder = tmp_path / "templates"
+    shutil.copytree(emit.TEMPLATE_DIR, folder)
+    monkeypatch.setattr(emit, "TEMPLATE_DIR", folder)
+    emit.environment.cache_clear()
+    yield folder
+    emit.environment.cache_clear()
+
+
+def break_before(path, marker: str, text: str) -> int:
+    """Insert ``text`` as a line before the first line containing ``marker`` (the templates
+    evolve, so no fixed line numbers); return the 1-based number of the inserted line."""
+    lines = path.read_text().splitlines(keepends=True)
+    index = next(i for i, line in enumerate(lines) if marker in line)
+    lines.insert(index, text + "\n")
+    path.write_text("".join(lines))
+    return index + 1
+
+
+PLAN = LayerSpec.conv(4, 8, 3, padding=1, input_size=(10, 10))
+
+
+def test_template_runtime_error_names_file_and_line(template_copy):
+    # An undefined attribute (StrictUndefined) at the top level of the region template.
+    line = break_before(template_copy / "direct.c.jinja", "{{ describe_region(r) }}",
+                        "{{ p.no_such_field }}")
+    with pytest.raises(emit.TemplateError, match=rf"direct\.c\.jinja:{line}\b.*no_such_field"):
+        emit.render(plan_of(PLAN))
+
+
+def test_template_syntax_error_names_file_and_line(template_copy):
+    line = break_before(template_copy / "layer.c.jinja", "#include <stdint.h>", "{% if %}")
+    with pytest.raises(emit.TemplateError, match=rf"layer\.c\.jinja:{line}\b"):
+        emit.render(plan_of(PLAN))
+
+
+def test_broken_plan_names_template_line():
+    plan = plan_of(PLAN)
+    region = dataclasses.replace(plan.regions[0], family="no_such_family")
+    broken = dataclasses.replace(plan, regions=(region,) + plan.regions[1:])
+    # The include of the region's family template in layer.c.jinja.
+    lines = (emit.TEMPLATE_DIR / "layer.c.jinja").read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if "{% include r.family" in text)
+    with pytest.raises(emit.TemplateError, match=rf"layer\.c\.jinja:{line}\b.*no_such_family"):
+        emit.render(broken)
