@@ -86,7 +86,7 @@ def _rank_of(*values: Any) -> int:
     return 1
 
 
-def _normalize_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...],
+def normalize_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...],
                        stride: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """Padding as one ``(lo, hi)`` pair per axis; 'same' pads like torch (extra on the high side)."""
     rank = len(kernel)
@@ -162,7 +162,7 @@ class LayerSpec:
         dilation_t = _ints(dilation, rank, "dilation")
         return cls(op="conv", in_channels=in_channels, out_channels=out_channels,
                    kernel_size=kernel, stride=stride_t,
-                   padding=_normalize_padding(padding, kernel, dilation_t, stride_t),
+                   padding=normalize_padding(padding, kernel, dilation_t, stride_t),
                    dilation=dilation_t, groups=groups, output_padding=(0,) * rank,
                    padding_mode=padding_mode, bias=bias,
                    input_size=_ints(input_size, rank, "input_size"), batch=batch,
@@ -475,4 +475,4 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-__all__ = ["LayerSpec", "Axis", "OPS", "PADDING_MODES", "DTYPES"]
+__all__ = ["LayerSpec", "Axis", "normalize_padding", "OPS", "PADDING_MODES", "DTYPES"]

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from .. import __version__
 from ..codegen import emit, lower, pipeline
 from ..codegen.ir import IRError
-from ..spec import LayerSpec
+from ..spec import LayerSpec, normalize_padding
 from . import cache, cc, stats
 
 DTYPES = {torch.float32: "float32", torch.float64: "float64"}
@@ -46,25 +46,33 @@ class Kernel:
         self.macs_per_sample = sum(r.macs_per_sample for r in plan.regions)
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The weights (and bias) in the kernel's layout, cached per weight version."""
+        """The weights (and bias) in the kernel's layout.
+
+        Packs of ``nn.Parameter`` weights are cached per tensor version, which optimizers and
+        in-place ops under ``no_grad`` advance; edits through ``.data`` do not (call
+        :func:`forget_packed` after them). Plain tensors are packed on every call."""
         if self.lib.packed_elems == 0:
             return weight
-        key = (id(weight), weight._version, weight.data_ptr(),
-               None if bias is None else (id(bias), bias._version, bias.data_ptr()))
-        with self._lock:
-            hit = self._packs.get(key)
-            if hit is not None:
-                self._packs.move_to_end(key)
-                return hit[0]
+        cached = isinstance(weight, torch.nn.Parameter) and (
+            bias is None or isinstance(bias, torch.nn.Parameter))
+        if cached:
+            key = (id(weight), weight._version, weight.data_ptr(),
+                   None if bias is None else (id(bias), bias._version, bias.data_ptr()))
+            with self._lock:
+                hit = self._packs.get(key)
+                if hit is not None:
+                    self._packs.move_to_end(key)
+                    return hit[0]
         w = weight.detach().contiguous()
         b = None if bias is None else bias.detach().contiguous()
         packed = torch.empty(self.lib.packed_elems, dtype=weight.dtype)
         self.lib.pack(w.data_ptr(), 0 if b is None else b.data_ptr(), packed.data_ptr())
-        with self._lock:
-            # The entry holds the tensors, so their ids and storage stay theirs while cached.
-            self._packs[key] = (packed, weight, bias)
-            while len(self._packs) > PACK_CACHE_SIZE:
-                self._packs.popitem(last=False)
+        if cached:
+            with self._lock:
+                # The entry holds the tensors, so their ids and storage stay theirs while cached.
+                self._packs[key] = (packed, weight, bias)
+                while len(self._packs) > PACK_CACHE_SIZE:
+                    self._packs.popitem(last=False)
         return packed
 
     def launch(self, lhs: torch.Tensor, packed: torch.Tensor, rhs: torch.Tensor,
@@ -79,6 +87,13 @@ class Kernel:
                 raise MemoryError(f"zeroskip kernel {self.source}: out of scratch memory")
         stats.add("kernel_calls")
         return out
+
+
+def forget_packed() -> None:
+    """Drop every cached weight pack (needed only after editing a Parameter through ``.data``)."""
+    for kernel in list(_kernels.values()):
+        with kernel._lock:
+            kernel._packs.clear()
 
 
 # --------------------------------------------------------------------------------- compiling
@@ -206,14 +221,14 @@ class _Convolution(torch.autograd.Function):
                 gx = _torch_grad(ctx, call, x, weight, grad, "input")
             else:
                 gx = kernel.launch(grad, kernel.pack(weight, None), weight.contiguous(),
-                                   torch.empty_like(x))
+                                   torch.empty(x.shape, dtype=x.dtype))
         if ctx.needs_input_grad[3]:
             kernel = call.grad_kernel("weight")
             if kernel is None:
                 gw = _torch_grad(ctx, call, x, weight, grad, "weight")
             else:
                 lhs, rhs = (grad, x) if transposed else (x, grad)
-                gw = kernel.launch(lhs, rhs, rhs, torch.empty_like(weight))
+                gw = kernel.launch(lhs, rhs, rhs, torch.empty(weight.shape, dtype=weight.dtype))
         if ctx.has_bias and ctx.needs_input_grad[4]:
             gb = grad.sum(dim=(0, *range(2, grad.dim())))
         return None, None, gx, gw, gb
@@ -287,6 +302,10 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
     return out
 
 
+def _tuple(value, rank: int) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * rank
+
+
 def _torch_convolution(op, rank, x, w, b, stride, padding, dilation, groups, output_padding,
                        padding_mode):
     if op == "conv_transpose":
@@ -294,8 +313,8 @@ def _torch_convolution(op, rank, x, w, b, stride, padding, dilation, groups, out
         return fn(x, w, b, stride, padding, output_padding, groups, dilation)
     fn = getattr(F, f"conv{rank}d")
     if padding_mode != "zeros":
-        pad = LayerSpec.conv(1, 1, w.shape[2:], stride, padding, dilation,
-                             input_size=(1,) * rank).padding
+        pad = normalize_padding(padding, tuple(w.shape[2:]), _tuple(dilation, rank),
+                                _tuple(stride, rank))
         x = F.pad(x, [p for pair in reversed(pad) for p in pair], mode=padding_mode)
         padding = 0
     return fn(x, w, b, stride, padding, dilation, groups)
@@ -328,27 +347,27 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
                            f"({_scalar(bias.dtype).lower()}) should be the same")
     if input.dtype not in DTYPES:
         return Fallback(f"dtype {input.dtype} has no C kernel (float32 and float64 do)")
-    # torch's own checks of the tensor shapes, run on meta tensors.
-    try:
-        meta = torch_op(input.to("meta"), weight.to("meta"),
-                        None if bias is None else bias.to("meta"))
-    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
-        raise
-    except Exception:   # a crash of the meta implementation; the spec below names the field
-        meta = None
+    _check_shapes(name, op, rank, input, weight, bias, args[3])
     stride, padding, dilation, groups, output_padding, padding_mode = args
     x_size = tuple(input.shape[-rank:])
-    if op == "conv_transpose":
-        spec = LayerSpec.conv_transpose(weight.shape[0], weight.shape[1] * groups,
-                                        tuple(weight.shape[2:]), stride, padding,
-                                        output_padding, groups, bias is not None, dilation,
-                                        padding_mode, DTYPES[input.dtype], input_size=x_size)
-    else:
-        spec = LayerSpec.conv(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                              stride, padding, dilation, groups, bias is not None, padding_mode,
-                              DTYPES[input.dtype], input_size=x_size)
+    try:
+        if op == "conv_transpose":
+            spec = LayerSpec.conv_transpose(weight.shape[0], weight.shape[1] * groups,
+                                            tuple(weight.shape[2:]), stride, padding,
+                                            output_padding, groups, bias is not None, dilation,
+                                            padding_mode, DTYPES[input.dtype], input_size=x_size)
+        else:
+            spec = LayerSpec.conv(weight.shape[1] * groups, weight.shape[0],
+                                  tuple(weight.shape[2:]), stride, padding, dilation, groups,
+                                  bias is not None, padding_mode, DTYPES[input.dtype],
+                                  input_size=x_size)
+    except ValueError as exc:   # torch's functional ops raise RuntimeError for bad values
+        raise RuntimeError(f"{name}: {exc}") from exc
+    # A last cross-check: torch's own shape function on meta tensors.
+    meta = torch_op(input.to("meta"), weight.to("meta"), None if bias is None else
+                    bias.to("meta"))
     out_shape = spec.output_shape[1:]
-    if meta is not None and tuple(meta.shape[-rank - 1:]) != out_shape:
+    if tuple(meta.shape[-rank - 1:]) != out_shape:
         raise AssertionError(f"zeroskip computed output shape {out_shape} for {spec.describe()}"
                              f", torch {tuple(meta.shape)}")
     try:
@@ -357,6 +376,38 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
         return Fallback(f"the kernel of {spec.describe()} failed to build",
                         f"{type(exc).__name__}: {exc}")
     return Call(spec, kernel, out_shape, channels_last=rank == 2)
+
+
+def _check_shapes(name, op, rank, input, weight, bias, groups) -> None:
+    """torch's checks of the tensors' shapes, with torch's messages (RuntimeError)."""
+    if input.dim() not in (rank + 1, rank + 2):
+        raise RuntimeError(f"Expected {rank + 1}D (unbatched) or {rank + 2}D (batched) input to "
+                           f"{name}, but got input of size: {list(input.shape)}")
+    if weight.dim() != rank + 2:
+        raise RuntimeError(f"{name}: expected weight to be {rank + 2}-dimensional, but got "
+                           f"weight of size {list(weight.shape)}")
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"{name}(): argument 'groups' must be int, not {type(groups).__name__}")
+    if groups <= 0:
+        raise RuntimeError(f"non-positive groups is not supported (groups={groups})")
+    if weight.shape[0] % groups:
+        raise RuntimeError(f"Given groups={groups}, expected weight to be divisible by {groups} "
+                           f"at dimension 0, but got weight of size {list(weight.shape)} instead")
+    channels = input.shape[-rank - 1]
+    if op == "conv_transpose":
+        expected, out = weight.shape[0], weight.shape[1] * groups
+        what = "transposed=1"
+    else:
+        expected, out = weight.shape[1] * groups, weight.shape[0]
+        what = f"groups={groups}"
+    if channels != expected:
+        raise RuntimeError(f"Given {what}, weight of size {list(weight.shape)}, expected "
+                           f"input{list(input.shape)} to have {expected} channels, but got "
+                           f"{channels} channels instead")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out):
+        raise RuntimeError(f"Given weight of size {list(weight.shape)}, expected bias to be "
+                           f"1-dimensional with {out} elements, but got bias of size "
+                           f"{list(bias.shape)} instead")
 
 
 def _scalar(dtype: torch.dtype) -> str:
