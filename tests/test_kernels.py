@@ -171,6 +171,28 @@ def test_channels_padded_output_channels():
     run_and_compare(spec, random_inputs(spec))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_channels_blocks_of_contracted_channels(dtype):
+    """Many contracted channels: their packed weights are streamed in several blocks, each
+    adding to the partial sums the previous block stored."""
+    for spec in (LayerSpec.conv(600, 64, 3, padding=1, input_size=(4, 9), dtype=dtype),
+                 LayerSpec.conv_transpose(600, 32, 4, 2, 1, input_size=(3, 5), dtype=dtype)):
+        plan = kernel_for(spec).plan
+        assert plan.red_block < plan.c_red == 600 and direct_regions(plan, "channels")
+        run_and_compare(spec, random_inputs(spec))
+
+
+def test_tiles_run_along_the_longest_axis():
+    """A border column of a 2-D conv is one position wide and many rows long: its tiles run
+    along the rows."""
+    spec = LayerSpec.conv(8, 32, 3, padding=1, input_size=(20, 6), batch=2)
+    plan = kernel_for(spec).plan
+    columns = [r for r in plan.regions if r.axes[1].u_len == 1 and r.axes[0].u_len > 1]
+    assert columns and all(r.tile_axis == 0 for r in columns)
+    assert any(r.tile_axis == 1 for r in plan.regions)
+    run_and_compare(spec, random_inputs(spec))
+
+
 @pytest.mark.parametrize("dtype, multiplier, stride, extra", [
     ("float32", 1, 1, 0),          # whole position tiles only
     ("float32", 1, 1, "vector"),   # a remainder tile of whole vectors

@@ -31,6 +31,7 @@ from .reference import pad_index
 FAMILIES = ("direct", "sparse_scatter", "weight_grad")
 CTYPES = {"float32": "float", "float64": "double"}
 MAX_RANK = 3
+L2_WEIGHT_BYTES = 384 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class RegionPlan:
     axes: tuple[AxisPlan, ...]
     macs_per_sample: int      # multiplications per batch element (grad_weight: per batch too)
     vectorize: str            # 'channels' (output channels in vector lanes) or 'positions'
+    tile_axis: int            # the axis a register tile runs along
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class KernelPlan:
     c_out_padded: int          # packed weight row length (a multiple of the vector length)
     tile_vectors: int          # vectors of output channels held per register tile
     tile_width: int            # output positions per register tile
+    red_block: int             # 'channels' tiles: contracted channels per pass over the output
     pos_channels: int          # 'positions' tiles: output channels per tile (divides c_out)
     pos_vectors: int           # 'positions' tiles: vectors of output positions per tile
     regions: tuple[RegionPlan, ...]
@@ -184,6 +187,10 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32) -> KernelPlan:
     # Few output channels per group (depthwise, RGB outputs): vector lanes run along positions.
     vectorize = "channels" if 2 * c_out >= lanes else "positions"
     pos_channels = max(d for d in range(1, 5) if c_out % d == 0)
+    # A channel tile streams c_red * taps rows of packed weights; keep one block of them in L2.
+    row_bytes = math.prod(rhs_shape[2:]) * vectors * vector_bytes
+    blocks = -(-c_red // max(8, L2_WEIGHT_BYTES // row_bytes))
+    red_block = -(-c_red // blocks)
     pos_vectors = min(4, (_registers(vector_bytes) - 4) // (pos_channels + 1))
     regions = []
     for i, node in enumerate(contracts):
@@ -196,7 +203,8 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32) -> KernelPlan:
                               l.lhs.u, l.lhs.v, l.lhs.c, l.rhs.u, l.rhs.v, l.rhs.c)
                      for l in c.loops)
         macs = contract_macs(graph, node) // max(1, lhs_shape[0])
-        regions.append(RegionPlan(f"region_{i}", family, c.region, axes, macs, vectorize))
+        regions.append(RegionPlan(f"region_{i}", family, c.region, axes, macs, vectorize,
+                                  _tile_axis(axes, vectorize, lanes)))
     out_shape = op(graph, assemble).shape
     spec_text = spec.describe().rsplit(" on ", 1)
     return KernelPlan(
@@ -208,8 +216,20 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32) -> KernelPlan:
         out_size=tuple(out_shape[2:]),
         kernel=tuple(rhs_shape[2:]), bias=bias, vector_bytes=vector_bytes,
         c_out_padded=c_out_padded, tile_vectors=vectors, tile_width=width,
-        pos_channels=pos_channels, pos_vectors=pos_vectors,
+        red_block=red_block, pos_channels=pos_channels, pos_vectors=pos_vectors,
         regions=tuple(regions), pad=pad, pad_adjoint=adjoint)
+
+
+def _tile_axis(axes: tuple[AxisPlan, ...], vectorize: str, lanes: int) -> int:
+    """The axis a region's register tiles run along: its longest (a border column of a 2-D
+    conv is one position wide but many rows long). Lanes along positions prefer the last axis,
+    where they load contiguously, unless it is short and another axis is much longer."""
+    last = len(axes) - 1
+    longest = max(range(len(axes)), key=lambda a: (axes[a].u_len, a))
+    if vectorize == "positions" and (axes[last].u_len >= lanes // 2 or
+                                     axes[longest].u_len < 2 * axes[last].u_len):
+        return last
+    return longest
 
 
 def _pad_table(mode: str, size, lo, hi) -> PadPlan:
