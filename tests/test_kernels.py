@@ -293,3 +293,15 @@ def test_broken_plan_names_template_line():
     line = next(i for i, text in enumerate(lines, 1) if "{% include r.family" in text)
     with pytest.raises(emit.TemplateError, match=rf"layer\.c\.jinja:{line}\b.*no_such_family"):
         emit.render(broken)
+
+
+def test_dump_writes_graphs_and_source(fresh_cache, tmp_path, monkeypatch):
+    """ZEROSKIP_DUMP=dir: every step's graph and the rendered source of each kernel built."""
+    monkeypatch.setenv("ZEROSKIP_DUMP", str(tmp_path / "dump"))
+    spec = LayerSpec.conv_transpose(4, 8, 4, 2, 1, input_size=(5, 5))
+    kernel = kernel_for(spec)
+    folder = pipeline.dump_folder(spec, tmp_path / "dump")
+    steps = ["frontend", *(name for name, _ in pipeline.PIPELINE)]
+    assert sorted(p.name for p in folder.glob("*.json")) == \
+        [f"{i:02d}-{name}.json" for i, name in enumerate(steps)]
+    assert (folder / "kernel.c").read_text() == kernel.source.read_text()
