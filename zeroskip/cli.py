@@ -1,4 +1,5 @@
-"""The ``zeroskip`` command line: ``explain`` one operator, ``demo`` the built-in networks."""
+"""The ``zeroskip`` command line: ``explain`` one operator, ``demo`` the built-in networks,
+``bench`` the generated kernels against torch."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,16 @@ def _per_axis(values: list, rank: int, flag: str, parser: argparse.ArgumentParse
     if len(values) != rank or any(isinstance(v, str) for v in values):
         parser.error(f"{flag} takes 1 or {rank} ints for a {rank}-d operator, got {values}")
     return tuple(values)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
 
 
 def spec_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LayerSpec:
@@ -95,8 +106,48 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write every step's graph (JSON and DOT) under DIR")
     ex.set_defaults(subparser=ex)
 
-    sub.add_parser("demo", help="explain every conv of the built-in networks")
+    sub.add_parser("demo", help="run the built-in networks on generated kernels, check them "
+                                "against torch, print each layer's MACs skipped and times")
+
+    be = sub.add_parser("bench", help="time each layer of the benchmark suite against torch",
+                        description="Check each layer of the suite against torch, then time "
+                                    "both side by side (median of repeats, warm cache); print "
+                                    "the ratios, GFLOP/s over non-zero MACs, cold compile "
+                                    "times and the per-call overhead as a markdown table.")
+    be.add_argument("--quick", action="store_true", help="only the quick subset of the suite")
+    be.add_argument("--layers", nargs="+", metavar="SUBSTR",
+                    help="only the layers whose name or family contains one of these")
+    be.add_argument("--batch", type=_positive, default=1)
+    be.add_argument("--repeats", type=_positive, default=7, metavar="R",
+                    help="timed rounds per layer, the median is reported (default 7)")
+    be.add_argument("--threads", type=_positive, metavar="T",
+                    help="threads for torch and the kernels (default: torch's)")
+    be.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON")
+    be.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table")
+    be.set_defaults(subparser=be)
     return parser
+
+
+def bench_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from . import bench
+    layers = bench.select(args.quick, args.layers)
+    if not layers:
+        parser.error(f"no layer of the suite matches --layers {' '.join(args.layers)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = bench.run(layers, args.batch, args.repeats, log=sys.stderr)
+    text = report.markdown()
+    print(text)
+    for flag, path, content in (("--json", args.json, report.to_json()),
+                                ("--markdown", args.markdown, text)):
+        if path:
+            try:
+                path.write_text(content + "\n")
+            except OSError as exc:
+                parser.error(f"{flag}: cannot write {path}: {exc.strerror}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         from . import demo
-        demo.run(sys.stdout)
-        return 0
+        return 0 if demo.run(sys.stdout) else 1
+    if args.command == "bench":
+        return bench_main(args, args.subparser)
 
     from .explain import explain
     parser = args.subparser

@@ -1,0 +1,506 @@
+"""``zeroskip bench``: each layer of a suite timed against torch, side by side in one run.
+
+For every layer, random float32 operands go through ``torch.nn.functional``'s op and through
+``zeroskip.functional``'s drop-in; the results must agree (and zeroskip must have run a generated
+kernel, not torch's op) before anything is timed. Both are then timed interleaved: after a
+warm-up, each of ``repeats`` rounds times a loop of enough calls to last ``min_time`` seconds,
+torch and zeroskip alternating; the report holds the medians. The kernel cache is warm for the
+timed calls; the compile time is measured apart, on a fresh cache. A tiny layer measures the
+per-call overhead of ``zeroskip.functional`` above its bare kernel. Timings are marked when
+other processes took the bench's CPUs meanwhile; malloc's thresholds are pinned so that large
+buffers cost the same in every process (:func:`steady_allocator`).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TextIO
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from . import functional as Z
+from .codegen.macs import dense_macs, nonzero_macs
+from .runtime import cc, ops, stats
+from .spec import LayerSpec
+
+RTOL = 1e-4            # max |zeroskip - torch| allowed, relative to max |torch|
+MIN_TIME_S = 0.02      # every timed loop lasts at least this long
+REPEATS = 7
+BUSY = 0.1             # share of the bench's CPUs other processes may take while timing
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One benchmark layer: ``name`` is ``<network>.<layer>``; ``dense`` marks an ordinary dense
+    conv (counted in the dense geomean); ``quick`` puts it in the quick subset."""
+
+    name: str
+    family: str
+    spec: LayerSpec
+    dense: bool = False
+    quick: bool = False
+
+
+def _conv(name: str, family: str, *args, dense: bool = False, quick: bool = False,
+          **kwargs) -> Layer:
+    return Layer(name, family, LayerSpec.conv(*args, **kwargs), dense, quick)
+
+
+def _deconv(name: str, family: str, *args, quick: bool = False, **kwargs) -> Layer:
+    return Layer(name, family, LayerSpec.conv_transpose(*args, **kwargs), quick=quick)
+
+
+# Real layer shapes at batch 1 (ImageNet 224x224 inputs unless noted).
+SUITE: list[Layer] = [
+    _conv("resnet18.conv1", "resnet18", 3, 64, 7, 2, 3, bias=False, input_size=(224, 224),
+          dense=True),
+    _conv("resnet18.layer1.conv", "resnet18", 64, 64, 3, 1, 1, bias=False,
+          input_size=(56, 56), dense=True),
+    _conv("resnet18.layer2.down", "resnet18", 64, 128, 3, 2, 1, bias=False,
+          input_size=(56, 56), dense=True),
+    _conv("resnet18.layer4.proj", "resnet18", 256, 512, 1, 2, bias=False,
+          input_size=(14, 14), dense=True, quick=True),
+    _conv("resnet50.layer1.reduce", "resnet50", 256, 64, 1, bias=False, input_size=(56, 56),
+          dense=True),
+    _conv("resnet50.layer3.conv2", "resnet50", 256, 256, 3, 1, 1, bias=False,
+          input_size=(14, 14), dense=True),
+    _conv("resnet50.layer4.expand", "resnet50", 512, 2048, 1, bias=False, input_size=(7, 7),
+          dense=True),
+    _conv("vgg16.conv2_1", "vgg16", 64, 128, 3, 1, 1, input_size=(112, 112), dense=True),
+    _conv("vgg16.conv5_2", "vgg16", 512, 512, 3, 1, 1, input_size=(14, 14), dense=True),
+    _conv("mobilenetv2.block2.dw", "mobilenetv2-dw", 144, 144, 3, 1, 1, groups=144,
+          bias=False, input_size=(56, 56)),
+    _conv("mobilenetv2.block3.dw-s2", "mobilenetv2-dw", 144, 144, 3, 2, 1, groups=144,
+          bias=False, input_size=(56, 56), quick=True),
+    _conv("mobilenetv2.block14.dw", "mobilenetv2-dw", 960, 960, 3, 1, 1, groups=960,
+          bias=False, input_size=(7, 7)),
+    # DCGAN generator for 64x64 images: 4x4 -> 8x8, and the last layer 32x32 -> 64x64.
+    _deconv("dcgan.up2", "dcgan", 512, 256, 4, 2, 1, bias=False, input_size=(4, 4),
+            quick=True),
+    _deconv("dcgan.out", "dcgan", 64, 3, 4, 2, 1, bias=False, input_size=(32, 32)),
+    # U-Net decoder on 128x128 images: the 2x2 up-conv out of the bottleneck, and a 3x3 one
+    # (output_padding 1) as many decoders use.
+    _deconv("unet.up1", "unet-dec", 1024, 512, 2, 2, input_size=(8, 8)),
+    _deconv("unet.up3-k3", "unet-dec", 256, 128, 3, 2, 1, 1, input_size=(16, 16)),
+    # Non-causal WaveNet residual convs (Parallel WaveGAN) on 4000 samples, dilation 1 to 512.
+    _conv("wavenet.d1", "wavenet", 64, 128, 3, 1, 1, 1, input_size=(4000,)),
+    _conv("wavenet.d16", "wavenet", 64, 128, 3, 1, 16, 16, input_size=(4000,), quick=True),
+    _conv("wavenet.d512", "wavenet", 64, 128, 3, 1, 512, 512, input_size=(4000,)),
+    # DeepLabv3 ASPP branch, rate 12, on the 33x33 output-stride-16 map of a 513x513 image.
+    _conv("deeplab.aspp-r12", "deeplab", 512, 256, 3, 1, 12, 12, bias=False,
+          input_size=(33, 33)),
+    # 3-D U-Net decoder up-conv on a 16^3 feature volume.
+    _deconv("unet3d.up", "unet3d", 128, 64, 2, 2, input_size=(16, 16, 16)),
+    _deconv("convT1d-long", "convT1d-long", 64, 32, 4, 2, 1, input_size=(40000,), quick=True),
+]
+
+# A layer small enough that a call is all overhead.
+TINY = LayerSpec.conv(4, 4, 3, 1, 1, input_size=(8, 8))
+
+
+def select(quick: bool = False, patterns: list[str] | None = None) -> list[Layer]:
+    """The suite (or its quick subset), keeping layers whose name or family contains one of
+    ``patterns`` when given."""
+    layers = [layer for layer in SUITE if layer.quick or not quick]
+    if patterns:
+        layers = [layer for layer in layers
+                  if any(p in layer.name or p in layer.family for p in patterns)]
+    return layers
+
+
+class BenchError(RuntimeError):
+    """zeroskip gave a wrong result, or ran torch's op instead of a kernel."""
+
+
+# --------------------------------------------------------------------------------- timing
+def _loop(fn: Callable[[], object], calls: int) -> float:
+    """Seconds taken by ``calls`` calls of ``fn``, with the garbage collector off."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return time.perf_counter() - start
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _calibrate(fn: Callable[[], object], min_time: float) -> int:
+    """Calls per loop so that a loop lasts ``min_time`` (doubling: also the warm-up)."""
+    calls = 1
+    while _loop(fn, calls) < min_time:
+        calls *= 2
+    return calls
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """``(CPU seconds every process used, CPU seconds this process used)`` so far; None where
+    ``/proc/stat`` is missing."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), \
+        own.user + own.system
+
+
+def busy(contention: float | None) -> bool:
+    """Whether other processes took so much CPU during a timing that it is unreliable."""
+    return contention is not None and contention > BUSY
+
+
+@dataclass
+class Timing:
+    """Median seconds per call of each function, and the contention meanwhile: the share of
+    the CPUs the timed threads needed that other processes (or the hypervisor) took, beyond
+    the CPUs the timed threads leave idle; above :data:`BUSY`, the figures are unreliable."""
+
+    seconds: dict[str, float]
+    contention: float | None
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = REPEATS,
+                     min_time: float = MIN_TIME_S) -> Timing:
+    """Time each function in alternating rounds, after a warm-up."""
+    calls = {name: _calibrate(fn, min_time) for name, fn in fns.items()}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    cpu, start = _cpu_seconds(), time.perf_counter()
+    for round_ in range(repeats):
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            samples[name].append(_loop(fns[name], calls[name]) / calls[name])
+    wall, cpu_end = time.perf_counter() - start, _cpu_seconds()
+    contention = None
+    if cpu and cpu_end:
+        threads = torch.get_num_threads()
+        others = ((cpu_end[0] - cpu[0]) - (cpu_end[1] - cpu[1])) / wall
+        spare = max(0, (os.cpu_count() or 1) - threads)
+        contention = min(1.0, max(0.0, (others - spare) / threads))
+    return Timing({name: statistics.median(s) for name, s in samples.items()}, contention)
+
+
+def steady_allocator() -> bool:
+    """Pin glibc malloc's thresholds (mmap at its 32 MiB maximum, no trimming below 1 GiB), so
+    that large temporaries (torch's column buffers, outputs) are reused from the heap instead of
+    being mapped and page-faulted afresh on every call. Left dynamic, glibc's thresholds end up
+    in a different state in each process, and times of layers with large buffers vary up to 4x
+    between runs. Returns whether it applied (glibc only)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    applied = [mallopt(M_MMAP_THRESHOLD, 32 << 20), mallopt(M_TRIM_THRESHOLD, 1 << 30)]
+    return all(applied)
+
+
+@contextlib.contextmanager
+def _cache_dir(path: str) -> Iterator[None]:
+    old = os.environ.get("ZEROSKIP_CACHE_DIR")
+    os.environ["ZEROSKIP_CACHE_DIR"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["ZEROSKIP_CACHE_DIR"]
+        else:
+            os.environ["ZEROSKIP_CACHE_DIR"] = old
+
+
+def cold_compile_seconds(spec: LayerSpec) -> float:
+    """Seconds from a spec to a loaded kernel (passes, plan, C, compiler, dlopen) on an empty
+    cache; the process's kernel memo and the normal cache are left alone."""
+    spec = dataclasses.replace(spec, batch=1)
+    with tempfile.TemporaryDirectory(prefix="zeroskip-bench-") as tmp, _cache_dir(tmp):
+        start = time.perf_counter()
+        ops._compile(spec)
+        return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------- layers
+def call_args(spec: LayerSpec) -> dict:
+    """Keyword arguments of the spec's ``torch.nn.functional`` op (bias aside)."""
+    if spec.padding_mode != "zeros" or any(lo != hi for lo, hi in spec.padding):
+        raise ValueError(f"the bench runs zero, symmetric padding only: {spec.describe()}")
+    kwargs = dict(stride=spec.stride, padding=tuple(lo for lo, _ in spec.padding),
+                  dilation=spec.dilation, groups=spec.groups)
+    if spec.op == "conv_transpose":
+        kwargs["output_padding"] = spec.output_padding
+    return kwargs
+
+
+def operands(spec: LayerSpec, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random ``(input, weight, bias or None)`` of the spec's shapes; the weight and bias are
+    frozen ``nn.Parameter``s, as in a model at inference (zeroskip caches their packing)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = spec.input_shapes
+    x = torch.randn(shapes["input"], generator=gen)
+    w, b = (torch.nn.Parameter(torch.randn(shapes[n], generator=gen), requires_grad=False)
+            if n in shapes else None for n in ("weight", "bias"))
+    return x, w, b
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest error relative to the largest magnitude; raises if above :data:`RTOL`."""
+    if got.shape != want.shape:
+        raise BenchError(f"{name}: zeroskip returned shape {tuple(got.shape)}, torch "
+                         f"{tuple(want.shape)}")
+    error = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
+    if not error <= RTOL:
+        raise BenchError(f"{name}: zeroskip differs from torch by {error:.3g} of the largest "
+                         f"magnitude (tolerance {RTOL:g})")
+    return error
+
+
+def _checked_call(name: str, fn: Callable[[], torch.Tensor], want: torch.Tensor) -> float:
+    """Run zeroskip's ``fn`` once: its result must match ``want`` and come from a kernel."""
+    before = stats.stats()
+    error = check(name, fn(), want)
+    after = stats.stats()
+    if after["fallback_calls"] > before["fallback_calls"] or \
+            after["kernel_calls"] == before["kernel_calls"]:
+        raise BenchError(f"{name}: zeroskip did not run a generated kernel (it fell back to "
+                         "torch's op)")
+    return error
+
+
+@dataclass
+class Row:
+    """The figures of one layer (times in milliseconds, per call, medians)."""
+
+    name: str
+    family: str
+    dense: bool
+    shape: str
+    torch_ms: float
+    zeroskip_ms: float
+    gflops: float           # 2 * non-zero MACs / zeroskip time
+    skipped: float          # 1 - non-zero MACs / dense MACs
+    compile_s: float        # spec -> loaded kernel on an empty cache
+    nonzero_macs: int
+    dense_macs: int
+    error: float            # max |zeroskip - torch| / max |torch|
+    contention: float | None    # share of the bench's CPUs others took while timing
+
+    @property
+    def ratio(self) -> float:
+        """torch time / zeroskip time: above 1, zeroskip is faster."""
+        return self.torch_ms / self.zeroskip_ms
+
+
+def _calls(spec: LayerSpec, x, w, b) -> tuple[Callable[[], torch.Tensor], ...]:
+    """``(torch's call, zeroskip's call)`` of the spec's op on the operands."""
+    kwargs = call_args(spec)
+    torch_fn, zs_fn = getattr(F, spec.torch_name), getattr(Z, spec.torch_name)
+    return (lambda: torch_fn(x, w, b, **kwargs)), (lambda: zs_fn(x, w, b, **kwargs))
+
+
+def bench_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
+                min_time: float = MIN_TIME_S) -> Row:
+    """Check, then time, one layer against torch."""
+    spec = dataclasses.replace(layer.spec, batch=batch)
+    compile_s = cold_compile_seconds(spec)
+    torch_call, zs_call = _calls(spec, *operands(spec))
+    error = _checked_call(layer.name, zs_call, torch_call())
+    timing = time_interleaved({"torch": torch_call, "zeroskip": zs_call}, repeats, min_time)
+    times = timing.seconds
+    nonzero, dense = nonzero_macs(spec), dense_macs(spec)
+    return Row(layer.name, layer.family, layer.dense, spec.describe(),
+               times["torch"] * 1e3, times["zeroskip"] * 1e3,
+               2 * nonzero / times["zeroskip"] / 1e9, 1 - nonzero / dense, compile_s, nonzero,
+               dense, error, timing.contention)
+
+
+@dataclass
+class Overhead:
+    """Per-call times (microseconds) of a tiny layer: ``zeroskip.functional``, its bare kernel
+    (``lib.run`` on preallocated tensors, with ``kernel_threads`` threads) and torch."""
+
+    shape: str
+    functional_us: float
+    kernel_us: float
+    torch_us: float
+    kernel_threads: int
+    contention: float | None
+
+    @property
+    def overhead_us(self) -> float:
+        return self.functional_us - self.kernel_us
+
+
+def _launch_threads(kernel: ops.Kernel, call: Callable[[], object]) -> int:
+    """The thread count that ``call`` passes to ``kernel``'s entry point."""
+    seen = []
+    run = kernel.lib.run
+    kernel.lib.run = lambda *args: seen.append(args[1]) or run(*args)
+    try:
+        call()
+    finally:
+        kernel.lib.run = run
+    return seen[0]
+
+
+def measure_overhead(repeats: int = REPEATS, min_time: float = MIN_TIME_S,
+                     spec: LayerSpec = TINY) -> Overhead:
+    """Time ``zeroskip.functional`` against its bare kernel (run as ``functional`` runs it, on
+    preallocated tensors) and torch on ``spec``."""
+    x, w, b = operands(spec)
+    torch_call, zs_call = _calls(spec, x, w, b)
+    want = torch_call()
+    _checked_call("overhead layer", zs_call, want)
+    kernel = ops.kernel_for(spec)
+    packed, out = kernel.pack(w, b), torch.empty(spec.output_shape)
+    run = kernel.lib.run
+    args = (spec.batch, _launch_threads(kernel, zs_call), x.data_ptr(), packed.data_ptr(),
+            w.data_ptr(), out.data_ptr())
+    run(*args)
+    check("overhead layer (bare kernel)", out, want)
+    timing = time_interleaved({"functional": zs_call, "kernel": lambda: run(*args),
+                               "torch": torch_call}, repeats, min_time)
+    times = timing.seconds
+    return Overhead(spec.describe(), times["functional"] * 1e6, times["kernel"] * 1e6,
+                    times["torch"] * 1e6, args[1], timing.contention)
+
+
+# --------------------------------------------------------------------------------- report
+def machine() -> dict:
+    """Where the figures were taken."""
+    command, flags = cc.compiler()
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": cc.cpu_target(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "load_avg": round(os.getloadavg()[0], 2),
+            "torch": torch.__version__,
+            "zeroskip": __version__, "python": platform.python_version(),
+            "compiler": cc.identity(command).splitlines()[0], "flags": list(flags)}
+
+
+def geomean(values: list[float]) -> float | None:
+    return math.exp(statistics.fmean(map(math.log, values))) if values else None
+
+
+@dataclass
+class Report:
+    rows: list[Row]
+    overhead: Overhead
+    machine: dict
+    batch: int
+    repeats: int
+
+    @property
+    def geomean_dense(self) -> float | None:
+        """Geometric mean of the ratios over the ordinary dense convs."""
+        return geomean([r.ratio for r in self.rows if r.dense])
+
+    @property
+    def geomean_all(self) -> float | None:
+        return geomean([r.ratio for r in self.rows])
+
+    def goals(self) -> list[tuple[str, float, bool, bool]]:
+        """``(goal, measured value, met, measured under load)`` for each speed goal the run
+        measured."""
+        o = self.overhead
+        found = [("per-call overhead <= 20 us above the kernel", o.overhead_us,
+                  o.overhead_us <= 20, busy(o.contention))]
+        if self.rows:
+            worst = max(self.rows, key=lambda r: r.compile_s)
+            found.append(("cold compile <= 2 s per kernel (slowest)", worst.compile_s,
+                          worst.compile_s <= 2, False))
+        for r in self.rows:
+            if r.family == "convT1d-long":
+                found.append((f"{r.name} >= 2x torch", r.ratio, r.ratio >= 2,
+                              busy(r.contention)))
+        if self.geomean_dense is not None:
+            found.append(("geomean over dense layers >= 0.5x torch", self.geomean_dense,
+                          self.geomean_dense >= 0.5,
+                          any(busy(r.contention) for r in self.rows if r.dense)))
+        return found
+
+    def to_json(self) -> str:
+        rows = [{**dataclasses.asdict(r), "ratio": r.ratio} for r in self.rows]
+        overhead = {**dataclasses.asdict(self.overhead), "overhead_us": self.overhead.overhead_us}
+        return json.dumps({"machine": self.machine, "batch": self.batch, "repeats": self.repeats,
+                           "rows": rows, "geomean_dense": self.geomean_dense,
+                           "geomean_all": self.geomean_all, "overhead": overhead,
+                           "goals": [{"goal": g, "value": v, "met": m, "under_load": u}
+                                     for g, v, m, u in self.goals()]}, indent=1)
+
+    def markdown(self) -> str:
+        m = self.machine
+        lines = [f"zeroskip {m['zeroskip']} vs torch {m['torch']}, {m['date']}, {m['cpu']}, "
+                 f"{m['threads']} threads (load average {m['load_avg']} on {m['cpu_count']} "
+                 f"CPUs), batch {self.batch}, median of {self.repeats}"
+                 + ("" if m.get("malloc_pinned") else ", malloc thresholds not pinned"), "",
+                 "| layer | shape | torch ms | zeroskip ms | ratio | GFLOP/s | skipped "
+                 "| compile s |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in self.rows:
+            lines.append(f"| {r.name} | {r.shape} | {r.torch_ms:.3f} | {r.zeroskip_ms:.3f} "
+                         f"| {r.ratio:.2f}x{_mark(r.contention)} | {r.gflops:.1f} "
+                         f"| {r.skipped:.1%} "
+                         f"| {r.compile_s:.2f} |")
+        lines.append("")
+        for label, value, count in (("dense layers", self.geomean_dense,
+                                     sum(r.dense for r in self.rows)),
+                                    ("all layers", self.geomean_all, len(self.rows))):
+            if value is not None:
+                lines.append(f"- geomean ratio over {label} ({count}): {value:.2f}x")
+        o = self.overhead
+        lines.append(f"- per-call overhead on {o.shape}: zeroskip.functional "
+                     f"{o.functional_us:.1f} us, bare kernel {o.kernel_us:.1f} us "
+                     f"({o.kernel_threads} thread{'s' if o.kernel_threads > 1 else ''}) -> "
+                     f"{o.overhead_us:.1f} us overhead{_mark(o.contention)}; torch "
+                     f"{o.torch_us:.1f} us")
+        if self.rows:
+            times = [r.compile_s for r in self.rows]
+            lines.append(f"- cold compile: median {statistics.median(times):.2f} s, "
+                         f"max {max(times):.2f} s")
+        shares = [x.contention for x in (*self.rows, o) if busy(x.contention)]
+        if shares:
+            lines.append(f"- *: other processes took up to {max(shares):.0%} of the bench's "
+                         f"CPUs while this was timed ({len(shares)} of {len(self.rows) + 1}): "
+                         "unreliable, rerun on a quiet machine")
+        lines += ["", "| goal | measured | met |", "|---|---:|---|"]
+        lines += [f"| {g} | {v:.2f} | {'yes' if met else 'NO'}{' *' if load else ''} |"
+                  for g, v, met, load in self.goals()]
+        return "\n".join(lines)
+
+
+def _mark(contention: float | None) -> str:
+    return " *" if busy(contention) else ""
+
+
+def run(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
+        min_time: float = MIN_TIME_S, log: TextIO | None = None) -> Report:
+    """Benchmark ``layers`` and the per-call overhead (with :func:`steady_allocator`); ``log``
+    gets one line per layer."""
+    pinned = steady_allocator()
+    rows = []
+    for i, layer in enumerate(layers, 1):
+        start = time.perf_counter()
+        rows.append(bench_layer(layer, batch, repeats, min_time))
+        if log:
+            row = rows[-1]
+            note = f", others took {row.contention:.0%} of its CPUs" \
+                if busy(row.contention) else ""
+            print(f"[{i}/{len(layers)}] {layer.name}: {row.ratio:.2f}x "
+                  f"({time.perf_counter() - start:.1f} s{note})", file=log, flush=True)
+    overhead = measure_overhead(repeats, min_time)
+    return Report(rows, overhead, {**machine(), "malloc_pinned": pinned}, batch, repeats)
