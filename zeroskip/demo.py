@@ -3,14 +3,12 @@
 For each network: convert a copy with :func:`zeroskip.convert`, run both on the sample input and
 compare; then, per conv layer, the MACs the compiler skips (forward) and the time of torch's
 module and of the converted one on the input that layer saw. Finally the MACs of every layer's
-forward and backward operators, which the training path (issue-free of the forward) will use.
+forward and backward operators, which a training step runs.
 """
 from __future__ import annotations
 
 import copy
-import statistics
-import time
-from typing import Callable, TextIO
+from typing import TextIO
 
 from .explain import Report, explain
 from .spec import LayerSpec
@@ -29,22 +27,11 @@ def totals(reports: list[Report]) -> tuple[int, int, float]:
     return dense, nonzero, (1 - nonzero / dense if dense else 0.0)
 
 
-def median_ms(fn: Callable[[], object], repeats: int = 5, calls: int = 3) -> float:
-    """Median over ``repeats`` of the mean time of ``calls`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times) * 1e3
-
-
 def layer_rows(reference, converted, sample) -> list[dict]:
     """Per conv layer of ``reference`` (torch) and its ``converted`` twin: spec, report, times."""
     import torch
 
+    from .bench import time_interleaved
     from .trace import CONV_TYPES, spec_of
 
     seen: dict[str, torch.Tensor] = {}
@@ -64,9 +51,11 @@ def layer_rows(reference, converted, sample) -> list[dict]:
         x = seen[name]
         density = float((x != 0).sum()) / max(x.numel(), 1)
         spec = spec_of(module, tuple(x.shape), round(density, 4))
+        timing = time_interleaved({"torch": lambda: module(x), "zeroskip": lambda: twins[name](x)},
+                                  repeats=5, min_time=0.005)
         rows.append(dict(name=name, spec=spec, report=explain(spec),
-                         torch_ms=median_ms(lambda: module(x)),
-                         zeroskip_ms=median_ms(lambda: twins[name](x))))
+                         torch_ms=timing.seconds["torch"] * 1e3,
+                         zeroskip_ms=timing.seconds["zeroskip"] * 1e3))
     return rows
 
 
