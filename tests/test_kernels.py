@@ -197,7 +197,9 @@ def test_tiles_run_along_the_longest_axis():
     ("float32", 1, 1, 0),          # whole position tiles only
     ("float32", 1, 1, "vector"),   # a remainder tile of whole vectors
     ("float32", 3, 1, 5),          # a remainder with a partial vector; 3 channels per group
-    ("float32", 2, 2, 3),          # strided positions (gathered loads)
+    ("float32", 2, 2, 3),          # stride 2: two loads and a permute per vector
+    ("float64", 1, 2, 0),
+    ("float32", 1, 3, 2),          # stride 3: gathered loads
     ("float64", 1, 1, 5),
 ])
 def test_positions_tile_remainders(dtype, multiplier, stride, extra):
