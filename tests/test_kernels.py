@@ -3,6 +3,7 @@ vectorizations and tile remainders, and the properties of the generated source."
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 
 import numpy as np
@@ -307,3 +308,15 @@ def test_dump_writes_graphs_and_source(fresh_cache, tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.glob("*.json")) == \
         [f"{i:02d}-{name}.json" for i, name in enumerate(steps)]
     assert (folder / "kernel.c").read_text() == kernel.source.read_text()
+
+
+@pytest.mark.parametrize("spec", [
+    LayerSpec.conv(24, 40, 1, input_size=(7, 5), batch=2),
+    LayerSpec.conv(8, 12, 1, groups=4, input_size=(3, 4, 5), bias=False, batch=2),
+    LayerSpec.conv_transpose(16, 32, 1, input_size=(6, 6), batch=2),
+], ids=lambda s: s.describe())
+def test_pointwise_convs_run_on_one_flat_axis(spec):
+    """A 1x1, stride-1, unpadded conv: all positions form one axis (tiles span rows)."""
+    plan = kernel_for(spec).plan
+    assert plan.rank == 1 and plan.out_size == (math.prod(spec.output_size),)
+    run_and_compare(spec, random_inputs(spec))

@@ -17,6 +17,7 @@ The batch size is not part of a plan: kernels take it at run time.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -207,7 +208,7 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32) -> KernelPlan:
                                   _tile_axis(axes, vectorize, lanes)))
     out_shape = op(graph, assemble).shape
     spec_text = spec.describe().rsplit(" on ", 1)
-    return KernelPlan(
+    return _flatten_pointwise(KernelPlan(
         spec=f"{spec_text[0]} on Nx{'x'.join(map(str, spec.input_size))}",
         history=tuple(graph.graph["history"]), pattern=first.pattern, ctype=ctype,
         rank=spec.rank, groups=g, c_red=c_red, c_out=c_out, lhs_channels=lhs_shape[1],
@@ -217,7 +218,25 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32) -> KernelPlan:
         kernel=tuple(rhs_shape[2:]), bias=bias, vector_bytes=vector_bytes,
         c_out_padded=c_out_padded, tile_vectors=vectors, tile_width=width,
         red_block=red_block, pos_channels=pos_channels, pos_vectors=pos_vectors,
-        regions=tuple(regions), pad=pad, pad_adjoint=adjoint)
+        regions=tuple(regions), pad=pad, pad_adjoint=adjoint))
+
+
+def _flatten_pointwise(plan: KernelPlan) -> KernelPlan:
+    """A 1x1, stride-1, unpadded conv maps every input position to the same output position:
+    one axis of all positions serves it, so register tiles never end at a row's end."""
+    if len(plan.regions) != 1 or plan.rank == 1 or plan.pad or plan.pad_adjoint or \
+            plan.pattern == "grad_weight" or plan.lhs_size != plan.out_size:
+        return plan
+    region = plan.regions[0]
+    identity = all((a.u0, a.u1, a.v0, a.v1, a.ou, a.oc, a.lu, a.lc, a.ru, a.rc) ==
+                   (0, n, 0, 1, 1, 0, 1, 0, 0, 0) for a, n in zip(region.axes, plan.out_size))
+    if not identity:
+        return plan
+    size = math.prod(plan.out_size)
+    axis = AxisPlan(0, size, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0)
+    region = dataclasses.replace(region, axes=(axis,), tile_axis=0)
+    return dataclasses.replace(plan, rank=1, lhs_size=(size,), out_size=(size,), kernel=(1,),
+                               regions=(region,))
 
 
 def _tile_axis(axes: tuple[AxisPlan, ...], vectorize: str, lanes: int) -> int:
