@@ -320,3 +320,19 @@ def test_pointwise_convs_run_on_one_flat_axis(spec):
     plan = kernel_for(spec).plan
     assert plan.rank == 1 and plan.out_size == (math.prod(spec.output_size),)
     run_and_compare(spec, random_inputs(spec))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_weight_gradient_tiles(dtype):
+    """Weight gradient with many output channels: tiles of output-channel vectors x input
+    channels (whole tiles and a remainder) over the repacked output gradient, strided and
+    grouped, summed over a batch of 3."""
+    for spec in (LayerSpec.conv(31, 64, 3, stride=2, padding=1, input_size=(9, 11), batch=3,
+                                dtype=dtype).grad_weight(),
+                 LayerSpec.conv(26, 64, (3, 1), padding=(1, 0), groups=2, input_size=(6, 5),
+                                batch=3, dtype=dtype).grad_weight()):
+        plan = kernel_for(spec).plan
+        assert all(r.family == "weight_grad" and r.vectorize == "channels"
+                   for r in plan.regions)
+        assert plan.c_red > plan.tile_width and plan.c_red % plan.tile_width
+        run_and_compare(spec, random_inputs(spec))
