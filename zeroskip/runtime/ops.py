@@ -191,10 +191,8 @@ class Call:
             try:
                 spec = self.spec.grad_input() if which == "input" else self.spec.grad_weight()
                 self._grads[which] = kernel_for(spec)
-            except NotImplementedError as exc:
-                self._grads[which] = exc
-            except (cc.CompileError, emit.TemplateError, IRError) as exc:
-                self._grads[which] = exc
+            except (NotImplementedError, cc.CompileError, emit.TemplateError, IRError) as exc:
+                self._grads[which] = exc        # the reason, reported by each fallback
         found = self._grads[which]
         return found if isinstance(found, Kernel) else None
 
