@@ -12,16 +12,16 @@ runs on torch's op through :func:`stats.fallback`.
 """
 from __future__ import annotations
 
+import ast
 import collections
 import dataclasses
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import __version__
 from ..codegen import emit, lower, pipeline
@@ -197,53 +197,6 @@ class Call:
         return found if isinstance(found, Kernel) else None
 
 
-class _Convolution(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, call: Call, fallback: Any, x, weight, bias):
-        ctx.call, ctx.fallback = call, fallback
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight)
-        return call.run(x, weight, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        call: Call = ctx.call
-        x, weight = ctx.saved_tensors
-        grad = grad.contiguous()
-        transposed = call.spec.op == "conv_transpose"
-        gx = gw = gb = None
-        if ctx.needs_input_grad[2]:
-            kernel = call.grad_kernel("input")
-            if kernel is None:
-                gx = _torch_grad(ctx, call, x, weight, grad, "input")
-            else:
-                gx = kernel.launch(grad, kernel.pack(weight, None), weight.contiguous(),
-                                   torch.empty(x.shape, dtype=x.dtype))
-        if ctx.needs_input_grad[3]:
-            kernel = call.grad_kernel("weight")
-            if kernel is None:
-                gw = _torch_grad(ctx, call, x, weight, grad, "weight")
-            else:
-                lhs, rhs = (grad, x) if transposed else (x, grad)
-                gw = kernel.launch(lhs, rhs, rhs, torch.empty(weight.shape, dtype=weight.dtype))
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            gb = grad.sum(dim=(0, *range(2, grad.dim())))
-        return None, None, gx, gw, gb
-
-
-def _torch_grad(ctx, call: Call, x, weight, grad, which: str) -> torch.Tensor:
-    reason = call._grads[which]
-    stats.fallback(f"no generated kernel for the {which} gradient of {call.spec.torch_name}",
-                   f"{type(reason).__name__}: {reason}")
-    with torch.enable_grad():
-        xx = x.detach().requires_grad_(which == "input")
-        ww = weight.detach().requires_grad_(which == "weight")
-        y = ctx.fallback(xx, ww, None)
-        (result,) = torch.autograd.grad(y, xx if which == "input" else ww, grad)
-    return result
-
-
 @dataclasses.dataclass(frozen=True)
 class Fallback:
     """Why a call runs on torch's op (``reason``: short and stable, one warning per reason)."""
@@ -262,12 +215,34 @@ def _freeze(value: Any) -> Any:
 def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilation, groups,
                 output_padding=0, padding_mode: str = "zeros") -> torch.Tensor:
     """``torch.nn.functional.conv{rank}d`` (op ``conv``) or ``conv_transpose{rank}d``, plus a
-    ``padding_mode`` as ``torch.nn.Conv{rank}d`` applies it, on generated kernels."""
-    args = (stride, padding, dilation, groups, output_padding, padding_mode)
+    ``padding_mode`` as ``torch.nn.Conv{rank}d`` applies it, on generated kernels.
 
+    Under ``torch.compile``, and when a covered call needs gradients, this is the custom op
+    ``zeroskip::convolution`` (shape function and autograd formula registered); otherwise the
+    kernel is called directly, which saves the dispatcher's few microseconds."""
+    if torch.compiler.is_compiling() or _needs_autograd(input, weight, bias):
+        config = config_of(op, rank, stride, padding, dilation, groups, output_padding,
+                           padding_mode)
+        return torch.ops.zeroskip.convolution(input, weight, bias, config)
+    return _forward(op, rank, input, weight, bias,
+                    (stride, padding, dilation, groups, output_padding, padding_mode))
+
+
+def _needs_autograd(input, weight, bias) -> bool:
+    """A call whose result needs a gradient, on tensors the C kernels cover (other calls run
+    torch's op with torch's own autograd)."""
+    tensors = (input, weight) if bias is None else (input, weight, bias)
+    return (torch.is_grad_enabled() and all(type(t) in (torch.Tensor, torch.nn.Parameter)
+                                            for t in tensors)
+            and any(t.requires_grad for t in tensors)
+            and input.dtype in DTYPES and input.device.type == "cpu")
+
+
+def _forward(op: str, rank: int, input, weight, bias, args: tuple) -> torch.Tensor:
     def torch_op(x, w, b):
         return _torch_convolution(op, rank, x, w, b, *args)
 
+    stride, padding, dilation, groups, output_padding, padding_mode = args
     try:
         key = (op, rank, input.dtype, input.device, input.dim(), tuple(input.shape[1:]),
                weight.dtype, weight.device, tuple(weight.shape),
@@ -285,19 +260,158 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
         stats.fallback(call.reason, call.detail)
         return torch_op(input, weight, bias)
     batched = input.dim() == rank + 2
-    x = input if batched else input.unsqueeze(0)
-    x = x.contiguous()
-    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or
-                                    (bias is not None and bias.requires_grad)):
-        out = _Convolution.apply(call, torch_op, x, weight, bias)
-    else:
-        out = call.run(x, weight, bias)
+    x = (input if batched else input.unsqueeze(0)).contiguous()
+    out = call.run(x, weight, bias)
     if not batched:
         out = out.squeeze(0)
-    elif call.channels_last and x.dim() == 4 and input.is_contiguous(
-            memory_format=torch.channels_last) and not input.is_contiguous():
+    elif _channels_last(input, rank):
         out = out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+def _channels_last(input: torch.Tensor, rank: int) -> bool:
+    """torch returns channels_last results for channels_last 4-D inputs; so do we."""
+    return rank == 2 and input.dim() == 4 and not input.is_contiguous() and \
+        input.is_contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------------- custom ops
+def config_of(op, rank, stride, padding, dilation, groups, output_padding, padding_mode) -> str:
+    """The non-tensor arguments as one string: a custom op's schema has no type for an int, a
+    tuple of ints or of pairs, or 'same'; and torch.compile guards on a constant string."""
+    return (f"{op};{rank};{_freeze(stride)!r};{_freeze(padding)!r};{_freeze(dilation)!r};"
+            f"{groups!r};{_freeze(output_padding)!r};{padding_mode}")
+
+
+def _parse(config: str) -> tuple:
+    op, rank, *values, mode = config.split(";")
+    return (op, int(rank), *(ast.literal_eval(v) for v in values), mode)
+
+
+def _spec_of(config: str, input_shape, weight_shape, has_bias: bool, dtype) -> LayerSpec:
+    """The LayerSpec (batch 1) of a call, from its config and tensor shapes."""
+    op, rank, stride, padding, dilation, groups, output_padding, mode = _parse(config)
+    size = tuple(int(n) for n in input_shape[-rank:])
+    weight_shape = tuple(int(n) for n in weight_shape)
+    dtype = DTYPES.get(dtype, str(dtype).removeprefix("torch."))
+    if op == "conv_transpose":
+        return LayerSpec.conv_transpose(weight_shape[0], weight_shape[1] * groups,
+                                        weight_shape[2:], stride, padding, output_padding,
+                                        groups, has_bias, dilation, mode, dtype,
+                                        input_size=size)
+    return LayerSpec.conv(weight_shape[1] * groups, weight_shape[0], weight_shape[2:], stride,
+                          padding, dilation, groups, has_bias, mode, dtype, input_size=size)
+
+
+@torch.library.custom_op("zeroskip::convolution", mutates_args=())
+def _convolution_op(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    config: str) -> torch.Tensor:
+    op, rank, *args = _parse(config)
+    return _forward(op, rank, input, weight, bias, tuple(args))
+
+
+@_convolution_op.register_fake
+def _convolution_fake(input, weight, bias, config):
+    rank = _parse(config)[1]
+    spec = _spec_of(config, input.shape, weight.shape, bias is not None, input.dtype)
+    batched = input.dim() == rank + 2
+    shape = ((input.shape[0],) if batched else ()) + tuple(spec.output_shape[1:])
+    memory_format = torch.channels_last if _channels_last(input, rank) else torch.contiguous_format
+    return torch.empty(shape, dtype=input.dtype, device=input.device,
+                       memory_format=memory_format)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, config = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.config, ctx.has_bias = config, bias is not None
+
+
+def _backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.zeroskip.convolution_grad_input(grad, weight, list(input.shape),
+                                                       ctx.config)
+    if ctx.needs_input_grad[1]:
+        gw = torch.ops.zeroskip.convolution_grad_weight(input, grad, list(weight.shape),
+                                                        ctx.config)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        rank = _parse(ctx.config)[1]
+        gb = grad.sum(dim=tuple(range(grad.dim() - rank - 1)) + tuple(range(-rank, 0)))
+    return gx, gw, gb, None
+
+
+_convolution_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("zeroskip::convolution_grad_input", mutates_args=())
+def _grad_input_op(grad: torch.Tensor, weight: torch.Tensor, input_size: List[int],
+                   config: str) -> torch.Tensor:
+    return _gradient("input", grad, weight, tuple(input_size), config)
+
+
+@_grad_input_op.register_fake
+def _grad_input_fake(grad, weight, input_size, config):
+    return grad.new_empty(input_size)
+
+
+@torch.library.custom_op("zeroskip::convolution_grad_weight", mutates_args=())
+def _grad_weight_op(input: torch.Tensor, grad: torch.Tensor, weight_size: List[int],
+                    config: str) -> torch.Tensor:
+    return _gradient("weight", grad, input, tuple(weight_size), config)
+
+
+@_grad_weight_op.register_fake
+def _grad_weight_fake(input, grad, weight_size, config):
+    return input.new_empty(weight_size)
+
+
+def _gradient(which: str, grad: torch.Tensor, other: torch.Tensor, size: tuple,
+              config: str) -> torch.Tensor:
+    """The input gradient (``other``: the weight, ``size``: the input's) or the weight gradient
+    (``other``: the input, ``size``: the weight's) of a call, on a generated kernel."""
+    op, rank = _parse(config)[:2]
+    input_shape, weight_shape = (size, other.shape) if which == "input" else (other.shape, size)
+    batched = len(input_shape) == rank + 2
+    g = (grad if batched else grad.unsqueeze(0)).contiguous()
+    spec = _spec_of(config, input_shape, weight_shape, False, grad.dtype)
+    try:
+        kernel = kernel_for(spec.grad_input() if which == "input" else spec.grad_weight())
+    except (NotImplementedError, cc.CompileError, emit.TemplateError, IRError) as exc:
+        stats.fallback(f"no generated kernel for the {which} gradient of {spec.torch_name}",
+                       f"{type(exc).__name__}: {exc}")
+        return _torch_gradient(which, grad, other, size, config)
+    if which == "input":
+        w = other.contiguous()
+        out = kernel.launch(g, kernel.pack(other, None), w,
+                            torch.empty((g.shape[0], *input_shape[-rank - 1:]), dtype=g.dtype))
+        return out if batched else out.squeeze(0)
+    x = (other if batched else other.unsqueeze(0)).contiguous()
+    lhs, rhs = (g, x) if op == "conv_transpose" else (x, g)
+    return kernel.launch(lhs, rhs, rhs, torch.empty(size, dtype=g.dtype))
+
+
+def _torch_gradient(which: str, grad, other, size, config: str) -> torch.Tensor:
+    """torch's own gradient (aten.convolution_backward), for what no kernel covers."""
+    op, rank, stride, padding, dilation, groups, output_padding, mode = _parse(config)
+    input_shape, weight = (size, other) if which == "input" else (other.shape, None)
+    x = other if which == "weight" else grad.new_zeros(size)
+    w = weight if weight is not None else grad.new_zeros(size)
+    spec = _spec_of(config, x.shape, w.shape, False, grad.dtype)
+    if mode != "zeros" or any(lo != hi for lo, hi in spec.padding):
+        raise stats.FallbackError(f"no gradient for {spec.describe()}: its kernel failed to "
+                                  "build and torch's fallback needs symmetric zero padding")
+    batched = x.dim() == rank + 2
+    if not batched:
+        x, grad = x.unsqueeze(0), grad.unsqueeze(0)
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad, x, w, None, list(spec.stride), [lo for lo, _ in spec.padding],
+        list(spec.dilation), op == "conv_transpose", list(spec.output_padding), spec.groups,
+        [which == "input", which == "weight", False])
+    if which == "input":
+        return gx if batched else gx.squeeze(0)
+    return gw
 
 
 def _tuple(value, rank: int) -> tuple:
