@@ -1,14 +1,18 @@
-"""The custom ops behind autograd and torch.compile: opcheck, and compiled models vs eager."""
+"""The custom ops behind autograd and torch.compile: opcheck, compiled models vs eager,
+gradcheck across drawn specs, and double backward."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from strategies import EXECUTABLE, specs
 
 import zeroskip
 from zeroskip.models import dcgan_generator, resnet_stage
-from zeroskip.runtime.ops import config_of
+from zeroskip.runtime.ops import config_of, convolution
 
 # (input shape, weight shape, bias, config arguments after op and rank)
 CASES = [
@@ -76,3 +80,53 @@ def test_compiled_model_matches_eager(index):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3,
                                    atol=1e-3 * float(q.grad.abs().max()) + 1e-6, msg=name)
     assert zeroskip.stats()["fallback_calls"] == 0
+
+
+# ----------------------------------------------------------------------------- gradcheck
+def _operands(spec, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = spec.input_shapes
+    return tuple(torch.randn(shapes[name], generator=gen, dtype=torch.float64,
+                             requires_grad=True) if name in shapes else None
+                 for name in ("input", "weight", "bias"))
+
+
+def _call(spec):
+    """The spec as a call of zeroskip's entry point (torch's argument conventions)."""
+    assume(all(lo == hi for lo, hi in spec.padding))
+    padding = tuple(lo for lo, _ in spec.padding)
+    op = "conv_transpose" if spec.op == "conv_transpose" else "conv"
+    return lambda x, w, b: convolution(op, spec.rank, x, w, b, spec.stride, padding,
+                                       spec.dilation, spec.groups, spec.output_padding,
+                                       spec.padding_mode)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(specs(ops=("conv", "conv_transpose"), limits=EXECUTABLE))
+def test_gradcheck_float64(spec):
+    """Numerical vs analytical gradients of input, weight and bias, every variant."""
+    spec = dataclasses.replace(spec, batch=max(spec.batch, 1), dtype="float64")
+    fn = _call(spec)
+    x, w, b = _operands(spec)
+    zeroskip.stats(reset=True)
+    assert torch.autograd.gradcheck(lambda x, w, *b: fn(x, w, b[0] if b else None),
+                                    (x, w) if b is None else (x, w, b))
+    assert zeroskip.stats()["kernel_calls"] > 0
+
+
+@pytest.mark.parametrize("spec", [
+    zeroskip.LayerSpec.conv(3, 4, 3, stride=2, padding=1, input_size=(7, 6), batch=2),
+    zeroskip.LayerSpec.conv(2, 4, 3, padding=2, dilation=2, groups=2, input_size=(9,),
+                            padding_mode="circular", batch=2),
+    zeroskip.LayerSpec.conv_transpose(4, 3, 3, stride=2, padding=1, output_padding=1,
+                                      input_size=(4, 5), batch=2),
+], ids=lambda s: s.describe())
+def test_double_backward_on_generated_kernels(spec):
+    """Second derivatives: the gradient ops' own gradients are the three ops again."""
+    spec = dataclasses.replace(spec, dtype="float64")
+    fn = _call(spec)
+    x, w, b = _operands(spec)
+    zeroskip.stats(reset=True)
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+    counts = zeroskip.stats()
+    assert counts["kernel_calls"] > 0 and counts["fallback_calls"] == 0

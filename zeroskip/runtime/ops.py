@@ -367,6 +367,47 @@ def _grad_weight_fake(input, grad, weight_size, config):
     return input.new_empty(weight_size)
 
 
+# Double backward. With F(x, w) the convolution without bias, the gradient ops are
+# GI(g, w) = (dF/dx)^T g and GW(x, g) = (dF/dw)^T g, both bilinear, so by <u, GI(g, w)> =
+# <F(u, w), g> and <U, GW(x, g)> = <F(x, U), g> their gradients are the three ops again.
+def _setup_grad_input(ctx, inputs, output):
+    grad, weight, _, config = inputs
+    ctx.save_for_backward(grad, weight)
+    ctx.config = config
+
+
+def _backward_grad_input(ctx, upstream):
+    grad, weight = ctx.saved_tensors
+    d_grad = d_weight = None
+    if ctx.needs_input_grad[0]:
+        d_grad = torch.ops.zeroskip.convolution(upstream, weight, None, ctx.config)
+    if ctx.needs_input_grad[1]:
+        d_weight = torch.ops.zeroskip.convolution_grad_weight(upstream, grad, list(weight.shape),
+                                                              ctx.config)
+    return d_grad, d_weight, None, None
+
+
+def _setup_grad_weight(ctx, inputs, output):
+    input, grad, _, config = inputs
+    ctx.save_for_backward(input, grad)
+    ctx.config = config
+
+
+def _backward_grad_weight(ctx, upstream):
+    input, grad = ctx.saved_tensors
+    d_input = d_grad = None
+    if ctx.needs_input_grad[0]:
+        d_input = torch.ops.zeroskip.convolution_grad_input(grad, upstream, list(input.shape),
+                                                            ctx.config)
+    if ctx.needs_input_grad[1]:
+        d_grad = torch.ops.zeroskip.convolution(input, upstream, None, ctx.config)
+    return d_input, d_grad, None, None
+
+
+_grad_input_op.register_autograd(_backward_grad_input, setup_context=_setup_grad_input)
+_grad_weight_op.register_autograd(_backward_grad_weight, setup_context=_setup_grad_weight)
+
+
 def _gradient(which: str, grad: torch.Tensor, other: torch.Tensor, size: tuple,
               config: str) -> torch.Tensor:
     """The input gradient (``other``: the weight, ``size``: the input's) or the weight gradient
