@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import zeroskip.functional
 from zeroskip import LayerSpec, bench
 from zeroskip.cli import main
-from zeroskip.codegen.macs import nonzero_macs
+from zeroskip.codegen.macs import dense_macs, nonzero_macs
 from zeroskip.runtime import ops
 
 TINY_LAYERS = [
@@ -154,3 +154,115 @@ def test_cli_errors(argv, capsys):
         main(["bench", *argv])
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- backward
+BACKWARD_LAYERS = [
+    bench.Layer("tiny.conv-s2", "tiny", LayerSpec.conv(8, 8, 3, 2, 1, input_size=(12, 12)),
+                dense=True),
+    TINY_LAYERS[1],
+]
+
+
+@pytest.fixture(scope="module")
+def backward_report() -> bench.BackwardReport:
+    return bench.run_backward(BACKWARD_LAYERS, repeats=1, min_time=0.001)
+
+
+def test_backward_rows(backward_report):
+    rows = backward_report.rows
+    assert [r.name for r in rows] == ["tiny.conv-s2", "tiny.deconv"]
+    for row, layer in zip(rows, BACKWARD_LAYERS):
+        spec = layer.spec
+        specs = (spec, spec.grad_input(), spec.grad_weight())
+        assert row.shape == spec.describe()
+        assert row.torch_ms > 0 and row.zeroskip_ms > 0
+        assert row.ratio == pytest.approx(row.torch_ms / row.zeroskip_ms)
+        assert row.nonzero_macs == sum(map(nonzero_macs, specs))
+        assert row.dense_macs == sum(map(dense_macs, specs))
+        assert row.skipped == pytest.approx(1 - row.nonzero_macs / row.dense_macs)
+        assert row.grad_input_nonzero_macs == nonzero_macs(specs[1])
+        assert 0 <= row.error <= bench.RTOL
+    strided, deconv = rows
+    # The strided conv's input gradient is the transposed case: timed alone, 3 of 4 inputs of
+    # its scatter are inserted zeros.
+    assert strided.grad_input_torch_ms > 0 and strided.grad_input_zeroskip_ms > 0
+    assert strided.grad_input_ratio == pytest.approx(
+        strided.grad_input_torch_ms / strided.grad_input_zeroskip_ms)
+    assert strided.grad_input_skipped > 0.7
+    assert deconv.grad_input_ratio is None and deconv.grad_input_torch_ms is None
+
+
+def test_backward_summary(backward_report):
+    strided, deconv = backward_report.rows
+    assert backward_report.geomean_dense == pytest.approx(strided.ratio)
+    assert backward_report.geomean_all == pytest.approx((strided.ratio * deconv.ratio) ** 0.5)
+    assert backward_report.geomean_grad_input == pytest.approx(strided.grad_input_ratio)
+    data = json.loads(backward_report.to_json())
+    assert data["machine"]["threads"] >= 1 and data["repeats"] == 1
+    back = data["backward"]
+    assert [r["name"] for r in back["rows"]] == ["tiny.conv-s2", "tiny.deconv"]
+    assert back["rows"][0]["ratio"] == pytest.approx(strided.ratio)
+    assert back["rows"][0]["grad_input_ratio"] == pytest.approx(strided.grad_input_ratio)
+    assert back["rows"][1]["grad_input_ratio"] is None
+    assert back["geomean_all"] == pytest.approx(backward_report.geomean_all)
+    text = backward_report.markdown()
+    assert "| layer | shape | torch ms | zeroskip ms | ratio | skipped | grad_input skipped " \
+           "| grad_input ratio |" in text
+    assert f"| {strided.grad_input_skipped:.1%} | {strided.grad_input_ratio:.2f}x" in text
+    assert f"| {deconv.name} | {deconv.shape} |" in text and "| - | - |" in text
+    assert "geomean fwd+bwd ratio over all layers (2)" in text
+    assert "geomean grad_input ratio over strided convs (1)" in text
+    loaded = dataclasses.replace(backward_report, rows=[
+        dataclasses.replace(strided, contention=0.0, grad_input_contention=0.5),
+        dataclasses.replace(deconv, contention=None)])
+    text = loaded.markdown()
+    assert f"| {strided.ratio:.2f}x | {strided.skipped:.1%} |" in text
+    assert f"| {strided.grad_input_ratio:.2f}x * |" in text
+    assert "(1 of 3)" in text
+
+
+def _scaled_gradient(which: str, factor: float):
+    gradient = ops._gradient
+
+    def scaled(kind, *args):
+        result = gradient(kind, *args)
+        return result * factor if kind == which else result
+    return scaled
+
+
+@pytest.mark.parametrize("which", ["input", "weight"])
+def test_backward_wrong_gradient_raises(monkeypatch, which):
+    monkeypatch.setattr(ops, "_gradient", _scaled_gradient(which, 1.01))
+    with pytest.raises(bench.BenchError,
+                       match=f"tiny.conv-s2: {which} gradient: zeroskip differs from torch"):
+        bench.bench_backward_layer(BACKWARD_LAYERS[0], repeats=1, min_time=0.001)
+
+
+def test_backward_wrong_grad_input_alone_raises(monkeypatch):
+    run_spec = ops.run_spec
+    monkeypatch.setattr(ops, "run_spec", lambda spec, tensors: run_spec(spec, tensors) * 1.01)
+    with pytest.raises(bench.BenchError, match="input gradient alone: zeroskip differs"):
+        bench.bench_backward_layer(BACKWARD_LAYERS[0], repeats=1, min_time=0.001)
+
+
+def test_backward_fallback_raises(monkeypatch):
+    def fallback(which, grad, other, size, config):
+        ops.stats.fallback("test: no gradient kernel")
+        return ops._torch_gradient(which, grad, other, size, config)
+    monkeypatch.setattr(ops, "_gradient", fallback)
+    with pytest.warns(ops.stats.ZeroskipFallbackWarning), \
+            pytest.raises(bench.BenchError, match="did not run generated kernels"):
+        bench.bench_backward_layer(BACKWARD_LAYERS[1], repeats=1, min_time=0.001)
+
+
+def test_cli_backward(tmp_path, capsys):
+    out = tmp_path / "backward.json"
+    assert main(["bench", "--backward", "--layers", "layer4.proj", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    printed, log = capsys.readouterr()
+    rows = json.loads(out.read_text())["backward"]["rows"]
+    assert [r["name"] for r in rows] == ["resnet18.layer4.proj"]
+    assert rows[0]["grad_input_ratio"] > 0
+    assert "| resnet18.layer4.proj |" in printed and "grad_input ratio" in printed
+    assert "[1/1] resnet18.layer4.proj: fwd+bwd" in log

@@ -9,6 +9,11 @@ timed calls; the compile time is measured apart, on a fresh cache. A tiny layer 
 per-call overhead of ``zeroskip.functional`` above its bare kernel. Timings are marked when
 other processes took the bench's CPUs meanwhile; malloc's thresholds are pinned so that large
 buffers cost the same in every process (:func:`steady_allocator`).
+
+With ``--backward`` (:func:`run_backward`), each layer is timed as one training step instead:
+forward with input, weight and bias requiring gradients, then ``backward`` of a fixed output
+gradient (the output and the three gradients checked against torch first); for strided convs,
+whose input gradient is a strided transposed convolution, that operator is also timed alone.
 """
 from __future__ import annotations
 
@@ -504,3 +509,231 @@ def run(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
                   f"({time.perf_counter() - start:.1f} s{note})", file=log, flush=True)
     overhead = measure_overhead(repeats, min_time)
     return Report(rows, overhead, {**machine(), "malloc_pinned": pinned}, batch, repeats)
+
+
+# --------------------------------------------------------------------------------- backward
+def train_operands(spec: LayerSpec, seed: int = 0) -> tuple:
+    """Random ``(input, weight, bias or None, grad_output)`` for one training step: the input
+    requires grad, the weight and bias are trainable ``nn.Parameter``s (zeroskip caches their
+    packing while they are unchanged), ``grad_output`` has the output's shape."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = spec.input_shapes
+    x = torch.randn(shapes["input"], generator=gen).requires_grad_()
+    w, b = (torch.nn.Parameter(torch.randn(shapes[n], generator=gen)) if n in shapes else None
+            for n in ("weight", "bias"))
+    return x, w, b, torch.randn(spec.output_shape, generator=gen)
+
+
+GRADS = ("output", "input gradient", "weight gradient", "bias gradient")
+
+
+def _step(fn: Callable, kwargs: dict, x, w, b, g) -> Callable[[], tuple]:
+    """One training step of ``fn`` alone: forward, ``backward(g)``, then the gradients set to
+    None (as ``zero_grad`` does) so that the next step accumulates nothing. Returns the output
+    and the three gradients (the bias one None without a bias)."""
+    params = (x, w) if b is None else (x, w, b)
+
+    def step() -> tuple:
+        out = fn(x, w, b, **kwargs)
+        out.backward(g)
+        grads = tuple(p.grad for p in params)
+        for p in params:
+            p.grad = None
+        return (out.detach(), *grads, None)[:4]
+    return step
+
+
+def strided_conv(spec: LayerSpec) -> bool:
+    """The transposed case: a conv with a stride above 1, whose input gradient is a strided
+    transposed convolution (``conv_grad_input``: zeros between the gradient's elements)."""
+    return spec.op == "conv" and any(s > 1 for s in spec.stride)
+
+
+def grad_input_calls(spec: LayerSpec, w: torch.Tensor, g: torch.Tensor) -> tuple:
+    """``(torch's call, zeroskip's call)`` of the input gradient alone:
+    ``torch.nn.grad.conv{N}d_input`` and the kernel of ``spec.grad_input()``."""
+    kwargs = call_args(spec)
+    torch_fn = getattr(torch.nn.grad, f"conv{spec.rank}d_input")
+    size, w_plain, grad_spec = spec.input_shapes["input"], w.detach(), spec.grad_input()
+    return ((lambda: torch_fn(size, w_plain, g, **kwargs)),
+            (lambda: ops.run_spec(grad_spec, {"grad_output": g, "weight": w})))
+
+
+@dataclass
+class BackwardRow:
+    """The figures of one layer's training step (times in milliseconds, medians). MACs count
+    the forward, the input gradient and the weight gradient together; ``grad_input_*`` is the
+    input gradient alone, timed for :func:`strided_conv` layers only (None elsewhere)."""
+
+    name: str
+    family: str
+    dense: bool
+    shape: str
+    torch_ms: float
+    zeroskip_ms: float
+    nonzero_macs: int
+    dense_macs: int
+    error: float            # worst of the output and the gradients, relative to torch's max
+    contention: float | None
+    grad_input_nonzero_macs: int
+    grad_input_dense_macs: int
+    grad_input_torch_ms: float | None = None
+    grad_input_zeroskip_ms: float | None = None
+    grad_input_contention: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        """torch time / zeroskip time of the step: above 1, zeroskip is faster."""
+        return self.torch_ms / self.zeroskip_ms
+
+    @property
+    def skipped(self) -> float:
+        return 1 - self.nonzero_macs / self.dense_macs
+
+    @property
+    def grad_input_skipped(self) -> float:
+        return 1 - self.grad_input_nonzero_macs / self.grad_input_dense_macs
+
+    @property
+    def grad_input_ratio(self) -> float | None:
+        if self.grad_input_zeroskip_ms is None or self.grad_input_torch_ms is None:
+            return None
+        return self.grad_input_torch_ms / self.grad_input_zeroskip_ms
+
+
+def _checked_step(name: str, step: Callable[[], tuple], want: tuple) -> float:
+    """Run zeroskip's training ``step`` once: the output and every gradient must match torch's
+    ``want``, and the forward and both gradients must have run generated kernels."""
+    before = stats.stats()
+    got = step()
+    after = stats.stats()
+    errors = []
+    for what, a, b in zip(GRADS, got, want):
+        if (a is None) != (b is None):
+            raise BenchError(f"{name}: zeroskip returned {'no' if a is None else 'a'} {what}, "
+                             f"torch {'none' if b is None else 'one'}")
+        if a is not None:
+            errors.append(check(f"{name}: {what}", a, b))
+    if after["fallback_calls"] > before["fallback_calls"] or \
+            after["kernel_calls"] - before["kernel_calls"] < 3:
+        raise BenchError(f"{name}: zeroskip did not run generated kernels for the forward and "
+                         "both gradients (it fell back to torch's op)")
+    return max(errors)
+
+
+def bench_backward_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
+                         min_time: float = MIN_TIME_S) -> BackwardRow:
+    """Check, then time, one training step of the layer against torch; for strided convs also
+    the input gradient alone."""
+    spec = dataclasses.replace(layer.spec, batch=batch)
+    x, w, b, g = train_operands(spec)
+    kwargs = call_args(spec)
+    torch_step = _step(getattr(F, spec.torch_name), kwargs, x, w, b, g)
+    zs_step = _step(getattr(Z, spec.torch_name), kwargs, x, w, b, g)
+    error = _checked_step(layer.name, zs_step, torch_step())
+    timing = time_interleaved({"torch": torch_step, "zeroskip": zs_step}, repeats, min_time)
+    specs = (spec, spec.grad_input(), spec.grad_weight())
+    row = BackwardRow(layer.name, layer.family, layer.dense, spec.describe(),
+                      timing.seconds["torch"] * 1e3, timing.seconds["zeroskip"] * 1e3,
+                      sum(map(nonzero_macs, specs)), sum(map(dense_macs, specs)), error,
+                      timing.contention, nonzero_macs(specs[1]), dense_macs(specs[1]))
+    if strided_conv(spec):
+        torch_call, zs_call = grad_input_calls(spec, w, g)
+        row.error = max(error, _checked_call(f"{layer.name}: input gradient alone", zs_call,
+                                             torch_call()))
+        timing = time_interleaved({"torch": torch_call, "zeroskip": zs_call}, repeats, min_time)
+        row.grad_input_torch_ms = timing.seconds["torch"] * 1e3
+        row.grad_input_zeroskip_ms = timing.seconds["zeroskip"] * 1e3
+        row.grad_input_contention = timing.contention
+    return row
+
+
+@dataclass
+class BackwardReport:
+    rows: list[BackwardRow]
+    machine: dict
+    batch: int
+    repeats: int
+
+    @property
+    def geomean_all(self) -> float | None:
+        """Geometric mean of the training-step ratios over every layer."""
+        return geomean([r.ratio for r in self.rows])
+
+    @property
+    def geomean_dense(self) -> float | None:
+        return geomean([r.ratio for r in self.rows if r.dense])
+
+    @property
+    def geomean_grad_input(self) -> float | None:
+        """Geometric mean of the input-gradient ratios over the strided convs."""
+        return geomean([r.grad_input_ratio for r in self.rows if r.grad_input_ratio])
+
+    def to_json(self) -> str:
+        rows = [{**dataclasses.asdict(r), "ratio": r.ratio, "skipped": r.skipped,
+                 "grad_input_skipped": r.grad_input_skipped,
+                 "grad_input_ratio": r.grad_input_ratio} for r in self.rows]
+        return json.dumps({"machine": self.machine, "batch": self.batch, "repeats": self.repeats,
+                           "backward": {"rows": rows, "geomean_all": self.geomean_all,
+                                        "geomean_dense": self.geomean_dense,
+                                        "geomean_grad_input": self.geomean_grad_input}},
+                          indent=1)
+
+    def markdown(self) -> str:
+        m = self.machine
+        lines = [f"zeroskip {m['zeroskip']} vs torch {m['torch']}, {m['date']}, {m['cpu']}, "
+                 f"{m['threads']} threads (load average {m['load_avg']} on {m['cpu_count']} "
+                 f"CPUs), batch {self.batch}, median of {self.repeats}"
+                 + ("" if m.get("malloc_pinned") else ", malloc thresholds not pinned")
+                 + "; one training step per call: forward + backward", "",
+                 "| layer | shape | torch ms | zeroskip ms | ratio | skipped "
+                 "| grad_input skipped | grad_input ratio |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in self.rows:
+            gi = ("| - | - |" if r.grad_input_ratio is None else
+                  f"| {r.grad_input_skipped:.1%} "
+                  f"| {r.grad_input_ratio:.2f}x{_mark(r.grad_input_contention)} |")
+            lines.append(f"| {r.name} | {r.shape} | {r.torch_ms:.3f} | {r.zeroskip_ms:.3f} "
+                         f"| {r.ratio:.2f}x{_mark(r.contention)} | {r.skipped:.1%} {gi}")
+        lines.append("")
+        for label, value, count in (
+                ("dense layers", self.geomean_dense, sum(r.dense for r in self.rows)),
+                ("all layers", self.geomean_all, len(self.rows))):
+            if value is not None:
+                lines.append(f"- geomean fwd+bwd ratio over {label} ({count}): {value:.2f}x")
+        strided = [r for r in self.rows if r.grad_input_ratio is not None]
+        if strided:
+            lines.append(f"- geomean grad_input ratio over strided convs ({len(strided)}): "
+                         f"{self.geomean_grad_input:.2f}x")
+        lines.append("- the weights are the same in every step, so zeroskip reuses their packed "
+                     "layouts (forward and grad_input kernels); after a real optimizer step it "
+                     "repacks them once per step, which these times leave out")
+        shares = [c for r in self.rows for c in (r.contention, r.grad_input_contention)
+                  if busy(c)]
+        if shares:
+            timed = len(self.rows) + len(strided)
+            lines.append(f"- *: other processes took up to {max(shares):.0%} of the bench's "
+                         f"CPUs while this was timed ({len(shares)} of {timed}): unreliable, "
+                         "rerun on a quiet machine")
+        return "\n".join(lines)
+
+
+def run_backward(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
+                 min_time: float = MIN_TIME_S, log: TextIO | None = None) -> BackwardReport:
+    """Benchmark one training step of each of ``layers`` (with :func:`steady_allocator`);
+    ``log`` gets one line per layer."""
+    pinned = steady_allocator()
+    rows = []
+    for i, layer in enumerate(layers, 1):
+        start = time.perf_counter()
+        rows.append(bench_backward_layer(layer, batch, repeats, min_time))
+        if log:
+            row = rows[-1]
+            notes = [f"others took {c:.0%} of its CPUs" for c in
+                     (row.contention, row.grad_input_contention) if busy(c)][:1]
+            if row.grad_input_ratio is not None:
+                notes.insert(0, f"grad_input {row.grad_input_ratio:.2f}x")
+            print(f"[{i}/{len(layers)}] {layer.name}: fwd+bwd {row.ratio:.2f}x "
+                  f"({time.perf_counter() - start:.1f} s{''.join(', ' + n for n in notes)})",
+                  file=log, flush=True)
+    return BackwardReport(rows, {**machine(), "malloc_pinned": pinned}, batch, repeats)

@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Check each layer of the suite against torch, then time "
                                     "both side by side (median of repeats, warm cache); print "
                                     "the ratios, GFLOP/s over non-zero MACs, cold compile "
-                                    "times and the per-call overhead as a markdown table.")
+                                    "times and the per-call overhead as a markdown table; "
+                                    "with --backward, the times of one training step and the "
+                                    "MACs skipped over forward and backward.")
     be.add_argument("--quick", action="store_true", help="only the quick subset of the suite")
     be.add_argument("--layers", nargs="+", metavar="SUBSTR",
                     help="only the layers whose name or family contains one of these")
@@ -122,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="timed rounds per layer, the median is reported (default 7)")
     be.add_argument("--threads", type=_positive, metavar="T",
                     help="threads for torch and the kernels (default: torch's)")
+    be.add_argument("--backward", action="store_true",
+                    help="time one training step (forward + backward) of each layer instead, "
+                         "and the input gradient alone of strided convs")
     be.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON")
     be.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table")
     be.set_defaults(subparser=be)
@@ -137,7 +142,8 @@ def bench_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error(f"no layer of the suite matches --layers {' '.join(args.layers)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = bench.run(layers, args.batch, args.repeats, log=sys.stderr)
+    run = bench.run_backward if args.backward else bench.run
+    report = run(layers, args.batch, args.repeats, log=sys.stderr)
     text = report.markdown()
     print(text)
     for flag, path, content in (("--json", args.json, report.to_json()),

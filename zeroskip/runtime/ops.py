@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import collections
 import dataclasses
+import functools
 import os
 import threading
 from pathlib import Path
@@ -283,6 +284,7 @@ def config_of(op, rank, stride, padding, dilation, groups, output_padding, paddi
             f"{groups!r};{_freeze(output_padding)!r};{padding_mode}")
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse(config: str) -> tuple:
     op, rank, *values, mode = config.split(";")
     return (op, int(rank), *(ast.literal_eval(v) for v in values), mode)
@@ -416,12 +418,10 @@ def _gradient(which: str, grad: torch.Tensor, other: torch.Tensor, size: tuple,
     input_shape, weight_shape = (size, other.shape) if which == "input" else (other.shape, size)
     batched = len(input_shape) == rank + 2
     g = (grad if batched else grad.unsqueeze(0)).contiguous()
-    spec = _spec_of(config, input_shape, weight_shape, False, grad.dtype)
-    try:
-        kernel = kernel_for(spec.grad_input() if which == "input" else spec.grad_weight())
-    except (NotImplementedError, cc.CompileError, emit.TemplateError, IRError) as exc:
-        stats.fallback(f"no generated kernel for the {which} gradient of {spec.torch_name}",
-                       f"{type(exc).__name__}: {exc}")
+    kernel = _gradient_kernel(which, config, tuple(input_shape[-rank:]), tuple(weight_shape),
+                              grad.dtype)
+    if isinstance(kernel, Fallback):
+        stats.fallback(kernel.reason, kernel.detail)
         return _torch_gradient(which, grad, other, size, config)
     if which == "input":
         w = other.contiguous()
@@ -431,6 +431,19 @@ def _gradient(which: str, grad: torch.Tensor, other: torch.Tensor, size: tuple,
     x = (other if batched else other.unsqueeze(0)).contiguous()
     lhs, rhs = (g, x) if op == "conv_transpose" else (x, g)
     return kernel.launch(lhs, rhs, rhs, torch.empty(size, dtype=g.dtype))
+
+
+@functools.lru_cache(maxsize=4096)
+def _gradient_kernel(which: str, config: str, input_size: tuple, weight_shape: tuple,
+                     dtype) -> Kernel | Fallback:
+    """The kernel of a call's input or weight gradient (memoized: a training step asks for it
+    every time; ``input_size``: the input's spatial size), or why there is none."""
+    spec = _spec_of(config, input_size, weight_shape, False, dtype)
+    try:
+        return kernel_for(spec.grad_input() if which == "input" else spec.grad_weight())
+    except (NotImplementedError, cc.CompileError, emit.TemplateError, IRError) as exc:
+        return Fallback(f"no generated kernel for the {which} gradient of {spec.torch_name}",
+                        f"{type(exc).__name__}: {exc}")
 
 
 def _torch_gradient(which: str, grad, other, size, config: str) -> torch.Tensor:
