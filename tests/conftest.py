@@ -1,12 +1,15 @@
 """Every test session compiles into its own kernel cache, never the user's."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 
 _SESSION_CACHE = tempfile.mkdtemp(prefix="zeroskip-test-cache-")
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 os.environ["ZEROSKIP_CACHE_DIR"] = _SESSION_CACHE
 os.environ.pop("ZEROSKIP_STRICT", None)
 os.environ.pop("ZEROSKIP_DUMP", None)
@@ -19,4 +22,6 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ZEROSKIP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(ops, "_kernels", {})
     monkeypatch.setattr(ops, "_calls", {})
-    return tmp_path / "cache"
+    ops._gradient_kernel.cache_clear()
+    yield tmp_path / "cache"
+    ops._gradient_kernel.cache_clear()   # its kernels live in the directory just removed
