@@ -7,6 +7,13 @@ import shutil
 import tempfile
 
 import pytest
+from hypothesis import settings
+
+# CI replays the same examples every run (a red build then means a change broke something);
+# locally every run explores new ones.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 _SESSION_CACHE = tempfile.mkdtemp(prefix="zeroskip-test-cache-")
 atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)

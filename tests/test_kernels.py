@@ -336,3 +336,12 @@ def test_weight_gradient_tiles(dtype):
                    for r in plan.regions)
         assert plan.c_red > plan.tile_width and plan.c_red % plan.tile_width
         run_and_compare(spec, random_inputs(spec))
+
+
+def test_trimmed_to_one_tap_is_not_pointwise():
+    """A 1x1x2 kernel whose second tap always lands in padding leaves one tap per output, but
+    the weight still has two taps: the region must not be flattened as a pointwise conv."""
+    spec = LayerSpec.conv(1, 2, (1, 1, 2), padding=((0, 0), (0, 0), (0, 1)),
+                          input_size=(1, 1, 1))
+    assert kernel_for(spec).plan.rank == 3
+    run_and_compare(spec, random_inputs(spec))

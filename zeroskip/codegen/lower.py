@@ -225,7 +225,7 @@ def _flatten_pointwise(plan: KernelPlan) -> KernelPlan:
     """A 1x1, stride-1, unpadded conv maps every input position to the same output position:
     one axis of all positions serves it, so register tiles never end at a row's end."""
     if len(plan.regions) != 1 or plan.rank == 1 or plan.pad or plan.pad_adjoint or \
-            plan.pattern == "grad_weight" or plan.lhs_size != plan.out_size:
+            plan.pattern == "grad_weight" or plan.lhs_size != plan.out_size or plan.taps != 1:
         return plan
     region = plan.regions[0]
     identity = all((a.u0, a.u1, a.v0, a.v1, a.ou, a.oc, a.lu, a.lc, a.ru, a.rc) ==
