@@ -440,6 +440,8 @@ class LayerSpec:
             parts.append(f"g={self.groups}")
         if self.padding_mode != "zeros":
             parts.append(f"mode={self.padding_mode}")
+        if self.dtype != "float32":
+            parts.append(self.dtype)
         text = ", ".join(parts) + ")"
         text += f" on {self.batch}x{'x'.join(map(str, self.input_size))}"
         if self.density < 1.0:
