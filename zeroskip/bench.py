@@ -492,21 +492,40 @@ def _mark(contention: float | None) -> str:
     return " *" if busy(contention) else ""
 
 
+def _each_layer(layers: list[Layer], bench_one: Callable, note: Callable,
+                log: TextIO | None) -> list:
+    """``bench_one(layer)`` for each layer; ``log`` gets one line per layer: its name, then
+    ``note(row)`` and the seconds it took."""
+    rows = []
+    for i, layer in enumerate(layers, 1):
+        start = time.perf_counter()
+        rows.append(bench_one(layer))
+        if log:
+            print(f"[{i}/{len(layers)}] {layer.name}: {note(rows[-1])} "
+                  f"({time.perf_counter() - start:.1f} s)", file=log, flush=True)
+    return rows
+
+
+def _forward_note(row) -> str:
+    busy_note = f", others took {row.contention:.0%} of its CPUs" if busy(row.contention) else ""
+    return f"{row.ratio:.2f}x{busy_note}"
+
+
+def _backward_note(row) -> str:
+    notes = [f"others took {c:.0%} of its CPUs" for c in
+             (row.contention, row.grad_input_contention) if busy(c)][:1]
+    if row.grad_input_ratio is not None:
+        notes.insert(0, f"grad_input {row.grad_input_ratio:.2f}x")
+    return f"fwd+bwd {row.ratio:.2f}x{''.join(', ' + n for n in notes)}"
+
+
 def run(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
         min_time: float = MIN_TIME_S, log: TextIO | None = None) -> Report:
     """Benchmark ``layers`` and the per-call overhead (with :func:`steady_allocator`); ``log``
     gets one line per layer."""
     pinned = steady_allocator()
-    rows = []
-    for i, layer in enumerate(layers, 1):
-        start = time.perf_counter()
-        rows.append(bench_layer(layer, batch, repeats, min_time))
-        if log:
-            row = rows[-1]
-            note = f", others took {row.contention:.0%} of its CPUs" \
-                if busy(row.contention) else ""
-            print(f"[{i}/{len(layers)}] {layer.name}: {row.ratio:.2f}x "
-                  f"({time.perf_counter() - start:.1f} s{note})", file=log, flush=True)
+    rows = _each_layer(layers, lambda layer: bench_layer(layer, batch, repeats, min_time),
+                       _forward_note, log)
     overhead = measure_overhead(repeats, min_time)
     return Report(rows, overhead, {**machine(), "malloc_pinned": pinned}, batch, repeats)
 
@@ -723,17 +742,7 @@ def run_backward(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
     """Benchmark one training step of each of ``layers`` (with :func:`steady_allocator`);
     ``log`` gets one line per layer."""
     pinned = steady_allocator()
-    rows = []
-    for i, layer in enumerate(layers, 1):
-        start = time.perf_counter()
-        rows.append(bench_backward_layer(layer, batch, repeats, min_time))
-        if log:
-            row = rows[-1]
-            notes = [f"others took {c:.0%} of its CPUs" for c in
-                     (row.contention, row.grad_input_contention) if busy(c)][:1]
-            if row.grad_input_ratio is not None:
-                notes.insert(0, f"grad_input {row.grad_input_ratio:.2f}x")
-            print(f"[{i}/{len(layers)}] {layer.name}: fwd+bwd {row.ratio:.2f}x "
-                  f"({time.perf_counter() - start:.1f} s{''.join(', ' + n for n in notes)})",
-                  file=log, flush=True)
+    rows = _each_layer(layers,
+                       lambda layer: bench_backward_layer(layer, batch, repeats, min_time),
+                       _backward_note, log)
     return BackwardReport(rows, {**machine(), "malloc_pinned": pinned}, batch, repeats)

@@ -105,14 +105,18 @@ _kernels_lock = threading.Lock()
 def kernel_for(spec: LayerSpec) -> Kernel:
     """The compiled kernel of ``spec`` (its batch size is ignored: kernels take it at run time).
     Raises :class:`cc.CompileError`, :class:`emit.TemplateError` or :class:`IRError`."""
-    spec = dataclasses.replace(spec, batch=1)
-    kernel = _kernels.get(spec)
+    kernel = _kernels.get(spec)        # keyed by the spec as given too: no re-validation
     if kernel is not None:
         stats.add("memo_hits")
         return kernel
+    normal = dataclasses.replace(spec, batch=1)
     with _kernels_lock:
-        kernel = _kernels.get(spec) or _compile(spec)
-        _kernels[spec] = kernel
+        kernel = _kernels.get(normal)
+        if kernel is not None:
+            stats.add("memo_hits")
+        else:
+            kernel = _compile(normal)
+        _kernels[normal] = _kernels[spec] = kernel
     return kernel
 
 
@@ -292,7 +296,14 @@ def _parse(config: str) -> tuple:
 
 def _spec_of(config: str, input_shape, weight_shape, has_bias: bool, dtype) -> LayerSpec:
     """The LayerSpec (batch 1) of a call, from its config and tensor shapes."""
-    op, rank, stride, padding, dilation, groups, output_padding, mode = _parse(config)
+    op, rank, *args = _parse(config)
+    return _build_spec(op, rank, input_shape, weight_shape, has_bias, dtype, tuple(args))
+
+
+def _build_spec(op: str, rank: int, input_shape, weight_shape, has_bias: bool, dtype,
+                args: tuple) -> LayerSpec:
+    """The LayerSpec (batch 1) of a call, from torch's arguments and the tensor shapes."""
+    stride, padding, dilation, groups, output_padding, mode = args
     size = tuple(int(n) for n in input_shape[-rank:])
     weight_shape = tuple(int(n) for n in weight_shape)
     dtype = DTYPES.get(dtype, str(dtype).removeprefix("torch."))
@@ -514,19 +525,9 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
     if input.dtype not in DTYPES:
         return Fallback(f"dtype {input.dtype} has no C kernel (float32 and float64 do)")
     _check_shapes(name, op, rank, input, weight, bias, args[3])
-    stride, padding, dilation, groups, output_padding, padding_mode = args
-    x_size = tuple(input.shape[-rank:])
     try:
-        if op == "conv_transpose":
-            spec = LayerSpec.conv_transpose(weight.shape[0], weight.shape[1] * groups,
-                                            tuple(weight.shape[2:]), stride, padding,
-                                            output_padding, groups, bias is not None, dilation,
-                                            padding_mode, DTYPES[input.dtype], input_size=x_size)
-        else:
-            spec = LayerSpec.conv(weight.shape[1] * groups, weight.shape[0],
-                                  tuple(weight.shape[2:]), stride, padding, dilation, groups,
-                                  bias is not None, padding_mode, DTYPES[input.dtype],
-                                  input_size=x_size)
+        spec = _build_spec(op, rank, input.shape, weight.shape, bias is not None, input.dtype,
+                           args)
     except ValueError as exc:   # torch's functional ops raise RuntimeError for bad values
         raise RuntimeError(f"{name}: {exc}") from exc
     # A last cross-check: torch's own shape function on meta tensors.
