@@ -22,11 +22,13 @@ from zeroskip.runtime.ops import kernel_for, run_spec
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 
 
-def run_and_compare(spec: LayerSpec, arrays: dict[str, np.ndarray]) -> np.ndarray:
+def run_and_compare(spec: LayerSpec, arrays: dict[str, np.ndarray],
+                    variant: lower.Variant = lower.DEFAULT) -> np.ndarray:
     """Run the kernel of ``spec`` on ``arrays``, assert it matches torch, return its result."""
     want = torch_result(spec, arrays)
     dtype = getattr(torch, spec.dtype)
-    got = run_spec(spec, {k: torch.tensor(v, dtype=dtype) for k, v in arrays.items()}).numpy()
+    got = run_spec(spec, {k: torch.tensor(v, dtype=dtype) for k, v in arrays.items()},
+                   variant).numpy()
     assert got.shape == want.shape, (spec.describe(), got.shape, want.shape)
     # Tolerance relative to the result's magnitude (long float32 reductions round).
     scale = max(1.0, float(np.abs(want).max(initial=0.0)))
@@ -47,6 +49,17 @@ def plan_of(spec: LayerSpec) -> lower.KernelPlan:
 def test_kernels_match_torch(spec, dtype):
     spec = dataclasses.replace(spec, dtype=dtype)
     run_and_compare(spec, random_inputs(spec))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(specs(limits=EXECUTABLE, channels=(1, 40)), st.sampled_from((0.0, 0.05, 0.3, 1.0)),
+       st.sampled_from(("float32", "float64")), st.sampled_from((None, 1, 2)))
+def test_forced_sparse_matches_torch(spec, density, dtype, vectors):
+    """The sparse strategy forced on every region it can serve, whatever the data's density:
+    transposed phases, dilations, groups, padding modes, gradients, merged and per-tap walks."""
+    spec = dataclasses.replace(spec, dtype=dtype, density=density)
+    variant = lower.Variant("sparse", sparse_vectors=vectors)
+    run_and_compare(spec, random_inputs(spec), variant)
 
 
 # ----------------------------------------------------------------------------- sparse strategy
@@ -74,7 +87,7 @@ def inputs_with(spec: LayerSpec, data: np.ndarray, seed: int = 1) -> dict[str, n
 
 
 def has_sparse(spec: LayerSpec) -> bool:
-    return "sparse_scatter" in kernel_for(spec).plan.families
+    return "sparse_gather" in kernel_for(spec).plan.families
 
 
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.1, 0.5, 1.0])
@@ -87,7 +100,7 @@ def test_sparse_at_density(density):
     if density <= 0.1:
         assert has_sparse(spec)
     if density == 1.0:
-        assert all(r.family != "sparse_scatter" for r in kernel_for(spec).plan.regions)
+        assert all(r.family != "sparse_gather" for r in kernel_for(spec).plan.regions)
     run_and_compare(spec, inputs_with(spec, x))
     # The sparse kernel is exact whatever the actual density of its data.
     assert has_sparse(SPARSE_CONV)

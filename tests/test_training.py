@@ -110,7 +110,7 @@ def ddp_worker(rank: int, world: int, port: int, out: Path) -> None:
         nn.functional.mse_loss(wrapped(x), target).backward()
         grads[name] = [p.grad for p in twin.parameters()]
     torch.save({"grads": grads, "stats": zeroskip.stats(),
-                "kernels": sorted(json.dumps(s.to_dict(), sort_keys=True) for s in ops._kernels)},
+                "kernels": sorted(json.dumps(s.to_dict(), sort_keys=True) for s, _ in ops._kernels)},
                out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

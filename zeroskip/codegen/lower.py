@@ -6,14 +6,16 @@ One plan is one C translation unit, whose entry point runs every region of the l
 * each :class:`~.ir.Contract` becomes a :class:`RegionPlan`. Its family picks the template:
   ``direct`` (dense region of a conv, a trimmed border, or a phase sub-convolution of a
   transposed conv: after the passes they are all a box of taps with affine index maps),
-  ``sparse_scatter`` (a region the cost model marked sparse: only non-zero inputs are
-  multiplied), ``weight_grad`` (the weight gradient, touching real taps only);
+  ``sparse_gather`` (a region marked sparse: it reads the data operand in a compressed pattern,
+  each position's non-zero channels, and multiplies only those), ``weight_grad`` (the weight
+  gradient, touching real taps only);
 * a :class:`~.ir.Pad` in a data-carrying mode (reflect, replicate, circular) becomes index
   tables of a copy into a padded scratch buffer, and a :class:`~.ir.PadAdjoint` the matching
   scatter-add;
 * a :class:`~.ir.BiasAdd` is fused into the regions' accumulator initialisation.
 
-The batch size is not part of a plan: kernels take it at run time.
+The batch size is not part of a plan: kernels take it at run time. A :class:`Variant` holds
+the knobs the autotuner turns (register tile shape); ``None`` keeps the heuristic's choice.
 """
 from __future__ import annotations
 
@@ -29,10 +31,51 @@ from .ir import (Assemble, BiasAdd, Contract, Input, IRError, Output, Pad, PadAd
 from .macs import contract_macs
 from .reference import pad_index
 
-FAMILIES = ("direct", "sparse_scatter", "weight_grad")
+FAMILIES = ("direct", "sparse_gather", "weight_grad")
 CTYPES = {"float32": "float", "float64": "double"}
 MAX_RANK = 3
 L2_WEIGHT_BYTES = 384 * 1024
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Code-generation knobs of one kernel: the strategy forced on its regions ('auto': the cost
+    model's), and register tile shapes (None: the heuristic's)."""
+
+    strategy: str = "auto"            # auto | dense | sparse
+    tile_width: int | None = None     # dense channel tiles: output positions per tile
+    sparse_vectors: int | None = None  # sparse tiles: vectors of output channels per tile
+
+    def __post_init__(self):
+        if self.strategy not in ("auto", "dense", "sparse"):
+            raise ValueError(f"strategy must be 'auto', 'dense' or 'sparse', got "
+                             f"{self.strategy!r}")
+        for name in ("tile_width", "sparse_vectors"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 1 <= value <= 16):
+                raise ValueError(f"{name} must be None or an int in [1, 16], got {value!r}")
+
+    @property
+    def name(self) -> str:
+        """A short, stable name: 'sparse', 'dense/w6', 'sparse/v8'."""
+        parts = [self.strategy]
+        if self.tile_width is not None:
+            parts.append(f"w{self.tile_width}")
+        if self.sparse_vectors is not None:
+            parts.append(f"v{self.sparse_vectors}")
+        return "/".join(parts)
+
+    @classmethod
+    def parse(cls, name: str) -> "Variant":
+        strategy, *knobs = name.split("/")
+        fields = {"w": "tile_width", "v": "sparse_vectors"}
+        try:
+            return cls(strategy, **{fields[k[0]]: int(k[1:]) for k in knobs})
+        except (KeyError, ValueError, IndexError) as exc:
+            raise ValueError(f"not a kernel variant: {name!r}") from exc
+
+
+DEFAULT = Variant()
 
 
 @dataclass(frozen=True)
@@ -106,6 +149,8 @@ class KernelPlan:
     red_block: int             # 'channels' tiles: contracted channels per pass over the output
     pos_channels: int          # 'positions' tiles: output channels per tile (divides c_out)
     pos_vectors: int           # 'positions' tiles: vectors of output positions per tile
+    sparse_vectors: int        # sparse tiles: vectors of output channels (divides COUTP/lanes)
+    sparse_merge: int          # sparse: m != 0 merges a row's taps into one list walk (below)
     regions: tuple[RegionPlan, ...]
     pad: PadPlan | None = None
     pad_adjoint: PadPlan | None = None
@@ -129,6 +174,11 @@ class KernelPlan:
     def families(self) -> tuple[str, ...]:
         return tuple(sorted({r.family for r in self.regions}))
 
+    @property
+    def sparse(self) -> bool:
+        """Whether some region reads the compressed pattern of the data operand."""
+        return any(r.family == "sparse_gather" for r in self.regions)
+
 
 def _registers(vector_bytes: int) -> int:
     return 32 if vector_bytes >= 64 else 16
@@ -142,9 +192,10 @@ def tile_shape(c_out: int, lanes: int, vector_bytes: int) -> tuple[int, int]:
     return vectors, width
 
 
-def plan(graph: nx.DiGraph, vector_bytes: int = 32) -> KernelPlan:
+def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT) -> KernelPlan:
     """Lower an optimized, verified graph to a kernel plan; :class:`IRError` if the graph holds a
-    node no template implements."""
+    node no template implements. ``variant``'s strategy must be the one the graph was optimized
+    with (``pipeline.run(spec, strategy=...)``); its tile shapes apply here."""
     spec: LayerSpec = graph.graph["spec"]
     if spec.dtype not in CTYPES:
         raise IRError(f"no C kernel for dtype {spec.dtype!r}; C kernels cover {sorted(CTYPES)}")
@@ -184,6 +235,7 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32) -> KernelPlan:
     ctype = CTYPES[spec.dtype]
     lanes = vector_bytes // (4 if ctype == "float" else 8)
     vectors, width = tile_shape(c_out, lanes, vector_bytes)
+    width = variant.tile_width or width
     c_out_padded = -(-c_out // (vectors * lanes)) * vectors * lanes
     # Few output channels per group (depthwise, RGB outputs): vector lanes run along positions.
     vectorize = "channels" if 2 * c_out >= lanes else "positions"
@@ -193,11 +245,16 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32) -> KernelPlan:
     blocks = -(-c_red // max(8, L2_WEIGHT_BYTES // row_bytes))
     red_block = -(-c_red // blocks)
     pos_vectors = min(4, (_registers(vector_bytes) - 4) // (pos_channels + 1))
+    # Sparse tiles hold one output position's channels: as many vectors as registers allow.
+    row_vectors = c_out_padded // lanes
+    want = variant.sparse_vectors or min(8, _registers(vector_bytes) // 2)
+    sparse_vectors = max(v for v in range(1, row_vectors + 1) if row_vectors % v == 0 and
+                         v <= want)
     regions = []
     for i, node in enumerate(contracts):
         c: Contract = op(graph, node)
         family = "weight_grad" if c.pattern == "grad_weight" else \
-            "sparse_scatter" if c.strategy == "sparse" else "direct"
+            "sparse_gather" if c.strategy == "sparse" else "direct"
         if family != "weight_grad" and any(l.rhs.u for l in c.loops):
             raise IRError(f"region {node!r}: its weight index depends on the output position")
         axes = tuple(AxisPlan(l.u[0], l.u[1], l.v[0], max(l.v[0], l.v[1]), l.out.u, l.out.c,
@@ -206,6 +263,8 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32) -> KernelPlan:
         macs = contract_macs(graph, node) // max(1, lhs_shape[0])
         regions.append(RegionPlan(f"region_{i}", family, c.region, axes, macs, vectorize,
                                   _tile_axis(axes, vectorize, lanes)))
+    merge = _sparse_merge(regions, c_red * math.prod(rhs_shape[2:]) * c_out_padded,
+                          lhs_shape[-1] * c_out_padded)
     out_shape = op(graph, assemble).shape
     spec_text = spec.describe().rsplit(" on ", 1)
     return _flatten_pointwise(KernelPlan(
@@ -218,7 +277,7 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32) -> KernelPlan:
         kernel=tuple(rhs_shape[2:]), bias=bias, vector_bytes=vector_bytes,
         c_out_padded=c_out_padded, tile_vectors=vectors, tile_width=width,
         red_block=red_block, pos_channels=pos_channels, pos_vectors=pos_vectors,
-        regions=tuple(regions), pad=pad, pad_adjoint=adjoint))
+        sparse_vectors=sparse_vectors, sparse_merge=merge, regions=tuple(regions), pad=pad, pad_adjoint=adjoint))
 
 
 def _flatten_pointwise(plan: KernelPlan) -> KernelPlan:
@@ -237,6 +296,20 @@ def _flatten_pointwise(plan: KernelPlan) -> KernelPlan:
     region = dataclasses.replace(region, axes=(axis,), tile_axis=0)
     return dataclasses.replace(plan, rank=1, lhs_size=(size,), out_size=(size,), kernel=(1,),
                                regions=(region,))
+
+
+def _sparse_merge(regions: list[RegionPlan], weight_span: int, row_span: int) -> int:
+    """The taps of a sparse region along its last axis read consecutive data positions when
+    that axis's ``lv`` is +-1; their weight rows then follow the position with slope
+    ``m = rv * lv``. If all sparse regions share one ``m``, each list entry of the compressed
+    pattern stores ``channel offset + m * position * COUTP`` and a region walks one merged list
+    per row of taps (one loop exit instead of one per tap). 0: one walk per tap."""
+    slopes = {r.axes[-1].rv * r.axes[-1].lv if abs(r.axes[-1].lv) == 1 else 0
+              for r in regions if r.family == "sparse_gather"}
+    if len(slopes) != 1 or 0 in slopes or weight_span + max(1, *map(abs, slopes)) * row_span \
+            >= 2 ** 31:
+        return 0
+    return slopes.pop()
 
 
 def _tile_axis(axes: tuple[AxisPlan, ...], vectorize: str, lanes: int) -> int:

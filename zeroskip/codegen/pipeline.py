@@ -29,10 +29,13 @@ PIPELINE: list[tuple[str, Pass]] = [
 ]
 
 
-def run(spec: LayerSpec, dump_dir: str | os.PathLike | None = None
+def run(spec: LayerSpec, dump_dir: str | os.PathLike | None = None, strategy: str = "auto"
         ) -> list[tuple[str, nx.DiGraph]]:
-    """``[("frontend", naive graph), (pass name, graph after it), ...]``."""
+    """``[("frontend", naive graph), (pass name, graph after it), ...]``; ``strategy``
+    ('dense' or 'sparse') overrides choose_strategy's cost model, as the autotuner does."""
     graph = frontend.lower(spec)
+    if strategy != "auto":
+        graph.graph["strategy"] = strategy
     steps = [("frontend", graph)]
     for name, pass_fn in PIPELINE:
         graph = verify(pass_fn(graph))

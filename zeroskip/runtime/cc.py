@@ -111,3 +111,6 @@ class Library:
         self._lib.zs_packed_elems.restype = ctypes.c_int64
         self.packed_elems = int(self._lib.zs_packed_elems())
         self.abi_version = int(self._lib.zs_abi_version())
+        self.density = self._lib.zs_density
+        self.density.argtypes = [ctypes.c_int64, ptr]
+        self.density.restype = ctypes.c_double

@@ -38,8 +38,9 @@ MACS_PER_THREAD = 1 << 16   # below this much work per thread, waking another co
 class Kernel:
     """One compiled operator. ``launch`` runs it on contiguous tensors of any batch size."""
 
-    def __init__(self, spec: LayerSpec, plan: lower.KernelPlan, folder: Path):
-        self.spec, self.plan, self.folder = spec, plan, folder
+    def __init__(self, spec: LayerSpec, plan: lower.KernelPlan, folder: Path,
+                 variant: lower.Variant = lower.DEFAULT):
+        self.spec, self.plan, self.folder, self.variant = spec, plan, folder, variant
         self.source = folder / "kernel.c"
         self.lib = cc.Library(folder / "kernel.so")
         self._packs: collections.OrderedDict = collections.OrderedDict()
@@ -98,38 +99,41 @@ def forget_packed() -> None:
 
 
 # --------------------------------------------------------------------------------- compiling
-_kernels: dict[LayerSpec, Kernel] = {}
+_kernels: dict[tuple[LayerSpec, lower.Variant], Kernel] = {}
 _kernels_lock = threading.Lock()
 
 
-def kernel_for(spec: LayerSpec) -> Kernel:
-    """The compiled kernel of ``spec`` (its batch size is ignored: kernels take it at run time).
-    Raises :class:`cc.CompileError`, :class:`emit.TemplateError` or :class:`IRError`."""
-    kernel = _kernels.get(spec)        # keyed by the spec as given too: no re-validation
+def kernel_for(spec: LayerSpec, variant: lower.Variant = lower.DEFAULT) -> Kernel:
+    """The compiled kernel of ``spec`` (its batch size is ignored: kernels take it at run time),
+    generated as ``variant`` says. Raises :class:`cc.CompileError`, :class:`emit.TemplateError`
+    or :class:`IRError`."""
+    kernel = _kernels.get((spec, variant))   # keyed by the spec as given too: no re-validation
     if kernel is not None:
         stats.add("memo_hits")
         return kernel
     normal = dataclasses.replace(spec, batch=1)
     with _kernels_lock:
-        kernel = _kernels.get(normal)
+        kernel = _kernels.get((normal, variant))
         if kernel is not None:
             stats.add("memo_hits")
         else:
-            kernel = _compile(normal)
-        _kernels[normal] = _kernels[spec] = kernel
+            kernel = _compile(normal, variant)
+        _kernels[normal, variant] = _kernels[spec, variant] = kernel
     return kernel
 
 
-def _compile(spec: LayerSpec) -> Kernel:
+def _compile(spec: LayerSpec, variant: lower.Variant) -> Kernel:
     command, flags = cc.compiler()
     dump = os.environ.get("ZEROSKIP_DUMP")
-    steps = pipeline.run(spec, dump_dir=dump)
-    plan = lower.plan(steps[-1][1], vector_bytes=cc.vector_bytes(flags))
+    steps = pipeline.run(spec, dump_dir=dump, strategy=variant.strategy)
+    plan = lower.plan(steps[-1][1], vector_bytes=cc.vector_bytes(flags), variant=variant)
     source = emit.render(plan)
     if dump:
         folder = pipeline.dump_folder(spec, Path(dump))
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "kernel.c").write_text(source)
+        name = "kernel.c" if variant == lower.DEFAULT else \
+            f"kernel-{variant.name.replace('/', '-')}.c"
+        (folder / name).write_text(source)
     key = cache.make_key(version=__version__, templates=emit.template_hash(), source=source,
                          compiler=cc.identity(command), flags=flags, target=cc.cpu_target())
     if cache.lookup(key) is None:
@@ -143,7 +147,8 @@ def _compile(spec: LayerSpec) -> Kernel:
                     stats.add("compile_seconds", seconds)
                     return ["kernel.c", "kernel.so"]
                 try:
-                    cache.build(key, {"spec": spec.to_dict(), "version": __version__,
+                    cache.build(key, {"spec": spec.to_dict(), "variant": variant.name,
+                                      "version": __version__,
                                       "compiler": cc.identity(command), "flags": list(flags),
                                       "target": cc.cpu_target()}, make)
                 except cc.CompileError as exc:
@@ -152,9 +157,9 @@ def _compile(spec: LayerSpec) -> Kernel:
                     kept.parent.mkdir(mode=0o700, exist_ok=True)
                     kept.write_text(source)
                     raise cc.CompileError(f"{exc}\nthe source is kept at {kept}") from exc
-                return Kernel(spec, plan, cache.entry_dir(key))
+                return Kernel(spec, plan, cache.entry_dir(key), variant)
     stats.add("cache_hits")
-    return Kernel(spec, plan, cache.entry_dir(key))
+    return Kernel(spec, plan, cache.entry_dir(key), variant)
 
 
 OPERANDS = {"conv": ("input", "weight"), "conv_transpose": ("input", "weight"),
@@ -162,9 +167,11 @@ OPERANDS = {"conv": ("input", "weight"), "conv_transpose": ("input", "weight"),
             "conv_grad_weight": ("input", "grad_output")}
 
 
-def run_spec(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run the kernel of ``spec`` on its operands, named as in ``spec.input_shapes``."""
-    kernel = kernel_for(spec)
+def run_spec(spec: LayerSpec, tensors: dict[str, torch.Tensor],
+             variant: lower.Variant = lower.DEFAULT) -> torch.Tensor:
+    """Run the kernel of ``spec`` (as ``variant``) on its operands, named as in
+    ``spec.input_shapes``."""
+    kernel = kernel_for(spec, variant)
     lhs_name, rhs_name = OPERANDS[spec.op]
     lhs, rhs = tensors[lhs_name].contiguous(), tensors[rhs_name].contiguous()
     shape = spec.output_shape if spec.op == "conv_grad_weight" else \

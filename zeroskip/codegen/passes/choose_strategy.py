@@ -9,8 +9,12 @@ units of one dense multiply-accumulate::
 
 ``reuse`` is how many multiplications each data element feeds (output channels per group times
 the Contract's pairs per distinct data index); scanning costs once per element read. Contracts
-too small to repay a sparse pass stay dense. The autotuner overrides these choices with
-measurements; the constants here only need the crossover in the right place (density ~0.4).
+too small to repay a sparse pass stay dense, and so do Contracts with few output channels per
+group (a sparse MAC broadcasts one input over them: too few fill too few vector lanes).
+
+The autotuner measures instead of modelling: it compiles each layer with the strategy forced
+(``graph.graph["strategy"]``: ``dense`` or ``sparse``, on every region that multiplies), and the
+constants here only need the crossover in the right place for untuned layers.
 """
 from __future__ import annotations
 
@@ -23,13 +27,19 @@ from ..macs import contract_macs
 SCATTER_COST = 2.4     # a scattered MAC: indirect addressing, shorter vectors than a dense one
 SCAN_COST = 1.0        # reading one data element and testing it for zero
 MIN_SPARSE_MACS = 4096  # below this, the sparse setup does not pay off
+MIN_SPARSE_CHANNELS = 8  # output channels per group a scattered input must feed
 
 
-def _reuse(graph: nx.DiGraph, node: str, c: Contract) -> float:
+def _channels(graph: nx.DiGraph, node: str, c: Contract) -> int:
+    """Output channels per group of the Contract (what one data element is multiplied into)."""
     lhs = op(graph, operand(graph, node, "lhs")).shape
     rhs = op(graph, operand(graph, node, "rhs")).shape
     _, c_x, c_y = contract_channels(c, lhs, rhs)
-    per_element = (c_x if c.pattern == "grad_input" else c_y) // c.groups
+    return (c_x if c.pattern == "grad_input" else c_y) // c.groups
+
+
+def _reuse(graph: nx.DiGraph, node: str, c: Contract) -> float:
+    per_element = _channels(graph, node, c)
     for loop in c.loops:
         if loop.u_len and loop.v_len:
             ends = [loop.lhs(u, v) for u in (loop.u[0], loop.u[1] - 1)
@@ -39,14 +49,21 @@ def _reuse(graph: nx.DiGraph, node: str, c: Contract) -> float:
     return max(per_element, 1.0)
 
 
-def decide(macs: int, density: float, reuse: float) -> tuple[str, str]:
-    """``(strategy, reason)`` for a Contract of ``macs`` multiplications."""
+def decide(macs: int, density: float, reuse: float, channels: int = MIN_SPARSE_CHANNELS,
+           forced: str = "auto") -> tuple[str, str]:
+    """``(strategy, reason)`` for a Contract of ``macs`` multiplications whose data elements
+    each feed ``reuse`` MACs over ``channels`` output channels per group; ``forced`` ('dense' or
+    'sparse') overrides the cost model."""
     if macs == 0:
         return "dense", "no multiplications (zero fill)"
-    if density >= 1.0:
-        return "dense", "dense input (density 1)"
+    if forced != "auto":
+        return forced, f"{forced} forced"
     if macs < MIN_SPARSE_MACS:
         return "dense", f"{macs} MACs are too few to repay a sparse pass"
+    if channels < MIN_SPARSE_CHANNELS:
+        return "dense", f"{channels} output channels per group are too few for a sparse pass"
+    if density >= 1.0:
+        return "dense", "dense input (density 1)"
     sparse = density * SCATTER_COST + SCAN_COST / reuse
     crossover = (1.0 - SCAN_COST / reuse) / SCATTER_COST
     choice = "sparse" if sparse < 1.0 else "dense"
@@ -57,8 +74,15 @@ def decide(macs: int, density: float, reuse: float) -> tuple[str, str]:
 def choose_strategy(graph: nx.DiGraph) -> nx.DiGraph:
     graph = graph.copy()
     density = graph.graph["spec"].density
+    forced = graph.graph.get("strategy", "auto")
+    if forced not in ("auto", "dense", "sparse"):
+        raise ValueError(f"strategy must be 'auto', 'dense' or 'sparse', got {forced!r}")
     for node in nodes_of(graph, Contract):
         c = op(graph, node)
-        strategy, reason = decide(contract_macs(graph, node), density, _reuse(graph, node, c))
+        if c.pattern == "grad_weight":
+            strategy, reason = "dense", "weight gradients run dense"
+        else:
+            strategy, reason = decide(contract_macs(graph, node), density,
+                                      _reuse(graph, node, c), _channels(graph, node, c), forced)
         replace_payload(graph, node, strategy=strategy, reason=reason)
     return with_history(graph, "choose_strategy")
