@@ -21,7 +21,6 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
-import gc
 import json
 import math
 import os
@@ -40,12 +39,11 @@ from . import __version__
 from . import functional as Z
 from .codegen.macs import dense_macs, nonzero_macs
 from .runtime import cc, ops, stats
+from .runtime.autotune import (BUSY, MIN_TIME_S, REPEATS, Timing, _calibrate,  # noqa: F401
+                               _loop, busy, time_interleaved)
 from .spec import LayerSpec
 
 RTOL = 1e-4            # max |zeroskip - torch| allowed, relative to max |torch|
-MIN_TIME_S = 0.02      # every timed loop lasts at least this long
-REPEATS = 7
-BUSY = 0.1             # share of the bench's CPUs other processes may take while timing
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters
 
 
@@ -133,76 +131,6 @@ class BenchError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------- timing
-def _loop(fn: Callable[[], object], calls: int) -> float:
-    """Seconds taken by ``calls`` calls of ``fn``, with the garbage collector off."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return time.perf_counter() - start
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _calibrate(fn: Callable[[], object], min_time: float) -> int:
-    """Calls per loop so that a loop lasts ``min_time`` (doubling: also the warm-up)."""
-    calls = 1
-    while _loop(fn, calls) < min_time:
-        calls *= 2
-    return calls
-
-
-def _cpu_seconds() -> tuple[float, float] | None:
-    """``(CPU seconds every process used, CPU seconds this process used)`` so far; None where
-    ``/proc/stat`` is missing."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    own = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), \
-        own.user + own.system
-
-
-def busy(contention: float | None) -> bool:
-    """Whether other processes took so much CPU during a timing that it is unreliable."""
-    return contention is not None and contention > BUSY
-
-
-@dataclass
-class Timing:
-    """Median seconds per call of each function, and the contention meanwhile: the share of
-    the CPUs the timed threads needed that other processes (or the hypervisor) took, beyond
-    the CPUs the timed threads leave idle; above :data:`BUSY`, the figures are unreliable."""
-
-    seconds: dict[str, float]
-    contention: float | None
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = REPEATS,
-                     min_time: float = MIN_TIME_S) -> Timing:
-    """Time each function in alternating rounds, after a warm-up."""
-    calls = {name: _calibrate(fn, min_time) for name, fn in fns.items()}
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns)
-    cpu, start = _cpu_seconds(), time.perf_counter()
-    for round_ in range(repeats):
-        for name in order if round_ % 2 == 0 else order[::-1]:
-            samples[name].append(_loop(fns[name], calls[name]) / calls[name])
-    wall, cpu_end = time.perf_counter() - start, _cpu_seconds()
-    contention = None
-    if cpu and cpu_end:
-        threads = torch.get_num_threads()
-        others = ((cpu_end[0] - cpu[0]) - (cpu_end[1] - cpu[1])) / wall
-        spare = max(0, (os.cpu_count() or 1) - threads)
-        contention = min(1.0, max(0.0, (others - spare) / threads))
-    return Timing({name: statistics.median(s) for name, s in samples.items()}, contention)
-
-
 def steady_allocator() -> bool:
     """Pin glibc malloc's thresholds (mmap at its 32 MiB maximum, no trimming below 1 GiB), so
     that large temporaries (torch's column buffers, outputs) are reused from the heap instead of

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..codegen import emit, lower, pipeline
 from ..codegen.ir import IRError
+from ..codegen.passes.choose_strategy import crossover as model_crossover
 from ..spec import LayerSpec, normalize_padding
 from . import cache, cc, stats
 
@@ -46,6 +47,7 @@ class Kernel:
         self._packs: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
         self.macs_per_sample = sum(r.macs_per_sample for r in plan.regions)
+        self.crossover = 0.0     # the cost model's sparse/dense crossover density (set by _compile)
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The weights (and bias) in the kernel's layout.
@@ -123,10 +125,19 @@ def kernel_for(spec: LayerSpec, variant: lower.Variant = lower.DEFAULT) -> Kerne
 
 
 def _compile(spec: LayerSpec, variant: lower.Variant) -> Kernel:
+    flags = cc.compiler()[1]
+    steps = pipeline.run(spec, dump_dir=os.environ.get("ZEROSKIP_DUMP"),
+                         strategy=variant.strategy)
+    plan = lower.plan(steps[-1][1], vector_bytes=cc.vector_bytes(flags), variant=variant)
+    kernel = _build(spec, variant, plan)
+    kernel.crossover = model_crossover(steps[-1][1])
+    return kernel
+
+
+def _build(spec: LayerSpec, variant: lower.Variant, plan: lower.KernelPlan) -> Kernel:
+    """Render the plan, then load it from the cache, compiling it there on a miss."""
     command, flags = cc.compiler()
     dump = os.environ.get("ZEROSKIP_DUMP")
-    steps = pipeline.run(spec, dump_dir=dump, strategy=variant.strategy)
-    plan = lower.plan(steps[-1][1], vector_bytes=cc.vector_bytes(flags), variant=variant)
     source = emit.render(plan)
     if dump:
         folder = pipeline.dump_folder(spec, Path(dump))
@@ -183,18 +194,73 @@ def run_spec(spec: LayerSpec, tensors: dict[str, torch.Tensor],
 # --------------------------------------------------------------------------------- calls
 @dataclasses.dataclass
 class Call:
-    """A prepared operator: its spec and kernels (gradient kernels compiled on first use)."""
+    """A prepared operator: its spec and kernels (gradient kernels compiled on first use).
+
+    Per call, a layer that could run sparse measures its input's density (sampled in C, a few
+    microseconds) and runs what the tuning database chose for that density on this machine, or,
+    untuned, the sparse kernel below the cost model's crossover and the dense one above it."""
 
     spec: LayerSpec
-    forward: Kernel
+    forward: Kernel                       # the dense kernel
     out_shape: tuple[int, ...]            # output shape without the batch dimension
     channels_last: bool = False
+    torch_op: Any = None                  # torch's op on (x, weight, bias): a tuned choice
+    last: str = "dense"                   # what the latest call ran: dense, sparse, torch, ...
+    last_density: float = 1.0             # the density the latest call measured
     _grads: dict = dataclasses.field(default_factory=dict)
+    _variants: dict = dataclasses.field(default_factory=dict)
+    _tuned: tuple = (None, None)          # (database generation, this layer's records)
+
+    def choose(self, x: torch.Tensor) -> str:
+        """The candidate to run on ``x`` (contiguous, batched): a variant name or 'torch'."""
+        from . import autotune
+        records = self._records(autotune.database())
+        if (not records and self.forward.crossover <= 0) or not x.numel() or \
+                os.environ.get("ZEROSKIP_SPARSE", "1") == "0":
+            self.last_density = 1.0
+            return "dense"
+        density = self.forward.lib.density(x.shape[0], x.data_ptr())
+        self.last_density = density
+        if records:
+            record = records.get(f"{autotune.bucket(density):g}")
+            if record is not None:
+                return record["choice"]
+        return "sparse" if density < self.forward.crossover else "dense"
+
+    def _records(self, db) -> dict | None:
+        generation, records = self._tuned
+        if generation != db.generation:
+            records = db.records.get(db.here, {}).get(_spec_key(self.spec))
+            self._tuned = (db.generation, records)
+        return records
+
+    def kernel(self, name: str) -> Kernel | None:
+        """The kernel of variant ``name`` (compiled on first use); None if it cannot be built,
+        with a one-time warning, after which the dense kernel serves."""
+        if name == "dense":
+            return self.forward
+        if name not in self._variants:
+            try:
+                self._variants[name] = kernel_for(self.spec, lower.Variant.parse(name))
+            except (ValueError, cc.CompileError, emit.TemplateError, IRError) as exc:
+                self._variants[name] = None
+                stats.fallback(f"variant {name} of {self.spec.describe()} failed to build; "
+                               "the dense kernel runs instead", f"{type(exc).__name__}: {exc}")
+        return self._variants[name]
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        choice = self.choose(x)
+        if choice == "torch" and self.torch_op is not None:
+            self.last = "torch"
+            stats.add("torch_choices")
+            return self.torch_op(x, weight, bias)
+        kernel = self.kernel(choice) or self.forward
+        self.last = choice if kernel is not self.forward else "dense"
+        if kernel is not self.forward:
+            stats.add("sparse_calls" if choice.startswith("sparse") else "variant_calls")
         out = torch.empty((x.shape[0], *self.out_shape), dtype=x.dtype)
-        packed = self.forward.pack(weight, bias)
-        return self.forward.launch(x, packed, weight.detach().contiguous(), out)
+        packed = kernel.pack(weight, bias)
+        return kernel.launch(x, packed, weight.detach().contiguous(), out)
 
     def grad_kernel(self, which: str) -> Kernel | None:
         """The kernel of ``spec.grad_input()`` / ``spec.grad_weight()``; None (with a fallback
@@ -207,6 +273,11 @@ class Call:
                 self._grads[which] = exc        # the reason, reported by each fallback
         found = self._grads[which]
         return found if isinstance(found, Kernel) else None
+
+
+def _spec_key(spec: LayerSpec) -> str:
+    from .autotune import spec_key
+    return spec_key(spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,6 +557,24 @@ def _torch_gradient(which: str, grad, other, size, config: str) -> torch.Tensor:
     return gw
 
 
+def torch_reference(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor,
+                    b: torch.Tensor | None) -> torch.Tensor:
+    """torch's own result for a forward spec (conv or conv_transpose) on its operands."""
+    rank, pads = spec.rank, spec.padding
+    if spec.op == "conv_transpose":
+        fn = getattr(F, f"conv_transpose{rank}d")
+        return fn(x, w, b, spec.stride, [lo for lo, _ in pads], spec.output_padding,
+                  spec.groups, spec.dilation)
+    if spec.op != "conv":
+        raise ValueError(f"torch_reference covers conv and conv_transpose, not {spec.op!r}")
+    fn = getattr(F, f"conv{rank}d")
+    if spec.padding_mode == "zeros" and all(lo == hi for lo, hi in pads):
+        return fn(x, w, b, spec.stride, [lo for lo, _ in pads], spec.dilation, spec.groups)
+    mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+    x = F.pad(x, [p for pair in reversed(pads) for p in pair], mode=mode)
+    return fn(x, w, b, spec.stride, 0, spec.dilation, spec.groups)
+
+
 def _tuple(value, rank: int) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,) * rank
 
@@ -549,7 +638,7 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
     except (cc.CompileError, emit.TemplateError, IRError) as exc:
         return Fallback(f"the kernel of {spec.describe()} failed to build",
                         f"{type(exc).__name__}: {exc}")
-    return Call(spec, kernel, out_shape, channels_last=rank == 2)
+    return Call(spec, kernel, out_shape, channels_last=rank == 2, torch_op=torch_op)
 
 
 def _check_shapes(name, op, rank, input, weight, bias, groups) -> None:

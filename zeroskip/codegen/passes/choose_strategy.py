@@ -24,7 +24,7 @@ from ..ir import (Contract, contract_channels, nodes_of, op, operand, replace_pa
                   with_history)
 from ..macs import contract_macs
 
-SCATTER_COST = 2.4     # a scattered MAC: indirect addressing, shorter vectors than a dense one
+SCATTER_COST = 3.0     # a sparse MAC: one position's weights per load, no register reuse
 SCAN_COST = 1.0        # reading one data element and testing it for zero
 MIN_SPARSE_MACS = 4096  # below this, the sparse setup does not pay off
 MIN_SPARSE_CHANNELS = 8  # output channels per group a scattered input must feed
@@ -86,3 +86,20 @@ def choose_strategy(graph: nx.DiGraph) -> nx.DiGraph:
                                       _reuse(graph, node, c), _channels(graph, node, c), forced)
         replace_payload(graph, node, strategy=strategy, reason=reason)
     return with_history(graph, "choose_strategy")
+
+
+def crossover(graph: nx.DiGraph) -> float:
+    """The density below which the cost model runs the graph's largest Contract sparse (0 when
+    it never does): what per-call dispatch uses for a layer the autotuner has not measured."""
+    best, macs = 0.0, -1
+    for node in nodes_of(graph, Contract):
+        c = op(graph, node)
+        m = contract_macs(graph, node)
+        if c.pattern == "grad_weight" or m <= macs:
+            continue
+        macs = m
+        if m < MIN_SPARSE_MACS or _channels(graph, node, c) < MIN_SPARSE_CHANNELS:
+            best = 0.0
+        else:
+            best = max(0.0, (1.0 - SCAN_COST / _reuse(graph, node, c)) / SCATTER_COST)
+    return best
