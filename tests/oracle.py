@@ -34,13 +34,14 @@ def _conv(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor, b=None) -> torch.Te
 
 def torch_result(spec: LayerSpec, arrays: dict[str, np.ndarray]) -> np.ndarray:
     t = {k: torch.tensor(v, dtype=torch.float64) for k, v in arrays.items()}
+    act = F.relu if spec.activation == "relu" else (lambda y: y)
     if spec.op == "conv":
-        return _conv(spec, t["input"], t["weight"], t.get("bias")).numpy()
+        return act(_conv(spec, t["input"], t["weight"], t.get("bias"))).numpy()
     if spec.op == "conv_transpose":
         fn = getattr(F, f"conv_transpose{spec.rank}d")
-        return fn(t["input"], t["weight"], t.get("bias"), spec.stride,
-                  [lo for lo, _ in spec.padding], spec.output_padding, spec.groups,
-                  spec.dilation).numpy()
+        return act(fn(t["input"], t["weight"], t.get("bias"), spec.stride,
+                      [lo for lo, _ in spec.padding], spec.output_padding, spec.groups,
+                      spec.dilation)).numpy()
     # Gradients through autograd of the associated conv.
     c_x = spec.conv_channels[0]
     x = t.get("input", torch.zeros(spec.batch, c_x, *spec.input_size, dtype=torch.float64))

@@ -32,7 +32,8 @@ def specs(draw, ops=OPS, ranks=(1, 2, 3), limits=FULL, modes=True, channels=(1, 
     extent = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
     extra = [draw(st.integers(0, max_extra)) for _ in range(rank)]
     common = dict(bias=draw(st.booleans()), batch=draw(st.sampled_from((0, 1, 2))),
-                  density=draw(st.sampled_from((1.0, 0.5, 0.1))))
+                  density=draw(st.sampled_from((1.0, 0.5, 0.1))),
+                  activation=draw(st.sampled_from(("none", "none", "relu"))))
     if op == "conv_transpose":
         padding = tuple(draw(st.integers(0, k)) for k in kernel)
         out_pad = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))

@@ -24,12 +24,14 @@ CASES = [
     ("conv_transpose", 2, (2, 4, 5, 5), (4, 3, 4, 4), True, dict(stride=2, padding=1)),
     ("conv_transpose", 1, (2, 4, 7), (4, 2, 3), False, dict(stride=3, output_padding=1,
                                                             groups=2)),
+    ("conv", 2, (2, 4, 7, 7), (6, 4, 3, 3), True, dict(padding=1, activation="relu")),
 ]
 
 
 def _config(op, rank, stride=1, padding=0, dilation=1, groups=1, output_padding=0,
-            padding_mode="zeros"):
-    return config_of(op, rank, stride, padding, dilation, groups, output_padding, padding_mode)
+            padding_mode="zeros", activation="none"):
+    return config_of(op, rank, stride, padding, dilation, groups, output_padding, padding_mode,
+                     activation)
 
 
 @pytest.mark.parametrize("op, rank, x_shape, w_shape, bias, kwargs", CASES,

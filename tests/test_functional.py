@@ -445,3 +445,38 @@ def test_sum_backward_stride2_with_bias(name, x_shape, w_shape):
     # d(sum)/d(bias) is the number of output positions per channel.
     out = getattr(F, name)(tensors[0], tensors[1], stride=2, padding=1)
     assert torch.allclose(grads[0][2], torch.full((4,), float(math.prod(out.shape) / 4)))
+
+
+# ----------------------------------------------------------------------------- fused ReLU
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_fused_relu_matches_torch_forward_and_backward(rank):
+    torch.manual_seed(rank)
+    size = (7,) * rank
+    x = torch.randn(2, 5, *size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 5, *(3,) * rank, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    fused = getattr(zeroskip.functional, f"conv{rank}d_relu")
+    plain = getattr(F, f"conv{rank}d")
+    got, want = fused(x, w, b, padding=1), F.relu(plain(x, w, b, padding=1))
+    assert torch.allclose(got, want, atol=1e-10)
+    assert (got == 0).any() and (got > 0).any()
+    g = torch.randn_like(want)
+    assert all(torch.allclose(a, e, atol=1e-10) for a, e in
+               zip(torch.autograd.grad(got, (x, w, b), g), torch.autograd.grad(want, (x, w, b), g)))
+
+
+def test_convert_fuses_conv_relu_in_sequential_unless_hooked():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(inplace=True),
+                                torch.nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 3, 9, 9)
+    want, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    model[2].register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    zeroskip.convert(model)
+    assert type(model[0]) is zeroskip.nn.ConvReLU2d and type(model[1]) is torch.nn.Identity
+    assert type(model[2]) is zeroskip.nn.Conv2d and type(model[3]) is torch.nn.ReLU  # hooked
+    assert model.state_dict().keys() == state.keys()
+    assert torch.allclose(model(x), want, atol=1e-5)
+    assert (seen[-1] < 0).any()       # the hook still sees the conv's own output

@@ -35,5 +35,23 @@ def conv_transpose3d(input, weight, bias=None, stride=1, padding=0, output_paddi
                        groups, output_padding)
 
 
+def conv1d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``relu(conv1d(...))`` in one kernel: the ReLU is applied as results are stored."""
+    return convolution("conv", 1, input, weight, bias, stride, padding, dilation, groups,
+                       activation="relu")
+
+
+def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``relu(conv2d(...))`` in one kernel: the ReLU is applied as results are stored."""
+    return convolution("conv", 2, input, weight, bias, stride, padding, dilation, groups,
+                       activation="relu")
+
+
+def conv3d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``relu(conv3d(...))`` in one kernel: the ReLU is applied as results are stored."""
+    return convolution("conv", 3, input, weight, bias, stride, padding, dilation, groups,
+                       activation="relu")
+
+
 __all__ = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-           "conv_transpose3d"]
+           "conv_transpose3d", "conv1d_relu", "conv2d_relu", "conv3d_relu"]

@@ -9,10 +9,11 @@ from .runtime.ops import convolution
 
 class _Conv:
     _rank: int
+    _activation = "none"
 
     def _conv_forward(self, input, weight, bias):
         return convolution("conv", self._rank, input, weight, bias, self.stride, self.padding,
-                           self.dilation, self.groups, 0, self.padding_mode)
+                           self.dilation, self.groups, 0, self.padding_mode, self._activation)
 
 
 class _ConvTranspose:
@@ -40,6 +41,21 @@ class Conv3d(_Conv, torch.nn.Conv3d):
     _rank = 3
 
 
+class ConvReLU1d(Conv1d):
+    """``Conv1d`` then ``ReLU``, fused: the ReLU is applied as the kernel stores results."""
+    _activation = "relu"
+
+
+class ConvReLU2d(Conv2d):
+    """``Conv2d`` then ``ReLU``, fused: the ReLU is applied as the kernel stores results."""
+    _activation = "relu"
+
+
+class ConvReLU3d(Conv3d):
+    """``Conv3d`` then ``ReLU``, fused: the ReLU is applied as the kernel stores results."""
+    _activation = "relu"
+
+
 class ConvTranspose1d(_ConvTranspose, torch.nn.ConvTranspose1d):
     _rank = 1
 
@@ -57,5 +73,8 @@ REPLACEMENTS = {torch.nn.Conv1d: Conv1d, torch.nn.Conv2d: Conv2d, torch.nn.Conv3
                 torch.nn.ConvTranspose2d: ConvTranspose2d,
                 torch.nn.ConvTranspose3d: ConvTranspose3d}
 
+FUSED_RELU = {torch.nn.Conv1d: ConvReLU1d, torch.nn.Conv2d: ConvReLU2d,
+              torch.nn.Conv3d: ConvReLU3d}
+
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-           "ConvTranspose3d"]
+           "ConvTranspose3d", "ConvReLU1d", "ConvReLU2d", "ConvReLU3d"]

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 OPS = ("conv", "conv_transpose", "conv_grad_input", "conv_grad_weight")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+ACTIVATIONS = ("none", "relu")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 _DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16"}
 
@@ -145,15 +146,18 @@ class LayerSpec:
     batch: int = 1
     density: float = 1.0
     dtype: str = "float32"
+    activation: str = "none"   # 'relu': the output goes through a fused ReLU epilogue
 
     # ----------------------------------------------------------------------------- constructors
     @classmethod
     def conv(cls, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
              dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-             dtype=None, *, input_size, batch: int = 1, density: float = 1.0) -> "LayerSpec":
+             dtype=None, *, input_size, batch: int = 1, density: float = 1.0,
+             activation: str = "none") -> "LayerSpec":
         """Mirrors ``torch.nn.ConvNd(in_channels, out_channels, kernel_size, stride, padding,
         dilation, groups, bias, padding_mode, device, dtype)``; ``input_size`` is the spatial size
-        of the input (its length sets the rank), ``density`` the expected share of non-zeros."""
+        of the input (its length sets the rank), ``density`` the expected share of non-zeros,
+        ``activation='relu'`` fuses a ReLU into the output."""
         rank = _rank_of(input_size, kernel_size, stride, padding, dilation)
         if not 1 <= rank <= 3:
             raise ValueError(f"input_size must have 1 to 3 spatial dimensions, got {rank}")
@@ -166,13 +170,14 @@ class LayerSpec:
                    dilation=dilation_t, groups=groups, output_padding=(0,) * rank,
                    padding_mode=padding_mode, bias=bias,
                    input_size=_ints(input_size, rank, "input_size"), batch=batch,
-                   density=density, dtype=_normalize_dtype(dtype))
+                   density=density, dtype=_normalize_dtype(dtype), activation=activation)
 
     @classmethod
     def conv_transpose(cls, in_channels: int, out_channels: int, kernel_size, stride=1,
                        padding=0, output_padding=0, groups: int = 1, bias: bool = True,
                        dilation=1, padding_mode: str = "zeros", dtype=None, *, input_size,
-                       batch: int = 1, density: float = 1.0) -> "LayerSpec":
+                       batch: int = 1, density: float = 1.0,
+                       activation: str = "none") -> "LayerSpec":
         """Mirrors ``torch.nn.ConvTransposeNd(in_channels, out_channels, kernel_size, stride,
         padding, output_padding, groups, bias, dilation, padding_mode, device, dtype)``."""
         rank = _rank_of(input_size, kernel_size, stride, padding, output_padding, dilation)
@@ -189,7 +194,7 @@ class LayerSpec:
                    output_padding=_ints(output_padding, rank, "output_padding"),
                    padding_mode=padding_mode, bias=bias,
                    input_size=_ints(input_size, rank, "input_size"), batch=batch,
-                   density=density, dtype=_normalize_dtype(dtype))
+                   density=density, dtype=_normalize_dtype(dtype), activation=activation)
 
     # ----------------------------------------------------------------------------- validation
     def __post_init__(self) -> None:
@@ -237,6 +242,12 @@ class LayerSpec:
                 or not 0.0 <= float(self.density) <= 1.0:
             raise ValueError(f"density must be a number in [0, 1], got density={self.density!r}")
         object.__setattr__(self, "density", float(self.density))
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got "
+                             f"activation={self.activation!r}")
+        if self.activation != "none" and self.op not in ("conv", "conv_transpose"):
+            raise ValueError(f"activation={self.activation!r} applies to conv and "
+                             f"conv_transpose, not to {self.op!r}")
         if self.batch < 0:
             raise RuntimeError(f"batch must be non-negative, got batch={self.batch}")
         if any(k <= 0 for k in self.kernel_size):
@@ -388,7 +399,8 @@ class LayerSpec:
         expected share of non-zeros of the incoming gradient.
         """
         if self.op == "conv":
-            return dataclasses.replace(self, op="conv_grad_input", bias=False, density=density)
+            return dataclasses.replace(self, op="conv_grad_input", bias=False, density=density,
+                                       activation="none")
         if self.op == "conv_transpose":
             c_x, c_y = self.conv_channels
             # output_padding >= stride (allowed when dilation > stride) leaves trailing outputs
@@ -414,7 +426,8 @@ class LayerSpec:
         associated conv. For a transposed conv its ``input`` operand is the gradient of the
         transposed conv's output and its ``grad_output`` operand the transposed conv's input."""
         if self.op == "conv":
-            return dataclasses.replace(self, op="conv_grad_weight", bias=False)
+            return dataclasses.replace(self, op="conv_grad_weight", bias=False,
+                                       activation="none")
         if self.op == "conv_transpose":
             forward = self.grad_input(density=1.0)
             return dataclasses.replace(forward, op="conv_grad_weight")
@@ -443,6 +456,8 @@ class LayerSpec:
         if self.dtype != "float32":
             parts.append(self.dtype)
         text = ", ".join(parts) + ")"
+        if self.activation != "none":
+            text += f"+{self.activation}"
         text += f" on {self.batch}x{'x'.join(map(str, self.input_size))}"
         if self.density < 1.0:
             text += f" density={self.density:g}"

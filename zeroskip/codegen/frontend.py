@@ -18,7 +18,7 @@ import networkx as nx
 
 from ..spec import LayerSpec
 from .ir import (Affine, Assemble, AxisLoop, BiasAdd, Contract, Input, Output, Pad, PadAdjoint,
-                 Subsample, ZeroInsert, add_node, new_graph, op, verify)
+                 Relu, Subsample, ZeroInsert, add_node, new_graph, op, verify)
 
 
 def lower(spec: LayerSpec) -> nx.DiGraph:
@@ -62,6 +62,8 @@ def _output(graph, spec: LayerSpec, result: str, inputs: dict[str, str]) -> None
     if "bias" in inputs:
         result = add_node(graph, "bias_add", BiasAdd(op(graph, result).shape), src=result,
                           bias=inputs["bias"])
+    if spec.activation == "relu":
+        result = add_node(graph, "relu", Relu(op(graph, result).shape), src=result)
     add_node(graph, "output", Output("output", op(graph, result).shape), src=result)
 
 

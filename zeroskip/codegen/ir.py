@@ -172,8 +172,17 @@ class BiasAdd:
     ports = ("src", "bias")
 
 
+@dataclass(frozen=True)
+class Relu:
+    """max(x, 0) of its source: a fused epilogue of the layer."""
+
+    shape: tuple[int, ...]
+    ports = ("src",)
+
+
 PAYLOADS = {cls.__name__: cls for cls in
-            (Input, Output, Pad, PadAdjoint, ZeroInsert, Subsample, Contract, Assemble, BiasAdd)}
+            (Input, Output, Pad, PadAdjoint, ZeroInsert, Subsample, Contract, Assemble, BiasAdd,
+             Relu)}
 
 
 # --------------------------------------------------------------------------------- graph helpers
@@ -296,6 +305,8 @@ def _check_node(graph: nx.DiGraph, node: str, payload: Any) -> None:
         if src_shape("bias") != (payload.shape[1],):
             raise IRError(f"node {node!r}: bias shape {src_shape('bias')} does not match "
                           f"{payload.shape[1]} channels")
+    elif isinstance(payload, Relu):
+        expect(src_shape(), "its source")
     elif isinstance(payload, Contract):
         _check_contract(graph, node, payload, src_shape("lhs"), src_shape("rhs"))
     elif isinstance(payload, Assemble):

@@ -12,7 +12,8 @@ One plan is one C translation unit, whose entry point runs every region of the l
 * a :class:`~.ir.Pad` in a data-carrying mode (reflect, replicate, circular) becomes index
   tables of a copy into a padded scratch buffer, and a :class:`~.ir.PadAdjoint` the matching
   scatter-add;
-* a :class:`~.ir.BiasAdd` is fused into the regions' accumulator initialisation.
+* a :class:`~.ir.BiasAdd` is fused into the regions' accumulator initialisation, and a
+  :class:`~.ir.Relu` into their stores.
 
 The batch size is not part of a plan: kernels take it at run time. A :class:`Variant` holds
 the knobs the autotuner turns (register tile shape); ``None`` keeps the heuristic's choice.
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..spec import LayerSpec
-from .ir import (Assemble, BiasAdd, Contract, Input, IRError, Output, Pad, PadAdjoint,
+from .ir import (Assemble, BiasAdd, Contract, Input, IRError, Output, Pad, PadAdjoint, Relu,
                  contract_channels, nodes_of, op, operand, parts)
 from .macs import contract_macs
 from .reference import pad_index
@@ -142,6 +143,7 @@ class KernelPlan:
     out_size: tuple[int, ...]  # spatial shape the regions write
     kernel: tuple[int, ...]    # spatial shape of the weight tensor
     bias: bool
+    relu: bool                 # a fused ReLU epilogue: max(0, .) as each result is stored
     vector_bytes: int
     c_out_padded: int          # packed weight row length (a multiple of the vector length)
     tile_vectors: int          # vectors of output channels held per register tile
@@ -222,13 +224,20 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT) 
     c_red, c_out = {"forward": (c_x // g, c_y // g), "grad_input": (c_y // g, c_x // g),
                     "grad_weight": (c_x // g, c_y // g)}[first.pattern]
 
+    # After the regions: an optional bias (fused into the accumulators' start), an optional
+    # ReLU (fused into the stores), or the adjoint of a padding (a scatter-add pass).
     after = next(iter(graph.successors(assemble)))
     bias = isinstance(op(graph, after), BiasAdd)
+    if bias:
+        after = next(iter(graph.successors(after)))
+    relu = isinstance(op(graph, after), Relu)
+    if relu:
+        after = next(iter(graph.successors(after)))
     adjoint = None
-    if isinstance(op(graph, after), PadAdjoint):
+    if isinstance(op(graph, after), PadAdjoint) and not (bias or relu):
         p = op(graph, after)
         adjoint = _pad_table(p.mode, p.shape[2:], p.lo, p.hi)
-    elif not bias and after != output:
+    elif after != output:
         raise IRError(f"no template implements {type(op(graph, after)).__name__} after the "
                       "regions")
 
@@ -274,7 +283,7 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT) 
         out_channels=out_shape[0] if first.pattern == "grad_weight" else out_shape[1],
         lhs_size=tuple(lhs_shape[2:]), rhs_shape=tuple(rhs_shape),
         out_size=tuple(out_shape[2:]),
-        kernel=tuple(rhs_shape[2:]), bias=bias, vector_bytes=vector_bytes,
+        kernel=tuple(rhs_shape[2:]), bias=bias, relu=relu, vector_bytes=vector_bytes,
         c_out_padded=c_out_padded, tile_vectors=vectors, tile_width=width,
         red_block=red_block, pos_channels=pos_channels, pos_vectors=pos_vectors,
         sparse_vectors=sparse_vectors, sparse_merge=merge, regions=tuple(regions), pad=pad, pad_adjoint=adjoint))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 
-from .ir import (Assemble, BiasAdd, Contract, Input, Output, Pad, PadAdjoint, Subsample,
+from .ir import (Assemble, BiasAdd, Contract, Input, Output, Pad, PadAdjoint, Relu, Subsample,
                  ZeroInsert, op, operand, parts)
 
 
@@ -118,6 +118,8 @@ def execute(graph: nx.DiGraph, inputs: dict[str, np.ndarray]) -> np.ndarray:
         elif isinstance(p, BiasAdd):
             bias = arg("bias")
             value = arg() + bias.reshape(1, -1, *([1] * (arg().ndim - 2)))
+        elif isinstance(p, Relu):
+            value = np.maximum(arg(), 0.0)
         elif isinstance(p, Output):
             value = result = arg()
         else:  # pragma: no cover - verify() rejects unknown payloads

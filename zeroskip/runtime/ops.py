@@ -124,7 +124,7 @@ def kernel_for(spec: LayerSpec, variant: lower.Variant = lower.DEFAULT) -> Kerne
     return kernel
 
 
-def _compile(spec: LayerSpec, variant: lower.Variant) -> Kernel:
+def _compile(spec: LayerSpec, variant: lower.Variant = lower.DEFAULT) -> Kernel:
     flags = cc.compiler()[1]
     steps = pipeline.run(spec, dump_dir=os.environ.get("ZEROSKIP_DUMP"),
                          strategy=variant.strategy)
@@ -296,19 +296,21 @@ def _freeze(value: Any) -> Any:
 
 
 def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilation, groups,
-                output_padding=0, padding_mode: str = "zeros") -> torch.Tensor:
+                output_padding=0, padding_mode: str = "zeros",
+                activation: str = "none") -> torch.Tensor:
     """``torch.nn.functional.conv{rank}d`` (op ``conv``) or ``conv_transpose{rank}d``, plus a
-    ``padding_mode`` as ``torch.nn.Conv{rank}d`` applies it, on generated kernels.
+    ``padding_mode`` as ``torch.nn.Conv{rank}d`` applies it and an optional fused ReLU
+    (``activation='relu'``), on generated kernels.
 
     Under ``torch.compile``, and when a covered call needs gradients, this is the custom op
     ``zeroskip::convolution`` (shape function and autograd formula registered); otherwise the
     kernel is called directly, which saves the dispatcher's few microseconds."""
     if torch.compiler.is_compiling() or _needs_autograd(input, weight, bias):
         config = config_of(op, rank, stride, padding, dilation, groups, output_padding,
-                           padding_mode)
+                           padding_mode, activation)
         return torch.ops.zeroskip.convolution(input, weight, bias, config)
     return _forward(op, rank, input, weight, bias,
-                    (stride, padding, dilation, groups, output_padding, padding_mode))
+                    (stride, padding, dilation, groups, output_padding, padding_mode, activation))
 
 
 def _needs_autograd(input, weight, bias) -> bool:
@@ -325,13 +327,13 @@ def _forward(op: str, rank: int, input, weight, bias, args: tuple) -> torch.Tens
     def torch_op(x, w, b):
         return _torch_convolution(op, rank, x, w, b, *args)
 
-    stride, padding, dilation, groups, output_padding, padding_mode = args
+    stride, padding, dilation, groups, output_padding, padding_mode, activation = args
     try:
         key = (op, rank, input.dtype, input.device, input.dim(), tuple(input.shape[1:]),
                weight.dtype, weight.device, tuple(weight.shape),
                None if bias is None else (bias.dtype, bias.device, tuple(bias.shape)),
                _freeze(stride), _freeze(padding), _freeze(dilation), groups,
-               _freeze(output_padding), padding_mode)
+               _freeze(output_padding), padding_mode, activation)
         call = _calls.get(key)
     except (AttributeError, TypeError):   # not tensors, unhashable arguments: torch says why
         key, call = None, None
@@ -359,17 +361,18 @@ def _channels_last(input: torch.Tensor, rank: int) -> bool:
 
 
 # --------------------------------------------------------------------------------- custom ops
-def config_of(op, rank, stride, padding, dilation, groups, output_padding, padding_mode) -> str:
+def config_of(op, rank, stride, padding, dilation, groups, output_padding, padding_mode,
+              activation="none") -> str:
     """The non-tensor arguments as one string: a custom op's schema has no type for an int, a
     tuple of ints or of pairs, or 'same'; and torch.compile guards on a constant string."""
     return (f"{op};{rank};{_freeze(stride)!r};{_freeze(padding)!r};{_freeze(dilation)!r};"
-            f"{groups!r};{_freeze(output_padding)!r};{padding_mode}")
+            f"{groups!r};{_freeze(output_padding)!r};{padding_mode};{activation}")
 
 
 @functools.lru_cache(maxsize=4096)
 def _parse(config: str) -> tuple:
-    op, rank, *values, mode = config.split(";")
-    return (op, int(rank), *(ast.literal_eval(v) for v in values), mode)
+    op, rank, *values, mode, activation = config.split(";")
+    return (op, int(rank), *(ast.literal_eval(v) for v in values), mode, activation)
 
 
 def _spec_of(config: str, input_shape, weight_shape, has_bias: bool, dtype) -> LayerSpec:
@@ -381,7 +384,7 @@ def _spec_of(config: str, input_shape, weight_shape, has_bias: bool, dtype) -> L
 def _build_spec(op: str, rank: int, input_shape, weight_shape, has_bias: bool, dtype,
                 args: tuple) -> LayerSpec:
     """The LayerSpec (batch 1) of a call, from torch's arguments and the tensor shapes."""
-    stride, padding, dilation, groups, output_padding, mode = args
+    stride, padding, dilation, groups, output_padding, mode, activation = args
     size = tuple(int(n) for n in input_shape[-rank:])
     weight_shape = tuple(int(n) for n in weight_shape)
     dtype = DTYPES.get(dtype, str(dtype).removeprefix("torch."))
@@ -389,9 +392,10 @@ def _build_spec(op: str, rank: int, input_shape, weight_shape, has_bias: bool, d
         return LayerSpec.conv_transpose(weight_shape[0], weight_shape[1] * groups,
                                         weight_shape[2:], stride, padding, output_padding,
                                         groups, has_bias, dilation, mode, dtype,
-                                        input_size=size)
+                                        input_size=size, activation=activation)
     return LayerSpec.conv(weight_shape[1] * groups, weight_shape[0], weight_shape[2:], stride,
-                          padding, dilation, groups, has_bias, mode, dtype, input_size=size)
+                          padding, dilation, groups, has_bias, mode, dtype, input_size=size,
+                          activation=activation)
 
 
 @torch.library.custom_op("zeroskip::convolution", mutates_args=())
@@ -414,12 +418,15 @@ def _convolution_fake(input, weight, bias, config):
 
 def _setup_context(ctx, inputs, output):
     input, weight, bias, config = inputs
-    ctx.save_for_backward(input, weight)
+    relu = _parse(config)[-1] == "relu"
+    ctx.save_for_backward(input, weight, output if relu else None)
     ctx.config, ctx.has_bias = config, bias is not None
 
 
 def _backward(ctx, grad):
-    input, weight = ctx.saved_tensors
+    input, weight, output = ctx.saved_tensors
+    if output is not None:           # the fused ReLU passes gradients where it passed values
+        grad = grad * (output > 0)
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
         gx = torch.ops.zeroskip.convolution_grad_input(grad, weight, list(input.shape),
@@ -461,6 +468,11 @@ def _grad_weight_fake(input, grad, weight_size, config):
 # Double backward. With F(x, w) the convolution without bias, the gradient ops are
 # GI(g, w) = (dF/dx)^T g and GW(x, g) = (dF/dw)^T g, both bilinear, so by <u, GI(g, w)> =
 # <F(u, w), g> and <U, GW(x, g)> = <F(x, U), g> their gradients are the three ops again.
+def _linear(config: str) -> str:
+    """The config without its activation: the gradient ops are linear in each operand."""
+    return config.rsplit(";", 1)[0] + ";none"
+
+
 def _setup_grad_input(ctx, inputs, output):
     grad, weight, _, config = inputs
     ctx.save_for_backward(grad, weight)
@@ -471,7 +483,7 @@ def _backward_grad_input(ctx, upstream):
     grad, weight = ctx.saved_tensors
     d_grad = d_weight = None
     if ctx.needs_input_grad[0]:
-        d_grad = torch.ops.zeroskip.convolution(upstream, weight, None, ctx.config)
+        d_grad = torch.ops.zeroskip.convolution(upstream, weight, None, _linear(ctx.config))
     if ctx.needs_input_grad[1]:
         d_weight = torch.ops.zeroskip.convolution_grad_weight(upstream, grad, list(weight.shape),
                                                               ctx.config)
@@ -491,7 +503,7 @@ def _backward_grad_weight(ctx, upstream):
         d_input = torch.ops.zeroskip.convolution_grad_input(grad, upstream, list(input.shape),
                                                             ctx.config)
     if ctx.needs_input_grad[1]:
-        d_grad = torch.ops.zeroskip.convolution(input, upstream, None, ctx.config)
+        d_grad = torch.ops.zeroskip.convolution(input, upstream, None, _linear(ctx.config))
     return d_input, d_grad, None, None
 
 
@@ -537,7 +549,7 @@ def _gradient_kernel(which: str, config: str, input_size: tuple, weight_shape: t
 
 def _torch_gradient(which: str, grad, other, size, config: str) -> torch.Tensor:
     """torch's own gradient (aten.convolution_backward), for what no kernel covers."""
-    op, rank, stride, padding, dilation, groups, output_padding, mode = _parse(config)
+    op, rank, stride, padding, dilation, groups, output_padding, mode, _ = _parse(config)
     input_shape, weight = (size, other) if which == "input" else (other.shape, None)
     x = other if which == "weight" else grad.new_zeros(size)
     w = weight if weight is not None else grad.new_zeros(size)
@@ -560,6 +572,11 @@ def _torch_gradient(which: str, grad, other, size, config: str) -> torch.Tensor:
 def torch_reference(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor,
                     b: torch.Tensor | None) -> torch.Tensor:
     """torch's own result for a forward spec (conv or conv_transpose) on its operands."""
+    out = _torch_reference_linear(spec, x, w, b)
+    return F.relu(out) if spec.activation == "relu" else out
+
+
+def _torch_reference_linear(spec: LayerSpec, x, w, b) -> torch.Tensor:
     rank, pads = spec.rank, spec.padding
     if spec.op == "conv_transpose":
         fn = getattr(F, f"conv_transpose{rank}d")
@@ -580,7 +597,14 @@ def _tuple(value, rank: int) -> tuple:
 
 
 def _torch_convolution(op, rank, x, w, b, stride, padding, dilation, groups, output_padding,
-                       padding_mode):
+                       padding_mode, activation="none"):
+    out = _torch_linear(op, rank, x, w, b, stride, padding, dilation, groups, output_padding,
+                        padding_mode)
+    return F.relu(out) if activation == "relu" else out
+
+
+def _torch_linear(op, rank, x, w, b, stride, padding, dilation, groups, output_padding,
+                  padding_mode):
     if op == "conv_transpose":
         fn = getattr(F, f"conv_transpose{rank}d")
         return fn(x, w, b, stride, padding, output_padding, groups, dilation)
