@@ -1,6 +1,7 @@
 """The full CPU benchmark: every layer of ``zeroskip.bench.SUITE`` against torch, saved as
 ``benchmarks/results/cpu-<date>.md`` and ``.json`` (``cpu-backward-<date>.*`` with
-``--backward``). Extra arguments go to ``zeroskip bench`` (e.g. ``--threads 4 --batch 8``)."""
+``--backward``; with ``--densities``, the density sweep as ``cpu-density-<date>.md``, ``.json``
+and ``.png``). Extra arguments go to ``zeroskip bench`` (e.g. ``--threads 4 --batch 8``)."""
 from __future__ import annotations
 
 import datetime
@@ -12,9 +13,15 @@ from zeroskip.cli import main
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def outputs(argv: list[str]) -> list[str]:
+    """The ``zeroskip bench`` flags that save this run's files under :data:`RESULTS`."""
+    sweep = any(arg.split("=")[0] == "--densities" for arg in argv)
+    kind = "cpu-density" if sweep else "cpu-backward" if "--backward" in argv else "cpu"
+    stem = RESULTS / f"{kind}-{datetime.date.today().isoformat()}"
+    flags = ["--json", f"{stem}.json", "--markdown", f"{stem}.md"]
+    return flags + ["--plot", f"{stem}.png"] if sweep else flags
+
+
 if __name__ == "__main__":
     RESULTS.mkdir(exist_ok=True)
-    kind = "cpu-backward" if "--backward" in sys.argv[1:] else "cpu"
-    stem = RESULTS / f"{kind}-{datetime.date.today().isoformat()}"
-    sys.exit(main(["bench", "--json", f"{stem}.json", "--markdown", f"{stem}.md",
-                   *sys.argv[1:]]))
+    sys.exit(main(["bench", *outputs(sys.argv[1:]), *sys.argv[1:]]))

@@ -70,6 +70,8 @@ def test_rows(report):
         assert row.gflops == pytest.approx(2 * row.nonzero_macs / row.zeroskip_ms / 1e6)
         assert row.skipped == pytest.approx(1 - row.nonzero_macs / row.dense_macs)
         assert 0 <= row.error <= bench.RTOL
+        assert row.density == 1.0 and _known_strategy(row.strategy) and row.dense_ms > 0
+        assert f"| {row.compile_s:.2f} | {row.strategy} |" in report.markdown()
     assert report.rows[1].skipped > 0.4        # the transposed conv's inserted zeros
 
 
@@ -267,3 +269,167 @@ def test_cli_backward(tmp_path, capsys):
     assert rows[0]["grad_input_ratio"] > 0
     assert "| resnet18.layer4.proj |" in printed and "grad_input ratio" in printed
     assert "[1/1] resnet18.layer4.proj: fwd+bwd" in log
+
+
+# --------------------------------------------------------------------------------- densities
+SWEEP_LAYERS = [
+    bench.Layer("tiny.wide3x3", "tiny", LayerSpec.conv(64, 64, 3, 1, 1, input_size=(6, 6)),
+                dense=True),
+    TINY_LAYERS[1],
+]
+SWEPT = (1.0, 0.3, 0.05)
+
+
+@pytest.fixture(scope="module")
+def sweep() -> bench.SweepReport:
+    return bench.run_sweep(SWEEP_LAYERS, SWEPT, repeats=1, min_time=0.001)
+
+
+def _known_strategy(name: str) -> bool:
+    """dense, torch, or a kernel variant's name (sparse ones included)."""
+    if name in ("dense", "torch"):
+        return True
+    lower.Variant.parse(name)
+    return True
+
+
+def test_sweep_rows(sweep):
+    assert [(r.name, r.density) for r in sweep.rows] == \
+        [(layer.name, d) for layer in SWEEP_LAYERS for d in SWEPT]
+    assert sweep.densities == list(SWEPT)
+    for row in sweep.rows:
+        spec = next(layer.spec for layer in SWEEP_LAYERS if layer.name == row.name)
+        assert _known_strategy(row.strategy)
+        assert row.torch_ms > 0 and row.zeroskip_ms > 0 and row.compile_s is None
+        assert 0 <= row.error <= bench.RTOL
+        # Activation zeros count as skipped: non-zero MACs scale with the density.
+        assert row.nonzero_macs == round(nonzero_macs(spec) * row.density)
+        assert row.skipped == pytest.approx(1 - row.nonzero_macs / dense_macs(spec))
+        assert row.gflops == pytest.approx(2 * row.nonzero_macs / row.zeroskip_ms / 1e6)
+        assert (row.dense_ms is not None) == (row.density == 1.0)
+        assert row.wide_3x3 == (row.name == "tiny.wide3x3")
+    dense, sparse = sweep.rows[0], sweep.rows[2]
+    assert dense.skipped < sparse.skipped and sparse.skipped > 0.9
+
+
+def test_sweep_markdown_json_and_plot(sweep, tmp_path):
+    text = sweep.markdown()
+    assert ("| layer | density | torch ms | zeroskip ms | ratio | strategy | GFLOP/s "
+            "| MACs skipped |") in text
+    for r in sweep.rows:
+        assert f"| {r.name} | {r.density:g} | {r.torch_ms:.3f} |" in text
+        assert f"| {r.strategy} | {r.gflops:.1f} | {r.skipped:.1%} |" in text
+    assert "geomean ratio at density 0.3 over 2 layers" in text
+    assert "| goal | measured | met |" in text
+    data = json.loads(sweep.to_json())
+    assert data["machine"]["threads"] >= 1 and data["densities"] == list(SWEPT)
+    assert data["rows"][0]["ratio"] == pytest.approx(sweep.rows[0].ratio)
+    assert data["geomean_by_density"]["0.3"] == pytest.approx(sweep.geomean_at(0.3))
+    assert len(data["goals"]) == len(sweep.goals())
+    assert bench.SweepReport.from_json(sweep.to_json()) == sweep
+    png = bench.plot(sweep, tmp_path / "sweep.png")
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and png.stat().st_size > 1000
+
+
+def test_tuned_torch_choice_is_reported(monkeypatch):
+    """Where the tuning database chose torch, zeroskip runs torch's op: allowed, and reported
+    as strategy torch; at density 1 the dense kernel is then timed apart for its goal."""
+    monkeypatch.setattr(ops.Call, "choose", lambda call, x: "torch")
+    rows = bench.sweep_layer(SWEEP_LAYERS[0], (1.0, 0.3), repeats=1, min_time=0.001)
+    assert [r.strategy for r in rows] == ["torch", "torch"]
+    assert rows[0].dense_ms > 0 and rows[0].dense_ms != rows[0].zeroskip_ms
+    assert rows[1].dense_ms is None
+
+
+def test_torch_choice_still_checked(monkeypatch):
+    monkeypatch.setattr(ops.Call, "choose", lambda call, x: "torch")
+    convolution = ops._torch_convolution
+    monkeypatch.setattr(ops, "_torch_convolution", lambda *args: convolution(*args) * 1.01)
+    with pytest.raises(bench.BenchError, match="zeroskip differs from torch"):
+        bench.sweep_layer(SWEEP_LAYERS[0], (0.3,), repeats=1, min_time=0.001)
+
+
+def _row(name: str, density: float, ratio: float, strategy: str = "sparse",
+         wide: bool = True, dense: bool = True, dense_ratio: float | None = None) -> bench.Row:
+    """A synthetic row: torch 1 ms, zeroskip ``1 / ratio`` ms."""
+    dense_ms = 1 / (dense_ratio or ratio) if density == 1.0 else None
+    return bench.Row(name, "fam", dense, "shape", 1.0, 1 / ratio, 1.0, 0.5, None, 1, 2, 0.0,
+                     0.0, density, strategy, dense_ms, wide)
+
+
+def _goals(rows: list[bench.Row]) -> dict[str, tuple[float, bool]]:
+    report = bench.SweepReport(rows, {}, 1, 1)
+    return {goal.split(" (")[0]: (value, met) for goal, value, met, _ in report.goals()}
+
+
+def _suite(**changes) -> list[bench.Row]:
+    """Two wide 3x3 layers meeting every goal, with ``{(name, density): ratio}`` changes."""
+    ratios = {1.0: 1.0, 0.5: 1.2, 0.3: 2.0, 0.1: 5.0, 0.05: 7.0}
+    return [_row(name, d, changes.get(f"{name}@{d:g}", r), "dense" if d == 1 else "sparse")
+            for name in ("a", "b") for d, r in ratios.items()]
+
+
+def test_goals_are_computed_from_rows():
+    goals = _goals(_suite())
+    assert all(met for _, met in goals.values()) and len(goals) == 6
+    assert goals["crossover of the sparse kernel vs torch at density >= 0.4"] == (0.5, True)
+    assert goals["geomean at density 0.3 >= 1.5x"] == (pytest.approx(2.0), True)
+
+    goals = _goals(_suite(**{"a@0.3": 0.9, "b@0.1": 3.0, "b@0.05": 5.0}))
+    worst = "tuned dispatch >= 0.95x torch at every density on every layer"
+    assert goals[worst] == (pytest.approx(0.9), False)
+    assert goals["geomean at density 0.3 >= 1.5x"][1] is False        # sqrt(0.9 * 2) < 1.5
+    wide = "3x3 layers with >= 64 channels: >= {}x at density {}"
+    assert goals[wide.format(4, 0.1)] == (pytest.approx(3.0), False)
+    assert goals[wide.format(6, 0.05)] == (pytest.approx(5.0), False)
+    # a's sparse kernel is slower than torch at 0.3 but not at 0.5: its crossover stays 0.5.
+    assert goals["crossover of the sparse kernel vs torch at density >= 0.4"] == (0.5, True)
+
+
+def test_crossover_goal():
+    slow = _suite(**{"b@0.5": 0.8})
+    assert bench.SweepReport(slow, {}, 1, 1).crossovers() == {"a": 0.5, "b": 0.3}
+    assert _goals(slow)["crossover of the sparse kernel vs torch at density >= 0.4"] == \
+        (0.3, False)
+    dense_at_half = [dataclasses.replace(r, strategy="dense") if r.density == 0.5 else r
+                     for r in _suite()]
+    assert _goals(dense_at_half)[
+        "crossover of the sparse kernel vs torch at density >= 0.4"] == (0.3, False)
+    narrow = [dataclasses.replace(r, wide_3x3=False) for r in _suite()]
+    assert not any(g.startswith(("crossover", "3x3")) for g in _goals(narrow))
+
+
+def test_dense_kernel_goal_uses_its_own_time():
+    """Where the dispatch ran torch at density 1, the goal takes the dense kernel's time."""
+    rows = [_row("a", 1.0, 1.0, "torch", dense_ratio=0.5), _row("b", 1.0, 1.0, "dense"),
+            _row("c", 1.0, 0.1, "dense", dense=False)]
+    value, met = _goals(rows)["generated dense kernel geomean >= 0.7x torch on dense layers"]
+    assert value == pytest.approx(0.5 ** 0.5) and met is True
+    rows[1] = _row("b", 1.0, 0.6, "dense")
+    value, met = _goals(rows)["generated dense kernel geomean >= 0.7x torch on dense layers"]
+    assert value == pytest.approx(0.3 ** 0.5) and met is False
+
+
+def test_goals_under_load_are_marked():
+    loaded = [dataclasses.replace(r, contention=0.5) if r.density == 0.3 else r
+              for r in _suite()]
+    report = bench.SweepReport(loaded, {"zeroskip": "0", "torch": "t", "date": "d", "cpu": "c",
+                                        "threads": 1, "load_avg": 0, "cpu_count": 1}, 1, 1)
+    load = {goal.split(" (")[0]: under for goal, _, _, under in report.goals()}
+    assert load["geomean at density 0.3 >= 1.5x"] and not load[
+        "3x3 layers with >= 64 channels: >= 4x at density 0.1"]
+    text = report.markdown()
+    assert "| 2.00x * |" in text and "(2 of 10)" in text
+
+
+def test_bench_cpu_density_mode():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_cpu.py")
+    loaded = importlib.util.spec_from_file_location("bench_cpu", path)
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    flags = module.outputs(["--densities", "--quick"])
+    assert [f for f in flags if f.startswith("--")] == ["--json", "--markdown", "--plot"]
+    assert all("cpu-density-" in f for f in flags if not f.startswith("--"))
+    assert module.outputs(["--densities=1,0.1"])[-1].endswith(".png")
+    assert "--plot" not in module.outputs(["--quick"])

@@ -14,6 +14,14 @@ With ``--backward`` (:func:`run_backward`), each layer is timed as one training 
 forward with input, weight and bias requiring gradients, then ``backward`` of a fixed output
 gradient (the output and the three gradients checked against torch first); for strided convs,
 whose input gradient is a strided transposed convolution, that operator is also timed alone.
+
+With ``--densities`` (:func:`run_sweep`), each layer runs on ReLU-like inputs of each density
+(exactly that share of positive values, the rest zeros; density 1 is the random normal input):
+checked, then timed as above, with the strategy zeroskip's per-call dispatch chose (``Call.last``:
+the dense or sparse kernel, a tuned variant, or torch's op where the tuning database found torch
+fastest; the one case where zeroskip may run torch's op). Non-zero MACs then skip the activation
+zeros too. :class:`SweepReport` computes the issue's goals for sparse inputs from the rows, and
+:func:`plot` draws speed-up against density.
 """
 from __future__ import annotations
 
@@ -40,10 +48,11 @@ from . import functional as Z
 from .codegen.macs import dense_macs, nonzero_macs
 from .runtime import cc, ops, stats
 from .runtime.autotune import (BUSY, MIN_TIME_S, REPEATS, Timing, _calibrate,  # noqa: F401
-                               _loop, busy, time_interleaved)
+                               _loop, busy, sparse_input, time_interleaved)
 from .spec import LayerSpec
 
 RTOL = 1e-4            # max |zeroskip - torch| allowed, relative to max |torch|
+SWEEP_DENSITIES = (1.0, 0.5, 0.3, 0.1, 0.05)    # input densities of ``--densities``
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters
 
 
@@ -180,14 +189,18 @@ def call_args(spec: LayerSpec) -> dict:
     return kwargs
 
 
-def operands(spec: LayerSpec, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def operands(spec: LayerSpec, seed: int = 0, density: float = 1.0) -> tuple[torch.Tensor, ...]:
     """Random ``(input, weight, bias or None)`` of the spec's shapes; the weight and bias are
-    frozen ``nn.Parameter``s, as in a model at inference (zeroskip caches their packing)."""
+    frozen ``nn.Parameter``s, as in a model at inference (zeroskip caches their packing). At
+    density 1 the input is random normal (no zeros); below, it is ReLU-like, with exactly that
+    share of positive values (:func:`sparse_input`). The weights are the same at every density."""
     gen = torch.Generator().manual_seed(seed)
     shapes = spec.input_shapes
     x = torch.randn(shapes["input"], generator=gen)
     w, b = (torch.nn.Parameter(torch.randn(shapes[n], generator=gen), requires_grad=False)
             if n in shapes else None for n in ("weight", "bias"))
+    if density < 1.0:
+        x = sparse_input(shapes["input"], density, seed)
     return x, w, b
 
 
@@ -203,21 +216,70 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     return error
 
 
-def _checked_call(name: str, fn: Callable[[], torch.Tensor], want: torch.Tensor) -> float:
-    """Run zeroskip's ``fn`` once: its result must match ``want`` and come from a kernel."""
-    before = stats.stats()
-    error = check(name, fn(), want)
-    after = stats.stats()
+def _require_kernel(name: str, before: dict, after: dict) -> None:
+    """Between the ``stats`` snapshots, a generated kernel ran and nothing fell back."""
     if after["fallback_calls"] > before["fallback_calls"] or \
             after["kernel_calls"] == before["kernel_calls"]:
         raise BenchError(f"{name}: zeroskip did not run a generated kernel (it fell back to "
                          "torch's op)")
+
+
+def _checked_call(name: str, fn: Callable[[], torch.Tensor], want: torch.Tensor) -> float:
+    """Run zeroskip's ``fn`` once: its result must match ``want`` and come from a kernel."""
+    before = stats.stats()
+    error = check(name, fn(), want)
+    _require_kernel(name, before, stats.stats())
     return error
+
+
+@contextlib.contextmanager
+def _spied_calls() -> Iterator[list[ops.Call]]:
+    """Collect the prepared operators (``ops.Call``) that run meanwhile. The one a call ran
+    through says in ``last`` what its dispatch chose; spying finds that operator exactly, where
+    matching the entries of ``ops._calls`` by spec could find several."""
+    ran: list[ops.Call] = []
+    run = ops.Call.run
+
+    def spy(call: ops.Call, *args):
+        ran.append(call)
+        return run(call, *args)
+    ops.Call.run = spy
+    try:
+        yield ran
+    finally:
+        ops.Call.run = run
+
+
+def _checked_dispatch(name: str, fn: Callable[[], torch.Tensor],
+                      want: torch.Tensor) -> tuple[float, ops.Call]:
+    """Run zeroskip's ``fn`` once: its result must match ``want`` and come from its layer's
+    dispatch, which must have run a generated kernel, or torch's op where the tuning database
+    chose torch for this input (then zeroskip legitimately is torch). Returns the error and the
+    operator that ran, whose ``last`` says what it ran."""
+    with _spied_calls() as ran:
+        before = stats.stats()
+        got = fn()
+        after = stats.stats()
+    error = check(name, got, want)
+    if not ran:
+        raise BenchError(f"{name}: zeroskip did not run a generated kernel (it fell back to "
+                         "torch's op)")
+    if ran[-1].last != "torch":
+        _require_kernel(name, before, after)
+    return error, ran[-1]
+
+
+def wide_3x3(spec: LayerSpec) -> bool:
+    """A 2-D 3x3 layer (ungrouped) with at least 64 channels in and out: the layers the issue's
+    goals for the sparse kernel are about."""
+    return spec.kernel_size == (3, 3) and spec.groups == 1 and \
+        min(spec.in_channels, spec.out_channels) >= 64
 
 
 @dataclass
 class Row:
-    """The figures of one layer (times in milliseconds, per call, medians)."""
+    """The figures of one layer on an input of one density (times in milliseconds, per call,
+    medians). Non-zero MACs skip the activation zeros too: ``nonzero_macs(spec) * density``."""
 
     name: str
     family: str
@@ -227,16 +289,25 @@ class Row:
     zeroskip_ms: float
     gflops: float           # 2 * non-zero MACs / zeroskip time
     skipped: float          # 1 - non-zero MACs / dense MACs
-    compile_s: float        # spec -> loaded kernel on an empty cache
+    compile_s: float | None     # spec -> loaded kernel on an empty cache (None in sweeps)
     nonzero_macs: int
     dense_macs: int
     error: float            # max |zeroskip - torch| / max |torch|
     contention: float | None    # share of the bench's CPUs others took while timing
+    density: float          # share of non-zeros in the input (1: random normal)
+    strategy: str           # what zeroskip's dispatch ran: dense, sparse, a variant, torch
+    dense_ms: float | None  # the generated dense kernel, timed at density 1 only
+    wide_3x3: bool          # see :func:`wide_3x3`
 
     @property
     def ratio(self) -> float:
         """torch time / zeroskip time: above 1, zeroskip is faster."""
         return self.torch_ms / self.zeroskip_ms
+
+    @property
+    def dense_ratio(self) -> float | None:
+        """torch time / the generated dense kernel's time (density 1 only)."""
+        return None if self.dense_ms is None else self.torch_ms / self.dense_ms
 
 
 def _calls(spec: LayerSpec, x, w, b) -> tuple[Callable[[], torch.Tensor], ...]:
@@ -246,20 +317,55 @@ def _calls(spec: LayerSpec, x, w, b) -> tuple[Callable[[], torch.Tensor], ...]:
     return (lambda: torch_fn(x, w, b, **kwargs)), (lambda: zs_fn(x, w, b, **kwargs))
 
 
-def bench_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
-                min_time: float = MIN_TIME_S) -> Row:
-    """Check, then time, one layer against torch."""
-    spec = dataclasses.replace(layer.spec, batch=batch)
-    compile_s = cold_compile_seconds(spec)
-    torch_call, zs_call = _calls(spec, *operands(spec))
-    error = _checked_call(layer.name, zs_call, torch_call())
-    timing = time_interleaved({"torch": torch_call, "zeroskip": zs_call}, repeats, min_time)
+def _dense_kernel_call(call: ops.Call, x, w, b) -> Callable[[], torch.Tensor]:
+    """The layer's generated dense kernel launched as ``Call.run`` launches it, the dispatch
+    bypassed: what the dense goal measures where the dispatch chose something else."""
+    kernel, rhs = call.forward, w.detach().contiguous()
+
+    def run() -> torch.Tensor:
+        out = torch.empty((x.shape[0], *call.out_shape), dtype=x.dtype)
+        return kernel.launch(x, kernel.pack(w, b), rhs, out)
+    return run
+
+
+def _timed_row(layer: Layer, spec: LayerSpec, density: float, compile_s: float | None,
+               repeats: int, min_time: float) -> Row:
+    """Check, then time, the layer against torch on an input of ``density``; at density 1,
+    where the dispatch ran something other than the dense kernel, that kernel is timed too."""
+    x, w, b = operands(spec, density=density)
+    torch_call, zs_call = _calls(spec, x, w, b)
+    error, call = _checked_dispatch(layer.name, zs_call, torch_call())
+    strategy = call.last
+    fns = {"torch": torch_call, "zeroskip": zs_call}
+    if density == 1.0 and strategy != "dense":
+        fns["dense kernel"] = _dense_kernel_call(call, x, w, b)
+    timing = time_interleaved(fns, repeats, min_time)
     times = timing.seconds
-    nonzero, dense = nonzero_macs(spec), dense_macs(spec)
+    dense_s = times.get("dense kernel", times["zeroskip"]) if density == 1.0 else None
+    nonzero, dense = round(nonzero_macs(spec) * density), dense_macs(spec)
     return Row(layer.name, layer.family, layer.dense, spec.describe(),
-               times["torch"] * 1e3, times["zeroskip"] * 1e3,
-               2 * nonzero / times["zeroskip"] / 1e9, 1 - nonzero / dense, compile_s, nonzero,
-               dense, error, timing.contention)
+               torch_ms=times["torch"] * 1e3, zeroskip_ms=times["zeroskip"] * 1e3,
+               gflops=2 * nonzero / times["zeroskip"] / 1e9, skipped=1 - nonzero / dense,
+               compile_s=compile_s, nonzero_macs=nonzero, dense_macs=dense, error=error,
+               contention=timing.contention, density=density, strategy=strategy,
+               dense_ms=None if dense_s is None else dense_s * 1e3,
+               wide_3x3=wide_3x3(spec))
+
+
+def bench_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
+                min_time: float = MIN_TIME_S, density: float = 1.0) -> Row:
+    """Check, then time, one layer against torch on an input of ``density``, with the cold
+    compile time of its kernel."""
+    spec = dataclasses.replace(layer.spec, batch=batch)
+    return _timed_row(layer, spec, density, cold_compile_seconds(spec), repeats, min_time)
+
+
+def sweep_layer(layer: Layer, densities: tuple[float, ...] = SWEEP_DENSITIES, batch: int = 1,
+                repeats: int = REPEATS, min_time: float = MIN_TIME_S) -> list[Row]:
+    """Check, then time, one layer against torch at each input density (no cold compile: that
+    is :func:`bench_layer`'s figure, the same at every density)."""
+    spec = dataclasses.replace(layer.spec, batch=batch)
+    return [_timed_row(layer, spec, density, None, repeats, min_time) for density in densities]
 
 
 @dataclass
@@ -329,6 +435,14 @@ def geomean(values: list[float]) -> float | None:
     return math.exp(statistics.fmean(map(math.log, values))) if values else None
 
 
+def _header(m: dict, batch: int, repeats: int) -> str:
+    """The first line of a table: what ran, where and how."""
+    return (f"zeroskip {m['zeroskip']} vs torch {m['torch']}, {m['date']}, {m['cpu']}, "
+            f"{m['threads']} threads (load average {m['load_avg']} on {m['cpu_count']} "
+            f"CPUs), batch {batch}, median of {repeats}"
+            + ("" if m.get("malloc_pinned") else ", malloc thresholds not pinned"))
+
+
 @dataclass
 class Report:
     rows: list[Row]
@@ -376,19 +490,15 @@ class Report:
                                      for g, v, m, u in self.goals()]}, indent=1)
 
     def markdown(self) -> str:
-        m = self.machine
-        lines = [f"zeroskip {m['zeroskip']} vs torch {m['torch']}, {m['date']}, {m['cpu']}, "
-                 f"{m['threads']} threads (load average {m['load_avg']} on {m['cpu_count']} "
-                 f"CPUs), batch {self.batch}, median of {self.repeats}"
-                 + ("" if m.get("malloc_pinned") else ", malloc thresholds not pinned"), "",
+        lines = [_header(self.machine, self.batch, self.repeats), "",
                  "| layer | shape | torch ms | zeroskip ms | ratio | GFLOP/s | skipped "
-                 "| compile s |",
-                 "|---|---|---:|---:|---:|---:|---:|---:|"]
+                 "| compile s | strategy |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in self.rows:
             lines.append(f"| {r.name} | {r.shape} | {r.torch_ms:.3f} | {r.zeroskip_ms:.3f} "
                          f"| {r.ratio:.2f}x{_mark(r.contention)} | {r.gflops:.1f} "
                          f"| {r.skipped:.1%} "
-                         f"| {r.compile_s:.2f} |")
+                         f"| {r.compile_s:.2f} | {r.strategy} |")
         lines.append("")
         for label, value, count in (("dense layers", self.geomean_dense,
                                      sum(r.dense for r in self.rows)),
@@ -456,6 +566,186 @@ def run(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
                        _forward_note, log)
     overhead = measure_overhead(repeats, min_time)
     return Report(rows, overhead, {**machine(), "malloc_pinned": pinned}, batch, repeats)
+
+
+# --------------------------------------------------------------------------------- densities
+def _at(rows: list[Row], density: float) -> list[Row]:
+    return [r for r in rows if math.isclose(r.density, density)]
+
+
+def _goal(goal: str, value: float, met: bool, rows: list[Row]) -> tuple[str, float, bool, bool]:
+    """A goal's line: measured under load when any of the ``rows`` it comes from was."""
+    return goal, value, met, any(busy(r.contention) for r in rows)
+
+
+@dataclass
+class SweepReport:
+    """A density sweep: one row per layer and input density, in the order they ran."""
+
+    rows: list[Row]
+    machine: dict
+    batch: int
+    repeats: int
+
+    @property
+    def densities(self) -> list[float]:
+        """The swept densities, highest first."""
+        return sorted({r.density for r in self.rows}, reverse=True)
+
+    def geomean_at(self, density: float) -> float | None:
+        """Geometric mean of the ratios at ``density`` over every layer."""
+        return geomean([r.ratio for r in _at(self.rows, density)])
+
+    def crossovers(self) -> dict[str, float]:
+        """Per :func:`wide_3x3` layer: the highest swept density at which its dispatch ran the
+        sparse kernel and was at least as fast as torch (0: at none)."""
+        found: dict[str, float] = {}
+        for r in self.rows:
+            if r.wide_3x3:
+                won = r.strategy.startswith("sparse") and r.ratio >= 1
+                found[r.name] = max(found.get(r.name, 0.0), r.density if won else 0.0)
+        return found
+
+    def goals(self) -> list[tuple[str, float, bool, bool]]:
+        """``(goal, measured value, met, measured under load)`` for each of the issue's goals
+        that the swept layers and densities measure, computed from the rows."""
+        found = []
+        if self.rows:
+            worst = min(self.rows, key=lambda r: r.ratio)
+            found.append(_goal("tuned dispatch >= 0.95x torch at every density on every layer "
+                               "(worst)", worst.ratio, worst.ratio >= 0.95, [worst]))
+        sparse = _at(self.rows, 0.3)
+        if sparse:
+            value = self.geomean_at(0.3)
+            found.append(_goal("geomean at density 0.3 >= 1.5x", value, value >= 1.5, sparse))
+        wide = [r for r in self.rows if r.wide_3x3]
+        for density, target in ((0.1, 4), (0.05, 6)):
+            rows = _at(wide, density)
+            if rows:
+                worst = min(rows, key=lambda r: r.ratio)
+                found.append(_goal(f"3x3 layers with >= 64 channels: >= {target}x at density "
+                                   f"{density:g} (worst)", worst.ratio, worst.ratio >= target,
+                                   [worst]))
+        crossovers = self.crossovers()
+        if crossovers:
+            lowest = min(crossovers.values())
+            found.append(_goal("crossover of the sparse kernel vs torch at density >= 0.4 "
+                               "(lowest over 3x3 layers with >= 64 channels)", lowest,
+                               lowest >= 0.4, wide))
+        dense = [r for r in _at(self.rows, 1.0) if r.dense and r.dense_ratio]
+        if dense:
+            value = geomean([r.dense_ratio for r in dense])
+            found.append(_goal("generated dense kernel geomean >= 0.7x torch on dense layers "
+                               "(density 1)", value, value >= 0.7, dense))
+        return found
+
+    def to_json(self) -> str:
+        rows = [{**dataclasses.asdict(r), "ratio": r.ratio} for r in self.rows]
+        return json.dumps({"machine": self.machine, "batch": self.batch, "repeats": self.repeats,
+                           "densities": self.densities, "rows": rows,
+                           "geomean_by_density": {f"{d:g}": self.geomean_at(d)
+                                                  for d in self.densities},
+                           "crossovers": self.crossovers(),
+                           "goals": [{"goal": g, "value": v, "met": m, "under_load": u}
+                                     for g, v, m, u in self.goals()]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SweepReport":
+        """A report read back from :meth:`to_json` (to plot or compare a saved run)."""
+        data = json.loads(text)
+        names = [f.name for f in dataclasses.fields(Row)]
+        return cls([Row(**{n: row[n] for n in names}) for row in data["rows"]],
+                   data["machine"], data["batch"], data["repeats"])
+
+    def markdown(self) -> str:
+        lines = [_header(self.machine, self.batch, self.repeats)
+                 + "; ReLU-like inputs of each density (1: random normal)", "",
+                 "| layer | density | torch ms | zeroskip ms | ratio | strategy | GFLOP/s "
+                 "| MACs skipped |",
+                 "|---|---:|---:|---:|---:|---|---:|---:|"]
+        for r in self.rows:
+            lines.append(f"| {r.name} | {r.density:g} | {r.torch_ms:.3f} | {r.zeroskip_ms:.3f} "
+                         f"| {r.ratio:.2f}x{_mark(r.contention)} | {r.strategy} "
+                         f"| {r.gflops:.1f} | {r.skipped:.1%} |")
+        lines.append("")
+        for density in self.densities:
+            count = len(_at(self.rows, density))
+            lines.append(f"- geomean ratio at density {density:g} over {count} layer"
+                         f"{'s' if count > 1 else ''}: {self.geomean_at(density):.2f}x")
+        crossovers = self.crossovers()
+        if crossovers:
+            lines.append("- crossover of the sparse kernel vs torch (highest swept density at "
+                         "which it ran and was at least as fast): "
+                         + ", ".join(f"{name} {d:g}" for name, d in crossovers.items()))
+        shares = [r.contention for r in self.rows if busy(r.contention)]
+        if shares:
+            lines.append(f"- *: other processes took up to {max(shares):.0%} of the bench's "
+                         f"CPUs while this was timed ({len(shares)} of {len(self.rows)}): "
+                         "unreliable, rerun on a quiet machine")
+        lines += ["", "| goal | measured | met |", "|---|---:|---|"]
+        lines += [f"| {g} | {v:.2f} | {'yes' if met else 'NO'}{' *' if load else ''} |"
+                  for g, v, met, load in self.goals()]
+        return "\n".join(lines)
+
+
+SPEEDUP_TICKS = (0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 100)
+
+
+def plot(report: SweepReport, path: Path | str) -> Path:
+    """Write a PNG of the speed-up over torch against input density, one line per layer:
+    density falls from 1 on the left, both axes logarithmic (2x and 0.5x equally far from the
+    dashed line at 1, as fast as torch). Drawn on a bare ``Figure`` (the Agg canvas), so no
+    pyplot state or display is involved."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    fig = Figure(figsize=(11, 6), layout="constrained")
+    ax = fig.subplots()
+    names = list(dict.fromkeys(r.name for r in report.rows))
+    for i, name in enumerate(names):
+        rows = sorted((r for r in report.rows if r.name == name), key=lambda r: -r.density)
+        ax.plot([r.density for r in rows], [r.ratio for r in rows], label=name,
+                marker="os^Dv"[i // 10 % 5], markersize=4, linewidth=1.2)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    densities = report.densities
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(max(densities) * 1.1, min(densities) / 1.1)
+    ax.xaxis.set_major_locator(FixedLocator(densities))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_major_locator(FixedLocator(SPEEDUP_TICKS))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.set_xlabel("input density (share of non-zeros)")
+    ax.set_ylabel("speed-up over torch (torch ms / zeroskip ms)")
+    m = report.machine
+    ax.set_title(f"zeroskip {m['zeroskip']} vs torch {m['torch']}, {m['cpu']}, "
+                 f"{m['threads']} threads, batch {report.batch}", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _sweep_note(rows: list[Row]) -> str:
+    notes = ", ".join(f"{r.density:g}: {r.ratio:.2f}x {r.strategy}{_mark(r.contention)}"
+                      for r in rows)
+    return notes + (" (*: others took its CPUs)" if any(busy(r.contention) for r in rows) else "")
+
+
+def run_sweep(layers: list[Layer], densities: tuple[float, ...] = SWEEP_DENSITIES,
+              batch: int = 1, repeats: int = REPEATS, min_time: float = MIN_TIME_S,
+              log: TextIO | None = None) -> SweepReport:
+    """Benchmark ``layers`` at each input density (with :func:`steady_allocator`); ``log``
+    gets one line per layer."""
+    pinned = steady_allocator()
+    per_layer = _each_layer(
+        layers, lambda layer: sweep_layer(layer, densities, batch, repeats, min_time),
+        _sweep_note, log)
+    return SweepReport([row for rows in per_layer for row in rows],
+                       {**machine(), "malloc_pinned": pinned}, batch, repeats)
 
 
 # --------------------------------------------------------------------------------- backward
@@ -627,11 +917,7 @@ class BackwardReport:
                           indent=1)
 
     def markdown(self) -> str:
-        m = self.machine
-        lines = [f"zeroskip {m['zeroskip']} vs torch {m['torch']}, {m['date']}, {m['cpu']}, "
-                 f"{m['threads']} threads (load average {m['load_avg']} on {m['cpu_count']} "
-                 f"CPUs), batch {self.batch}, median of {self.repeats}"
-                 + ("" if m.get("malloc_pinned") else ", malloc thresholds not pinned")
+        lines = [_header(self.machine, self.batch, self.repeats)
                  + "; one training step per call: forward + backward", "",
                  "| layer | shape | torch ms | zeroskip ms | ratio | skipped "
                  "| grad_input skipped | grad_input ratio |",

@@ -2,16 +2,22 @@
 
 For each network: convert a copy with :func:`zeroskip.convert`, run both on the sample input and
 compare; then, per conv layer, the MACs the compiler skips (forward) and the time of torch's
-module and of the converted one on the input that layer saw. Finally the MACs of every layer's
-forward and backward operators, which a training step runs.
+module and of the converted one on the input that layer saw. Then the MACs of every layer's
+forward and backward operators, which a training step runs. Finally a density sweep
+(:mod:`zeroskip.bench`) of a few layers: each on ReLU-like inputs from dense to 5% non-zeros,
+against torch, with the strategy zeroskip's per-call dispatch chose.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import TextIO
 
 from .explain import Report, explain
 from .spec import LayerSpec
+
+SWEEP_DENSITIES = (1.0, 0.3, 0.1, 0.05)
+SWEEP_LAYERS = 3
 
 
 def training_ops(spec: LayerSpec) -> list[tuple[str, LayerSpec]]:
@@ -70,6 +76,65 @@ def table(net: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sweep_layers(named_specs: list[tuple[str, str, LayerSpec]],
+                 count: int = SWEEP_LAYERS) -> list[tuple]:
+    """Up to ``count`` layers of distinct shapes from ``(name, network, spec)``, each as
+    ``(bench.Layer at batch 1, the batch it ran at)``: 3x3 convs with at least 32 channels
+    first, where skipping input zeros pays most, then the others with the most MACs."""
+    from .bench import Layer
+    from .codegen.macs import dense_macs
+
+    def order(item):
+        spec = item[2]
+        wide = spec.kernel_size == (3, 3) and spec.groups == 1 and \
+            min(spec.in_channels, spec.out_channels) >= 32
+        return not wide, -dense_macs(spec)
+    chosen: dict[LayerSpec, tuple] = {}
+    for name, net, spec in sorted(named_specs, key=order):
+        chosen.setdefault(dataclasses.replace(spec, density=1.0), (name, net))
+    return [(Layer(name, net, dataclasses.replace(spec, batch=1)), spec.batch)
+            for spec, (name, net) in list(chosen.items())[:count]]
+
+
+def density_table(rows: list) -> str:
+    """One line per layer and density of a sweep (``bench.Row``); ratios timed while other
+    processes took the CPUs are marked, as in ``zeroskip bench``."""
+    from .bench import BUSY, _mark, busy
+
+    lines = ["| layer | operator | density | torch ms | zeroskip ms | ratio | strategy |",
+             "|" + "---|" * 7]
+    lines += [f"| {r.name} | {r.shape.split(' on ')[0]} | {r.density:g} | {r.torch_ms:.3f} "
+              f"| {r.zeroskip_ms:.3f} | {r.ratio:.2f}x{_mark(r.contention)} | {r.strategy} |"
+              for r in rows]
+    if any(busy(r.contention) for r in rows):
+        lines.append(f"\n*: other processes took over {BUSY:.0%} of the CPUs while this was "
+                     "timed: unreliable")
+    return "\n".join(lines)
+
+
+def density_sweep(named_specs: list[tuple[str, str, LayerSpec]], out: TextIO) -> bool:
+    """Sweep :func:`sweep_layers` over :data:`SWEEP_DENSITIES`, printing the table; return
+    whether zeroskip matched torch throughout."""
+    from .bench import BenchError, sweep_layer
+
+    layers = sweep_layers(named_specs)
+    print(f"\n## Input density sweep: {len(layers)} layers on ReLU-like inputs (random weights), "
+          "each checked against torch, then timed\n", file=out)
+    rows = []
+    try:
+        for layer, batch in layers:
+            rows += sweep_layer(layer, SWEEP_DENSITIES, batch, repeats=3, min_time=0.005)
+    except BenchError as exc:
+        print(f"FAILED: {exc}", file=out)
+        return False
+    print(density_table(rows), file=out)
+    print("\nstrategy: what zeroskip's per-call dispatch ran on that input: its dense kernel, "
+          "the sparse kernel (reads only the non-zero inputs), a tuned variant, or torch's op "
+          "where `zeroskip tune` found torch fastest. `zeroskip bench --densities` runs this "
+          "sweep on the benchmark suite.", file=out)
+    return True
+
+
 def run(out: TextIO) -> bool:
     """Run the demo, printing to ``out``; return whether every network matched torch."""
     import torch
@@ -80,6 +145,7 @@ def run(out: TextIO) -> bool:
     stats(reset=True)
     ok = True
     training: list[Report] = []
+    named_specs: list[tuple[str, str, LayerSpec]] = []
     with torch.no_grad():
         for net, model, sample in builtin_workload():
             converted = convert(copy.deepcopy(model))
@@ -93,6 +159,7 @@ def run(out: TextIO) -> bool:
                   f"torch (max |difference| {error:.2e})\n", file=out)
             print(table(net, rows), file=out)
             training += [explain(op) for row in rows for _, op in training_ops(row["spec"])]
+            named_specs += [(f"{net}.{row['name']}", net, row["spec"]) for row in rows]
     counts = stats()
     print(f"\nGenerated kernels: {counts['kernel_calls']} calls, {counts['compiles']} compiled, "
           f"{counts['cache_hits']} from the cache, {counts['fallback_calls']} fallbacks to torch.",
@@ -100,4 +167,4 @@ def run(out: TextIO) -> bool:
     dense, nonzero, skipped = totals(training)
     print(f"Forward and backward operators of every layer: {dense:,} dense MACs -> {nonzero:,} "
           f"non-zero MACs ({skipped:.1%} skipped).", file=out)
-    return ok
+    return density_sweep(named_specs, out) and ok

@@ -254,9 +254,9 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT) 
     blocks = -(-c_red // max(8, L2_WEIGHT_BYTES // row_bytes))
     red_block = -(-c_red // blocks)
     pos_vectors = min(4, (_registers(vector_bytes) - 4) // (pos_channels + 1))
-    # Sparse tiles hold one output position's channels: as many vectors as registers allow.
+    # Sparse tiles hold one output position's channels twice over (two accumulator sets).
     row_vectors = c_out_padded // lanes
-    want = variant.sparse_vectors or min(8, _registers(vector_bytes) // 2)
+    want = variant.sparse_vectors or min(8, _registers(vector_bytes) // 4)
     sparse_vectors = max(v for v in range(1, row_vectors + 1) if row_vectors % v == 0 and
                          v <= want)
     regions = []

@@ -163,29 +163,35 @@ class TuningDB:
     themselves, as one JSON file. A record is ``{"choice": candidate name, "ms": {candidate:
     milliseconds or null for failed}, "date": ISO date}``."""
 
-    def __init__(self, path: Path | str | None = None):
+    def __init__(self, path: Path | str | None = None, strict: bool = False):
+        """``strict``: raise (OSError, ValueError) where the file is missing, unreadable or
+        corrupt, instead of starting empty and setting it aside: for a file merged in, which is
+        not ours to rebuild."""
         self.path = Path(path) if path is not None else default_path()
         self.machines: dict[str, dict] = {}
         self.records: dict[str, dict[str, dict[str, dict]]] = {}
         self.here = fingerprint_id(fingerprint())
         self.generation = next(_generations)   # changes whenever the records do
         self._lock = threading.Lock()
-        self._load()
+        self._load(strict)
 
     # reading
-    def _load(self) -> None:
+    def _load(self, strict: bool) -> None:
         try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return
+            text = self.path.read_bytes()   # undecodable bytes then fail in json.loads: corrupt
         except OSError as exc:
-            warnings.warn(f"zeroskip: cannot read the tuning database {self.path}: {exc}; "
-                          "tuned choices are not used", ZeroskipTuningWarning, stacklevel=3)
+            if strict:
+                raise
+            if not isinstance(exc, FileNotFoundError):
+                warnings.warn(f"zeroskip: cannot read the tuning database {self.path}: {exc}; "
+                              "tuned choices are not used", ZeroskipTuningWarning, stacklevel=3)
             return
         try:
             data = json.loads(text)
             machines, records = self._validate(data)
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            if strict:
+                raise ValueError(f"{self.path} is not a zeroskip tuning database: {exc}") from exc
             aside = self.path.with_name(self.path.name + ".corrupt")
             try:
                 os.replace(self.path, aside)
@@ -289,9 +295,9 @@ _ENV = ("ZEROSKIP_TUNING_DB", "ZEROSKIP_CACHE_DIR", "XDG_CACHE_HOME")
 
 def database() -> TuningDB:
     """The process's tuning database (loaded on first use, and again when the environment
-    variables that locate it change)."""
+    variables that locate it or the thread count, part of the fingerprint, change)."""
     global _db
-    where = tuple(os.environ.get(name) for name in _ENV)
+    where = (*(os.environ.get(name) for name in _ENV), torch.get_num_threads())
     found = _db
     if found is not None and found[0] == where:
         return found[1]

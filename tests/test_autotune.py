@@ -1,0 +1,359 @@
+"""The autotuner: density buckets, the tuning database (round trips, merging, other machines,
+corrupt files), tuning one layer, and the per-call dispatch that follows the database."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zeroskip
+from zeroskip import LayerSpec
+from zeroskip import functional as zf
+from zeroskip.runtime import autotune, ops
+
+SPEC = LayerSpec.conv(8, 16, 3, padding=1, input_size=(10, 10))
+OTHER = LayerSpec.conv(8, 16, 3, input_size=(10, 10))
+FAST = dict(repeats=1, min_time=0.001)
+# Batch 2 of SPEC's input: 1600 elements, which zs_density reads all of (below 4096 it samples
+# 16 of every 16), so the density a call measures is exactly the input's.
+SHAPE = (2, 8, 10, 10)
+
+
+@pytest.fixture(autouse=True)
+def db_path(tmp_path, monkeypatch):
+    """Every test gets its own tuning database, never the user's."""
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("ZEROSKIP_TUNING_DB", str(path))
+    autotune.reset()
+    yield path
+    autotune.reset()
+
+
+def _record(choice: str, date: str = "2024-01-01") -> dict:
+    return {"choice": choice, "ms": {choice: 1.0}, "date": date}
+
+
+def _foreign_machine() -> tuple[str, dict]:
+    machine = {**autotune.fingerprint(), "cpu": "some other cpu"}
+    return autotune.fingerprint_id(machine), machine
+
+
+# --------------------------------------------------------------------------------- buckets, keys
+@pytest.mark.parametrize("density, want", [
+    (0.0, 0.02), (0.01, 0.02), (0.02, 0.02), (0.021, 0.05), (0.1, 0.1), (0.1000000001, 0.1),
+    (0.11, 0.2), (0.45, 0.5), (0.5, 0.5), (0.51, 0.7), (0.71, 1.0), (1.0, 1.0), (1.5, 1.0)])
+def test_bucket_edges(density, want):
+    assert autotune.bucket(density) == want
+
+
+def test_every_bucket_is_its_own():
+    assert [autotune.bucket(b) for b in autotune.BUCKETS] == list(autotune.BUCKETS)
+
+
+def test_spec_key_ignores_batch_and_density():
+    key = autotune.spec_key(SPEC)
+    assert autotune.spec_key(dataclasses.replace(SPEC, batch=32, density=0.1)) == key
+    assert autotune.spec_key(OTHER) != key
+    assert autotune.spec_key(dataclasses.replace(SPEC, dtype="float64")) != key
+    assert LayerSpec.from_dict(json.loads(key)) == SPEC   # batch 1 and density 1 by default
+
+
+# --------------------------------------------------------------------------------- database
+def test_record_save_and_load(db_path):
+    db = autotune.TuningDB(db_path)
+    generation = db.generation
+    db.record(SPEC, 0.08, "sparse", {"torch": 1.0, "sparse": 0.25, "dense": math.inf})
+    db.record(SPEC, 1.0, "dense/w6", {"torch": 1.0, "dense/w6": 0.5})
+    assert db.generation != generation
+    assert db.save() == db_path
+    assert json.loads(db_path.read_text())["format"] == autotune.FORMAT
+
+    loaded = autotune.TuningDB(db_path)
+    assert loaded.here == db.here and loaded.machines[loaded.here] == autotune.fingerprint()
+    assert loaded.lookup(SPEC, 0.1) == loaded.lookup(SPEC, 0.06) == "sparse"
+    assert loaded.lookup(dataclasses.replace(SPEC, batch=4, density=0.3), 0.1) == "sparse"
+    assert loaded.lookup(SPEC, 0.8) == "dense/w6"
+    assert loaded.lookup(SPEC, 0.3) is None and loaded.lookup(OTHER, 0.1) is None
+    record = loaded.records[loaded.here][autotune.spec_key(SPEC)]["0.1"]
+    assert record["ms"] == {"torch": 1.0, "sparse": 0.25, "dense": None}   # failed: null
+    assert loaded.crossover(SPEC) == 0.1 and loaded.crossover(OTHER) is None
+
+
+def test_crossover_zero_when_sparse_never_won(tmp_path):
+    db = autotune.TuningDB(tmp_path / "db.json")
+    db.record(SPEC, 0.1, "dense", {})
+    db.record(SPEC, 0.5, "torch", {})
+    assert db.crossover(SPEC) == 0.0
+
+
+def test_database_is_located_by_the_environment(db_path, tmp_path, monkeypatch):
+    db = autotune.database()
+    assert db.path == db_path and autotune.database() is db
+    monkeypatch.setenv("ZEROSKIP_TUNING_DB", str(tmp_path / "elsewhere.json"))
+    assert autotune.database().path == tmp_path / "elsewhere.json"
+
+
+def test_merge_newer_record_wins(tmp_path):
+    mine, theirs = autotune.TuningDB(tmp_path / "a.json"), autotune.TuningDB(tmp_path / "b.json")
+    key = autotune.spec_key(SPEC)
+    mine.record(SPEC, 0.1, "sparse", {})
+    mine.record(SPEC, 0.5, "dense", {})
+    mine.records[mine.here][key]["0.5"]["date"] = "2000-01-01"
+    theirs.record(SPEC, 0.5, "torch", {})     # newer: replaces mine
+    theirs.record(OTHER, 1.0, "dense/w6", {})
+    generation = mine.generation
+    assert mine.merge(theirs) == 2 and mine.generation != generation
+    assert (mine.lookup(SPEC, 0.1), mine.lookup(SPEC, 0.5), mine.lookup(OTHER, 1.0)) == \
+        ("sparse", "torch", "dense/w6")
+
+    older = autotune.TuningDB(tmp_path / "c.json")
+    older.record(SPEC, 0.1, "dense", {})
+    older.records[older.here][key]["0.1"]["date"] = "2000-01-01"
+    assert mine.merge(older) == 0 and mine.lookup(SPEC, 0.1) == "sparse"
+
+
+def test_save_merges_what_another_process_saved(db_path):
+    first, second = autotune.TuningDB(db_path), autotune.TuningDB(db_path)
+    first.record(SPEC, 0.1, "sparse", {})
+    first.save()
+    second.record(SPEC, 1.0, "dense", {})
+    second.save()
+    final = autotune.TuningDB(db_path)
+    assert (final.lookup(SPEC, 0.1), final.lookup(SPEC, 1.0)) == ("sparse", "dense")
+
+
+def test_other_machine_is_kept_but_not_used(db_path, tmp_path):
+    fp, machine = _foreign_machine()
+    db_path.write_text(json.dumps({
+        "format": autotune.FORMAT, "machines": {fp: machine},
+        "records": {fp: {autotune.spec_key(SPEC): {"0.1": _record("torch", "2999-01-01")}}}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        db = autotune.TuningDB(db_path)
+    assert fp != db.here and fp in db.records
+    assert db.lookup(SPEC, 0.1) is None and db.crossover(SPEC) is None
+
+    db.record(SPEC, 0.1, "sparse", {})
+    db.save()
+    saved = json.loads(db_path.read_text())
+    assert set(saved["machines"]) == set(saved["records"]) == {fp, db.here}
+    assert saved["machines"][fp] == machine
+    assert autotune.TuningDB(db_path).lookup(SPEC, 0.1) == "sparse"
+
+    merged = autotune.TuningDB(tmp_path / "merged.json")
+    assert merged.merge(autotune.TuningDB(db_path)) == 2
+    assert set(merged.records) == {fp, merged.here} and merged.machines[fp] == machine
+    assert merged.lookup(SPEC, 0.1) == "sparse"
+
+
+def _valid_text() -> str:
+    fp, machine = _foreign_machine()
+    return json.dumps({"format": autotune.FORMAT, "machines": {fp: machine},
+                       "records": {fp: {autotune.spec_key(SPEC): {"0.1": _record("sparse")}}}})
+
+
+def _corrupt(kind: str) -> bytes:
+    key = autotune.spec_key(SPEC)
+    data = {
+        "garbage bytes": lambda: b"\x80\x9c\xff garbage \x00\x01",
+        "empty": lambda: b"",
+        "truncated": lambda: _valid_text()[:-25].encode(),
+        "wrong format": lambda: json.dumps({"format": 99, "machines": {},
+                                            "records": {}}).encode(),
+        "not an object": lambda: b"[1, 2, 3]",
+        "unknown machine": lambda: json.dumps({
+            "format": autotune.FORMAT, "machines": {},
+            "records": {"0123456789abcdef": {key: {"0.1": _record("dense")}}}}).encode(),
+        "record not an object": lambda: json.dumps({
+            "format": autotune.FORMAT, "machines": {"f": {}},
+            "records": {"f": {key: {"0.1": "dense"}}}}).encode(),
+        "bad layer": lambda: json.dumps({
+            "format": autotune.FORMAT, "machines": {"f": {}},
+            "records": {"f": {'{"op": "conv"}': {"0.1": _record("dense")}}}}).encode(),
+    }
+    return data[kind]()
+
+
+@pytest.mark.parametrize("kind", ["garbage bytes", "empty", "truncated", "wrong format",
+                                  "not an object", "unknown machine", "record not an object",
+                                  "bad layer"])
+def test_corrupt_database_is_set_aside(db_path, kind):
+    content = _corrupt(kind)
+    db_path.write_bytes(content)
+    with pytest.warns(autotune.ZeroskipTuningWarning, match="corrupt"):
+        db = autotune.database()
+    aside = db_path.with_name(db_path.name + ".corrupt")
+    assert aside.read_bytes() == content and not db_path.exists()
+    assert db.records == {} and db.lookup(SPEC, 0.1) is None
+
+    db.record(SPEC, 0.1, "sparse", {"sparse": 1.0})
+    db.save()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert autotune.TuningDB(db_path).lookup(SPEC, 0.1) == "sparse"
+
+
+def test_strict_read_raises_and_leaves_the_file(tmp_path):
+    path = tmp_path / "theirs.json"
+    with pytest.raises(FileNotFoundError):
+        autotune.TuningDB(path, strict=True)
+    path.write_bytes(_corrupt("truncated"))
+    with pytest.raises(ValueError, match="not a zeroskip tuning database"):
+        autotune.TuningDB(path, strict=True)
+    assert path.read_bytes() == _corrupt("truncated")
+
+
+# --------------------------------------------------------------------------------- tuning
+def test_tune_tiny_layer():
+    result = autotune.tune(SPEC, 0.1, **FAST)
+    names = [c.name for c in autotune.candidates(SPEC, 0.1)]
+    assert names[0] == "torch" and {"dense", "sparse"} <= set(names)
+    assert list(result.ms) == names
+    for name, ms in result.ms.items():
+        assert (math.isfinite(ms) and ms > 0) != (name in result.errors), (name, result.errors)
+    assert math.isfinite(result.ms["torch"])
+    assert result.ms[result.choice] == min(result.ms.values())
+    assert result.speedup() == result.ms["torch"] / result.ms[result.choice]
+    assert result.density == result.spec.density == 0.1
+
+
+def test_dense_input_has_no_sparse_candidates():
+    names = [c.name for c in autotune.candidates(SPEC, 1.0)]
+    assert names[0] == "torch" and "dense" in names
+    assert not any(n.startswith("sparse") for n in names)
+
+
+def test_failing_candidates_score_inf(monkeypatch):
+    candidates, runner = autotune.candidates, autotune._runner
+    broken = [autotune.Candidate(n) for n in ("raises", "crashes", "wrong")]
+    monkeypatch.setattr(autotune, "candidates", lambda spec, d: [*candidates(spec, d), *broken])
+
+    def failing_runner(spec, candidate, x, w, b):
+        if candidate.name == "raises":
+            raise RuntimeError("cannot build")
+        if candidate.name == "crashes":
+            def crash():
+                raise MemoryError("out of scratch memory")
+            return crash
+        if candidate.name == "wrong":
+            right = runner(spec, autotune.Candidate("torch"), x, w, b)
+            return lambda: right() + 1
+        return runner(spec, candidate, x, w, b)
+
+    monkeypatch.setattr(autotune, "_runner", failing_runner)
+    before = zeroskip.stats()["tune_failures"]
+    result = autotune.tune(SPEC, 0.3, **FAST)
+    assert set(result.errors) == {"raises", "crashes", "wrong"}
+    assert result.errors["raises"] == "RuntimeError: cannot build"
+    assert result.errors["crashes"] == "MemoryError: out of scratch memory"
+    assert "differs from torch" in result.errors["wrong"]
+    assert all(result.ms[n] == math.inf for n in result.errors)
+    assert all(math.isfinite(ms) for n, ms in result.ms.items() if n not in result.errors)
+    assert result.choice not in result.errors
+    assert zeroskip.stats()["tune_failures"] == before + 3
+
+
+def test_tune_rejects_gradient_ops():
+    with pytest.raises(ValueError, match="forward ops"):
+        autotune.tune(SPEC.grad_weight(), 0.5, **FAST)
+
+
+def test_tune_all_records_every_case(db_path):
+    results = autotune.tune_all([SPEC], [1.0, 0.1], progress=False, **FAST)
+    assert [r.density for r in results] == [1.0, 0.1]
+    saved = autotune.TuningDB(db_path)
+    for r in results:
+        assert saved.lookup(SPEC, r.density) == r.choice
+        record = saved.records[saved.here][autotune.spec_key(SPEC)][f"{r.density:g}"]
+        assert record["ms"]["torch"] == pytest.approx(r.ms["torch"], abs=1e-5)
+
+
+# --------------------------------------------------------------------------------- dispatch
+@pytest.fixture
+def call(monkeypatch):
+    """The Call of SPEC with fresh per-call state, and its weights: ``(call, weight, bias)``."""
+    monkeypatch.setattr(ops, "_calls", {})
+    monkeypatch.delenv("ZEROSKIP_SPARSE", raising=False)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 8, 3, 3, generator=gen)
+    bias = torch.randn(16, generator=gen)
+    zf.conv2d(torch.randn(SHAPE), weight, bias, padding=1)
+    (found,) = ops._calls.values()
+    assert found.spec == SPEC
+    return found, weight, bias
+
+
+def _run(call, weight, bias, density: float) -> None:
+    """Run SPEC on an input of ``density`` through zeroskip and check it against torch."""
+    x = autotune.sparse_input(SHAPE, density, seed=3)
+    torch.testing.assert_close(zf.conv2d(x, weight, bias, padding=1),
+                               F.conv2d(x, weight, bias, padding=1), rtol=1e-4, atol=1e-4)
+
+
+def test_untuned_dispatch_follows_the_cost_model(call, monkeypatch):
+    found, weight, bias = call
+    assert found.forward.crossover > 0
+    monkeypatch.setattr(found.forward, "crossover", 0.5)    # a synthetic crossover
+    zeroskip.stats(reset=True)
+    for density, want in ((0.1, "sparse"), (0.45, "sparse"), (0.55, "dense"), (0.9, "dense")):
+        _run(call, weight, bias, density)
+        assert found.last == want, density
+        assert found.last_density == pytest.approx(density)
+    counts = zeroskip.stats(reset=True)
+    assert counts["sparse_calls"] == 2 and counts["kernel_calls"] == 4
+    assert counts["torch_choices"] == counts["fallback_calls"] == 0
+
+
+def test_no_crossover_means_always_dense(call, monkeypatch):
+    found, weight, bias = call
+    monkeypatch.setattr(found.forward, "crossover", 0.0)
+    _run(call, weight, bias, 0.05)
+    assert found.last == "dense"
+
+
+def test_tuned_choice_wins_over_the_cost_model(call, monkeypatch):
+    found, weight, bias = call
+    monkeypatch.setattr(found.forward, "crossover", 0.5)
+    db = autotune.database()
+    db.record(SPEC, 0.3, "torch", {"torch": 1.0})      # bucket (0.2, 0.3]
+    db.record(SPEC, 0.7, "sparse", {"sparse": 1.0})    # bucket (0.5, 0.7]
+    db.record(SPEC, 0.1, "dense/w6", {"dense/w6": 1.0})
+    before = zeroskip.stats()["torch_choices"]
+    _run(call, weight, bias, 0.25)
+    assert found.last == "torch" and zeroskip.stats()["torch_choices"] == before + 1
+    assert found.last_density == pytest.approx(0.25)
+    _run(call, weight, bias, 0.6)
+    assert found.last == "sparse"
+    _run(call, weight, bias, 0.08)
+    assert found.last == "dense/w6"
+    _run(call, weight, bias, 0.45)           # an untuned bucket: the cost model decides
+    assert found.last == "sparse"
+    _run(call, weight, bias, 1.0)
+    assert found.last == "dense"
+    assert zeroskip.stats()["torch_choices"] == before + 1
+
+
+def test_dispatch_follows_records_added_later(call, monkeypatch):
+    """A Call notices records added after its first run (the database's generation)."""
+    found, weight, bias = call
+    monkeypatch.setattr(found.forward, "crossover", 0.5)
+    _run(call, weight, bias, 0.25)
+    assert found.last == "sparse"
+    autotune.database().record(SPEC, 0.3, "torch", {})
+    _run(call, weight, bias, 0.25)
+    assert found.last == "torch"
+
+
+def test_sparse_off_forces_dense(call, monkeypatch):
+    found, weight, bias = call
+    monkeypatch.setattr(found.forward, "crossover", 0.5)
+    autotune.database().record(SPEC, 0.3, "torch", {})
+    monkeypatch.setenv("ZEROSKIP_SPARSE", "0")
+    for density in (0.05, 0.25):
+        _run(call, weight, bias, density)
+        assert found.last == "dense" and found.last_density == 1.0
