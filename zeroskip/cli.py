@@ -228,7 +228,7 @@ def _check_sweep_flags(args: argparse.Namespace, parser: argparse.ArgumentParser
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            parser.error("--plot needs matplotlib (pip install matplotlib)")
+            parser.error("--plot needs matplotlib (pip install zeroskip[plot])")
 
 
 def _spec_file(path: Path, parser: argparse.ArgumentParser) -> list[tuple[str, LayerSpec]]:
