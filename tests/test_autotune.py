@@ -78,7 +78,9 @@ def test_record_save_and_load(db_path):
     assert loaded.lookup(SPEC, 0.1) == loaded.lookup(SPEC, 0.06) == "sparse"
     assert loaded.lookup(dataclasses.replace(SPEC, batch=4, density=0.3), 0.1) == "sparse"
     assert loaded.lookup(SPEC, 0.8) == "dense/w6"
-    assert loaded.lookup(SPEC, 0.3) is None and loaded.lookup(OTHER, 0.1) is None
+    assert loaded.lookup(OTHER, 0.1) is None
+    # Untuned densities take the record tuned nearest by ratio (0.3 is 3x from 0.1, 3.3x from 1).
+    assert loaded.lookup(SPEC, 0.3) == "sparse" and loaded.lookup(SPEC, 0.35) == "dense/w6"
     record = loaded.records[loaded.here][autotune.spec_key(SPEC)]["0.1"]
     assert record["ms"] == {"torch": 1.0, "sparse": 0.25, "dense": None}   # failed: null
     assert loaded.crossover(SPEC) == 0.1 and loaded.crossover(OTHER) is None
@@ -320,9 +322,10 @@ def test_tuned_choice_wins_over_the_cost_model(call, monkeypatch):
     found, weight, bias = call
     monkeypatch.setattr(found.forward, "crossover", 0.5)
     db = autotune.database()
-    db.record(SPEC, 0.3, "torch", {"torch": 1.0})      # bucket (0.2, 0.3]
-    db.record(SPEC, 0.7, "sparse", {"sparse": 1.0})    # bucket (0.5, 0.7]
+    db.record(SPEC, 0.3, "torch", {"torch": 1.0})
+    db.record(SPEC, 0.7, "sparse", {"sparse": 1.0})
     db.record(SPEC, 0.1, "dense/w6", {"dense/w6": 1.0})
+    db.record(SPEC, 1.0, "dense", {"dense": 1.0})
     before = zeroskip.stats()["torch_choices"]
     _run(call, weight, bias, 0.25)
     assert found.last == "torch" and zeroskip.stats()["torch_choices"] == before + 1
@@ -331,11 +334,21 @@ def test_tuned_choice_wins_over_the_cost_model(call, monkeypatch):
     assert found.last == "sparse"
     _run(call, weight, bias, 0.08)
     assert found.last == "dense/w6"
-    _run(call, weight, bias, 0.45)           # an untuned bucket: the cost model decides
-    assert found.last == "sparse"
+    _run(call, weight, bias, 0.45)           # untuned: the nearest tuned density by ratio, 0.3
+    assert found.last == "torch"
     _run(call, weight, bias, 1.0)
     assert found.last == "dense"
-    assert zeroskip.stats()["torch_choices"] == before + 1
+    assert zeroskip.stats()["torch_choices"] == before + 2
+
+
+def test_one_tuned_choice_needs_no_density(call, monkeypatch):
+    """A layer tuned alike at every density runs that choice without sampling its input."""
+    found, weight, bias = call
+    monkeypatch.setattr(found.forward, "crossover", 0.5)
+    autotune.database().record(SPEC, 0.1, "dense", {})
+    autotune.database().record(SPEC, 1.0, "dense", {})
+    _run(call, weight, bias, 0.05)
+    assert found.last == "dense" and found.last_density == 1.0
 
 
 def test_dispatch_follows_records_added_later(call, monkeypatch):

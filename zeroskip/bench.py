@@ -26,7 +26,6 @@ zeros too. :class:`SweepReport` computes the issue's goals for sparse inputs fro
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import datetime
 import json
@@ -48,12 +47,12 @@ from . import functional as Z
 from .codegen.macs import dense_macs, nonzero_macs
 from .runtime import cc, ops, stats
 from .runtime.autotune import (BUSY, MIN_TIME_S, REPEATS, Timing, _calibrate,  # noqa: F401
-                               _loop, busy, sparse_input, time_interleaved)
+                               _loop, busy, sparse_input, steady_allocator,
+                               time_interleaved)
 from .spec import LayerSpec
 
 RTOL = 1e-4            # max |zeroskip - torch| allowed, relative to max |torch|
 SWEEP_DENSITIES = (1.0, 0.5, 0.3, 0.1, 0.05)    # input densities of ``--densities``
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters
 
 
 @dataclass(frozen=True)
@@ -140,20 +139,6 @@ class BenchError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------- timing
-def steady_allocator() -> bool:
-    """Pin glibc malloc's thresholds (mmap at its 32 MiB maximum, no trimming below 1 GiB), so
-    that large temporaries (torch's column buffers, outputs) are reused from the heap instead of
-    being mapped and page-faulted afresh on every call. Left dynamic, glibc's thresholds end up
-    in a different state in each process, and times of layers with large buffers vary up to 4x
-    between runs. Returns whether it applied (glibc only)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    applied = [mallopt(M_MMAP_THRESHOLD, 32 << 20), mallopt(M_TRIM_THRESHOLD, 1 << 30)]
-    return all(applied)
-
-
 @contextlib.contextmanager
 def _cache_dir(path: str) -> Iterator[None]:
     old = os.environ.get("ZEROSKIP_CACHE_DIR")

@@ -13,13 +13,14 @@ filed under a machine fingerprint (CPU model and ISA, threads, compiler, zeroski
 versions); lookups see only the fingerprint of this process, so a record tuned elsewhere is kept
 but never used here. A corrupt file is set aside (``.corrupt``) with a warning and rebuilt.
 
-Densities are kept in :data:`BUCKETS`: a measured density is looked up in the smallest bucket
-at or above it (a choice tuned at a higher density is the conservative one for sparse kernels).
+Densities are recorded in :data:`BUCKETS` (the smallest at or above the tuned density); a
+measured density uses the record tuned nearest to it.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import ctypes
 import gc
 import hashlib
 import itertools
@@ -47,6 +48,7 @@ MIN_TIME_S = 0.02      # every timed loop lasts at least this long
 REPEATS = 7
 BUSY = 0.1             # share of the CPUs other processes may take while timing
 TOLERANCE = 1e-4       # a candidate's max error, relative to the largest magnitude of torch's
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters
 
 
 class ZeroskipTuningWarning(UserWarning):
@@ -56,6 +58,15 @@ class ZeroskipTuningWarning(UserWarning):
 def bucket(density: float) -> float:
     """The smallest bucket at or above ``density``."""
     return next((b for b in BUCKETS if density <= b + 1e-9), 1.0)
+
+
+def nearest(layer: dict[str, dict] | None, density: float) -> dict | None:
+    """Of a layer's records (by bucket), the one tuned at the density nearest ``density`` by
+    ratio: a measured 0.302 uses the record of 0.3, not the untuned bucket 0.4."""
+    if not layer:
+        return None
+    d = max(density, 1e-3)
+    return layer[min(layer, key=lambda b: abs(math.log(max(float(b), 1e-3) / d)))]
 
 
 # --------------------------------------------------------------------------------- timing
@@ -127,6 +138,20 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = REPEAT
         spare = max(0, (os.cpu_count() or 1) - threads)
         contention = min(1.0, max(0.0, (others - spare) / threads))
     return Timing({name: statistics.median(s) for name, s in samples.items()}, contention)
+
+
+def steady_allocator() -> bool:
+    """Pin glibc malloc's thresholds (mmap at its 32 MiB maximum, no trimming below 1 GiB), so
+    that large temporaries (torch's column buffers, outputs) are reused from the heap instead of
+    being mapped and page-faulted afresh on every call. Left dynamic, glibc's thresholds end up
+    in a different state in each process, and times of layers with large buffers vary up to 4x
+    between runs. Returns whether it applied (glibc only)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    applied = [mallopt(M_MMAP_THRESHOLD, 32 << 20), mallopt(M_TRIM_THRESHOLD, 1 << 30)]
+    return all(applied)
 
 
 # --------------------------------------------------------------------------------- database
@@ -222,11 +247,9 @@ class TuningDB:
         return machines, records
 
     def lookup(self, spec: LayerSpec, density: float) -> str | None:
-        """The tuned choice for ``spec`` at ``density`` on this machine, or None."""
-        layer = self.records.get(self.here, {}).get(spec_key(spec))
-        if not layer:
-            return None
-        record = layer.get(f"{bucket(density):g}")
+        """The choice tuned for ``spec`` on this machine at the density nearest ``density``, or
+        None if the layer was not tuned here."""
+        record = nearest(self.records.get(self.here, {}).get(spec_key(spec)), density)
         return record["choice"] if record else None
 
     def crossover(self, spec: LayerSpec) -> float | None:
@@ -421,6 +444,7 @@ def tune_all(specs: Iterable[LayerSpec], densities: Iterable[float], db: TuningD
              ) -> list[Result]:
     """Tune every spec at every density, recording each winner in ``db`` (saved at the end)."""
     from tqdm import tqdm
+    steady_allocator()      # as the bench does: torch's large buffers otherwise vary 4x
     db = db if db is not None else database()
     jobs = [(s, d) for s in specs for d in densities]
     results = []

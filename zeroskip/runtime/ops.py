@@ -209,30 +209,34 @@ class Call:
     last_density: float = 1.0             # the density the latest call measured
     _grads: dict = dataclasses.field(default_factory=dict)
     _variants: dict = dataclasses.field(default_factory=dict)
-    _tuned: tuple = (None, None)          # (database generation, this layer's records)
+    _tuned: tuple = (None, None, None)    # (database generation, its records, their one choice)
 
     def choose(self, x: torch.Tensor) -> str:
         """The candidate to run on ``x`` (contiguous, batched): a variant name or 'torch'."""
         from . import autotune
-        records = self._records(autotune.database())
-        if (not records and self.forward.crossover <= 0) or not x.numel() or \
-                os.environ.get("ZEROSKIP_SPARSE", "1") == "0":
-            self.last_density = 1.0
+        self.last_density = 1.0
+        if os.environ.get("ZEROSKIP_SPARSE", "1") == "0":
+            return "dense"
+        records, same = self._records(autotune.database())
+        if same is not None:             # tuned alike at every density: no need to measure
+            return same
+        if (not records and self.forward.crossover <= 0) or not x.numel():
             return "dense"
         density = self.forward.lib.density(x.shape[0], x.data_ptr())
         self.last_density = density
         if records:
-            record = records.get(f"{autotune.bucket(density):g}")
-            if record is not None:
-                return record["choice"]
+            return autotune.nearest(records, density)["choice"]
         return "sparse" if density < self.forward.crossover else "dense"
 
-    def _records(self, db) -> dict | None:
-        generation, records = self._tuned
+    def _records(self, db) -> tuple[dict | None, str | None]:
+        """This layer's tuned records on this machine, and their choice if they all agree."""
+        generation, records, same = self._tuned
         if generation != db.generation:
             records = db.records.get(db.here, {}).get(_spec_key(self.spec))
-            self._tuned = (db.generation, records)
-        return records
+            choices = {r["choice"] for r in records.values()} if records else set()
+            same = choices.pop() if len(choices) == 1 else None
+            self._tuned = (db.generation, records, same)
+        return records, same
 
     def kernel(self, name: str) -> Kernel | None:
         """The kernel of variant ``name`` (compiled on first use); None if it cannot be built,
