@@ -305,12 +305,7 @@ def _calls(spec: LayerSpec, x, w, b) -> tuple[Callable[[], torch.Tensor], ...]:
 def _dense_kernel_call(call: ops.Call, x, w, b) -> Callable[[], torch.Tensor]:
     """The layer's generated dense kernel launched as ``Call.run`` launches it, the dispatch
     bypassed: what the dense goal measures where the dispatch chose something else."""
-    kernel, rhs = call.forward, w.detach().contiguous()
-
-    def run() -> torch.Tensor:
-        out = torch.empty((x.shape[0], *call.out_shape), dtype=x.dtype)
-        return kernel.launch(x, kernel.pack(w, b), rhs, out)
-    return run
+    return lambda: call.launch(call.forward, x, w, b)
 
 
 def _timed_row(layer: Layer, spec: LayerSpec, density: float, compile_s: float | None,
@@ -500,15 +495,26 @@ class Report:
             times = [r.compile_s for r in self.rows]
             lines.append(f"- cold compile: median {statistics.median(times):.2f} s, "
                          f"max {max(times):.2f} s")
-        shares = [x.contention for x in (*self.rows, o) if busy(x.contention)]
-        if shares:
-            lines.append(f"- *: other processes took up to {max(shares):.0%} of the bench's "
-                         f"CPUs while this was timed ({len(shares)} of {len(self.rows) + 1}): "
-                         "unreliable, rerun on a quiet machine")
-        lines += ["", "| goal | measured | met |", "|---|---:|---|"]
-        lines += [f"| {g} | {v:.2f} | {'yes' if met else 'NO'}{' *' if load else ''} |"
-                  for g, v, met, load in self.goals()]
+        lines += _load_note([x.contention for x in (*self.rows, o)])
+        lines += _goal_table(self.goals())
         return "\n".join(lines)
+
+
+def _load_note(contentions: list[float | None]) -> list[str]:
+    """The footnote for timings marked '*' (none when no timing was disturbed)."""
+    shares = [c for c in contentions if busy(c)]
+    if not shares:
+        return []
+    return [f"- *: other processes took up to {max(shares):.0%} of the bench's CPUs while this "
+            f"was timed ({len(shares)} of {len(contentions)}): unreliable, rerun on a quiet "
+            "machine"]
+
+
+def _goal_table(goals) -> list[str]:
+    """The goals as a markdown table: goal, measured, met ('*': measured under load)."""
+    return ["", "| goal | measured | met |", "|---|---:|---|"] + [
+        f"| {g} | {v:.2f} | {'yes' if met else 'NO'}{' *' if load else ''} |"
+        for g, v, met, load in goals]
 
 
 def _mark(contention: float | None) -> str:
@@ -662,14 +668,8 @@ class SweepReport:
             lines.append("- crossover of the sparse kernel vs torch (highest swept density at "
                          "which it ran and was at least as fast): "
                          + ", ".join(f"{name} {d:g}" for name, d in crossovers.items()))
-        shares = [r.contention for r in self.rows if busy(r.contention)]
-        if shares:
-            lines.append(f"- *: other processes took up to {max(shares):.0%} of the bench's "
-                         f"CPUs while this was timed ({len(shares)} of {len(self.rows)}): "
-                         "unreliable, rerun on a quiet machine")
-        lines += ["", "| goal | measured | met |", "|---|---:|---|"]
-        lines += [f"| {g} | {v:.2f} | {'yes' if met else 'NO'}{' *' if load else ''} |"
-                  for g, v, met, load in self.goals()]
+        lines += _load_note([r.contention for r in self.rows])
+        lines += _goal_table(self.goals())
         return "\n".join(lines)
 
 
@@ -926,13 +926,8 @@ class BackwardReport:
         lines.append("- the weights are the same in every step, so zeroskip reuses their packed "
                      "layouts (forward and grad_input kernels); after a real optimizer step it "
                      "repacks them once per step, which these times leave out")
-        shares = [c for r in self.rows for c in (r.contention, r.grad_input_contention)
-                  if busy(c)]
-        if shares:
-            timed = len(self.rows) + len(strided)
-            lines.append(f"- *: other processes took up to {max(shares):.0%} of the bench's "
-                         f"CPUs while this was timed ({len(shares)} of {timed}): unreliable, "
-                         "rerun on a quiet machine")
+        lines += _load_note([r.contention for r in self.rows] +
+                            [r.grad_input_contention for r in strided])
         return "\n".join(lines)
 
 

@@ -2,13 +2,14 @@
 
 :func:`kernel_for` turns a :class:`LayerSpec` into a loaded :class:`Kernel`: the compiler's
 passes, the plan, the rendered C, the cache (compiling on a miss), ``ctypes``. It is memoized
-per spec in the process, so a repeated call skips rendering and hashing.
+per (spec, variant) in the process, so a repeated call skips rendering and hashing.
 
 :func:`convolution` is what ``zeroskip.functional`` and ``zeroskip.nn`` call. Its fast path is
 one dict lookup keyed by everything but the batch size; the slow path (first call of a shape)
-validates the arguments exactly as torch does and prepares a :class:`Call`: the forward kernel,
-and, compiled on the first backward, the two gradient kernels. What the C kernels do not cover
-runs on torch's op through :func:`stats.fallback`.
+validates the arguments exactly as torch does and prepares a :class:`Call`, whose dispatch picks
+per call between the layer's dense and sparse kernels (or torch's op, where tuned so). Gradient
+kernels are compiled on the first backward. What the C kernels do not cover runs on torch's op
+through :func:`stats.fallback`.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from ..codegen import emit, lower, pipeline
 from ..codegen.ir import IRError
 from ..codegen.passes.choose_strategy import crossover as model_crossover
 from ..spec import LayerSpec, normalize_padding
-from . import cache, cc, stats
+from . import autotune, cache, cc, stats
 
 DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 PACK_CACHE_SIZE = 16
@@ -194,7 +195,8 @@ def run_spec(spec: LayerSpec, tensors: dict[str, torch.Tensor],
 # --------------------------------------------------------------------------------- calls
 @dataclasses.dataclass
 class Call:
-    """A prepared operator: its spec and kernels (gradient kernels compiled on first use).
+    """A prepared forward operator: its spec, its dense kernel and, compiled on first use, the
+    variants its dispatch picks (gradients: :func:`_gradient_kernel`).
 
     Per call, a layer that could run sparse measures its input's density (sampled in C, a few
     microseconds) and runs what the tuning database chose for that density on this machine, or,
@@ -207,13 +209,11 @@ class Call:
     torch_op: Any = None                  # torch's op on (x, weight, bias): a tuned choice
     last: str = "dense"                   # what the latest call ran: dense, sparse, torch, ...
     last_density: float = 1.0             # the density the latest call measured
-    _grads: dict = dataclasses.field(default_factory=dict)
     _variants: dict = dataclasses.field(default_factory=dict)
     _tuned: tuple = (None, None, None)    # (database generation, its records, their one choice)
 
     def choose(self, x: torch.Tensor) -> str:
         """The candidate to run on ``x`` (contiguous, batched): a variant name or 'torch'."""
-        from . import autotune
         self.last_density = 1.0
         if os.environ.get("ZEROSKIP_SPARSE", "1") == "0":
             return "dense"
@@ -232,7 +232,7 @@ class Call:
         """This layer's tuned records on this machine, and their choice if they all agree."""
         generation, records, same = self._tuned
         if generation != db.generation:
-            records = db.records.get(db.here, {}).get(_spec_key(self.spec))
+            records = db.records.get(db.here, {}).get(autotune.spec_key(self.spec))
             choices = {r["choice"] for r in records.values()} if records else set()
             same = choices.pop() if len(choices) == 1 else None
             self._tuned = (db.generation, records, same)
@@ -262,26 +262,13 @@ class Call:
         self.last = choice if kernel is not self.forward else "dense"
         if kernel is not self.forward:
             stats.add("sparse_calls" if choice.startswith("sparse") else "variant_calls")
+        return self.launch(kernel, x, weight, bias)
+
+    def launch(self, kernel: Kernel, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """Run one of this operator's kernels on ``x`` (contiguous, batched)."""
         out = torch.empty((x.shape[0], *self.out_shape), dtype=x.dtype)
-        packed = kernel.pack(weight, bias)
-        return kernel.launch(x, packed, weight.detach().contiguous(), out)
-
-    def grad_kernel(self, which: str) -> Kernel | None:
-        """The kernel of ``spec.grad_input()`` / ``spec.grad_weight()``; None (with a fallback
-        accounted by the caller) when the operator has no spec or no kernel."""
-        if which not in self._grads:
-            try:
-                spec = self.spec.grad_input() if which == "input" else self.spec.grad_weight()
-                self._grads[which] = kernel_for(spec)
-            except (NotImplementedError, cc.CompileError, emit.TemplateError, IRError) as exc:
-                self._grads[which] = exc        # the reason, reported by each fallback
-        found = self._grads[which]
-        return found if isinstance(found, Kernel) else None
-
-
-def _spec_key(spec: LayerSpec) -> str:
-    from .autotune import spec_key
-    return spec_key(spec)
+        return kernel.launch(x, kernel.pack(weight, bias), weight.detach().contiguous(), out)
 
 
 @dataclasses.dataclass(frozen=True)
