@@ -16,38 +16,57 @@ import jinja2
 
 from .lower import AxisPlan, KernelPlan, RegionPlan
 
-TEMPLATE_DIR = Path(str(resources.files("zeroskip") / "templates" / "c"))
+TEMPLATE_ROOT = Path(str(resources.files("zeroskip") / "templates"))
+TEMPLATE_DIR = TEMPLATE_ROOT / "c"
 LAYER_TEMPLATE = "layer.c.jinja"
+# Triton families: one Python module per operator (templates/triton/layer.py.jinja).
+TRITON_FAMILIES = ("direct", "block_sparse", "weight_grad")
 
 
 class TemplateError(RuntimeError):
     """A template failed to render; the message names the template file and line."""
 
 
-@functools.lru_cache(maxsize=1)
-def environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+@functools.lru_cache(maxsize=2)
+def environment(backend: str = "c") -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_ROOT / backend)),
                              undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True, keep_trailing_newline=True)
     env.globals.update(affine=affine, flat=flat, strides=strides, prod=math.prod,
-                       weight_strides=weight_strides, names=names, at=at, describe_region=describe_region)
+                       weight_strides=weight_strides, names=names, at=at,
+                       describe_region=describe_region, box=box, taps_of=taps_of,
+                       tap_lens=tap_lens, unflatten=unflatten, offset=offset)
     return env
 
 
-@functools.lru_cache(maxsize=1)
-def template_hash() -> str:
-    """sha256 over every template file: part of each cache key."""
+@functools.lru_cache(maxsize=2)
+def template_hash(backend: str = "c") -> str:
+    """sha256 over every template file of ``backend``: part of each cache key."""
     digest = hashlib.sha256()
-    for path in sorted(TEMPLATE_DIR.glob("*.jinja")):
+    for path in sorted((TEMPLATE_ROOT / backend).glob("*.jinja")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
 def render(plan: KernelPlan) -> str:
     """The C translation unit of ``plan``."""
-    env = environment()
+    return _render("c", LAYER_TEMPLATE, p=plan)
+
+
+def render_triton(plan: KernelPlan, family: str) -> str:
+    """The Triton module of ``plan`` (lowered with ``backend='triton'``): ``family`` is
+    'direct', 'block_sparse' (forward and input-gradient patterns) or 'weight_grad'."""
+    if family not in TRITON_FAMILIES:
+        raise ValueError(f"family must be one of {TRITON_FAMILIES}, got {family!r}")
+    if (family == "weight_grad") != (plan.pattern == "grad_weight"):
+        raise ValueError(f"family {family!r} does not serve the {plan.pattern} pattern")
+    return _render("triton", "layer.py.jinja", p=plan, family=family)
+
+
+def _render(backend: str, template: str, **context) -> str:
+    env = environment(backend)
     try:
-        return env.get_template(LAYER_TEMPLATE).render(p=plan)
+        return env.get_template(template).render(**context)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"{exc.filename or exc.name}:{exc.lineno}: {exc.message}") from exc
     except Exception as exc:  # an error raised while rendering: find the template frame
@@ -119,3 +138,52 @@ def describe_region(region: RegionPlan) -> str:
         return f"[{a},{b})"
     axes = ", ".join(f"u{rng(a.u0, a.u1)} v{rng(a.v0, a.v1)}" for a in region.axes)
     return f"{region.label}: {axes}; {region.macs_per_sample} MACs per sample"
+
+
+# --------------------------------------------------------------------------------- Triton
+def box(region: RegionPlan) -> int:
+    """Positions in a region's ``u`` box (0 if it is empty)."""
+    return math.prod(max(0, a.u_len) for a in region.axes)
+
+
+def tap_lens(region: RegionPlan) -> list[int]:
+    return [max(0, a.v1 - a.v0) for a in region.axes]
+
+
+def taps_of(region: RegionPlan) -> int:
+    """Pairs in a region's ``v`` box: its taps (forward), or its positions (weight gradient)."""
+    return math.prod(tap_lens(region))
+
+
+def unflatten(flat: str, starts: list[int], lens: list[int]) -> list[str]:
+    """Python expressions of each axis's index when ``flat`` enumerates the box
+    ``[starts, starts + lens)`` in row-major order."""
+    exprs = []
+    for a, (start, n) in enumerate(zip(starts, lens)):
+        inner = math.prod(lens[a + 1:])
+        term = flat if inner == 1 else f"{flat} // {inner}"
+        if a > 0 and n != 1:
+            term = f"({term}) % {n}" if inner != 1 else f"{flat} % {n}"
+        elif n == 1:
+            term = "0"
+        exprs.append(term if start == 0 else f"{start} + {term}" if term != "0" else str(start))
+    return exprs
+
+
+def offset(region: RegionPlan, which: str, part: str, size: tuple[int, ...]) -> str:
+    """Row-major offset, in a tensor of spatial ``size``, of index map ``which`` ('lhs', 'rhs'
+    or 'out') of ``region``, over the per-axis names ``u{a}`` and ``v{a}``: ``part`` 'u' keeps
+    the ``u`` terms and the constant, 'v' the ``v`` terms, 'uv' all of them."""
+    terms, const = [], 0
+    for a, (axis, stride) in enumerate(zip(region.axes, strides(size))):
+        cu, cv, c = {"lhs": (axis.lu, axis.lv, axis.lc), "rhs": (axis.ru, axis.rv, axis.rc),
+                     "out": (axis.ou, 0, axis.oc)}[which]
+        if "u" in part and cu:
+            terms.append(f"{cu * stride}*u{a}")
+        if "v" in part and cv:
+            terms.append(f"{cv * stride}*v{a}")
+        if part != "v":
+            const += c * stride
+    if const or not terms:
+        terms.append(str(const))
+    return " + ".join(t.removeprefix("1*") for t in terms).replace("+ -", "- ")

@@ -34,6 +34,8 @@ from .reference import pad_index
 
 FAMILIES = ("direct", "sparse_gather", "weight_grad")
 CTYPES = {"float32": "float", "float64": "double"}
+# Triton kernels load these and accumulate in float32; the plan's ctype is then the dtype name.
+TRITON_DTYPES = ("float32", "float16", "bfloat16")
 MAX_RANK = 3
 L2_WEIGHT_BYTES = 384 * 1024
 
@@ -159,7 +161,7 @@ class KernelPlan:
 
     @property
     def lanes(self) -> int:
-        return self.vector_bytes // (4 if self.ctype == "float" else 8)
+        return self.vector_bytes // (8 if self.ctype == "double" else 4)
 
     @property
     def taps(self) -> int:
@@ -194,12 +196,18 @@ def tile_shape(c_out: int, lanes: int, vector_bytes: int) -> tuple[int, int]:
     return vectors, width
 
 
-def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT) -> KernelPlan:
+def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
+         backend: str = "c") -> KernelPlan:
     """Lower an optimized, verified graph to a kernel plan; :class:`IRError` if the graph holds a
-    node no template implements. ``variant``'s strategy must be the one the graph was optimized
-    with (``pipeline.run(spec, strategy=...)``); its tile shapes apply here."""
+    node no template of ``backend`` ('c' or 'triton') implements. ``variant``'s strategy must be
+    the one the graph was optimized with (``pipeline.run(spec, strategy=...)``); its tile shapes
+    apply here (C only: Triton's block sizes are launch-time constants)."""
     spec: LayerSpec = graph.graph["spec"]
-    if spec.dtype not in CTYPES:
+    if backend == "triton":
+        if spec.dtype not in TRITON_DTYPES:
+            raise IRError(f"no Triton kernel for dtype {spec.dtype!r}; Triton kernels cover "
+                          f"{list(TRITON_DTYPES)}")
+    elif spec.dtype not in CTYPES:
         raise IRError(f"no C kernel for dtype {spec.dtype!r}; C kernels cover {sorted(CTYPES)}")
     if spec.rank > MAX_RANK:
         raise IRError(f"rank {spec.rank} exceeds {MAX_RANK}")
@@ -214,6 +222,8 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT) 
             raise IRError(f"region {node!r} reads other operands than {contracts[0]!r}")
 
     pad = _pad_plan(graph, lhs_node)
+    if pad and backend == "triton":
+        raise IRError(f"padding mode {pad.mode!r} has no Triton kernel (zero padding has)")
     data = operand(graph, lhs_node, "src") if pad else lhs_node
     if not isinstance(op(graph, data), Input) or not isinstance(op(graph, rhs_node), Input):
         raise IRError("a region must read the operator's inputs (or one padded copy of its data)")
@@ -237,12 +247,14 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT) 
     if isinstance(op(graph, after), PadAdjoint) and not (bias or relu):
         p = op(graph, after)
         adjoint = _pad_table(p.mode, p.shape[2:], p.lo, p.hi)
+        if backend == "triton":
+            raise IRError(f"padding mode {p.mode!r} has no Triton kernel (zero padding has)")
     elif after != output:
         raise IRError(f"no template implements {type(op(graph, after)).__name__} after the "
                       "regions")
 
-    ctype = CTYPES[spec.dtype]
-    lanes = vector_bytes // (4 if ctype == "float" else 8)
+    ctype = CTYPES[spec.dtype] if backend == "c" else spec.dtype
+    lanes = vector_bytes // (8 if ctype == "double" else 4)
     vectors, width = tile_shape(c_out, lanes, vector_bytes)
     width = variant.tile_width or width
     c_out_padded = -(-c_out // (vectors * lanes)) * vectors * lanes
