@@ -18,6 +18,10 @@ if os.environ.get("CI"):
 _SESSION_CACHE = tempfile.mkdtemp(prefix="zeroskip-test-cache-")
 atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 os.environ["ZEROSKIP_CACHE_DIR"] = _SESSION_CACHE
+# No GPU here: in-process Triton kernels run under Triton's interpreter, which must be chosen
+# before triton is first imported. Compiling for GPU targets runs in subprocesses without it.
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.pop("ZEROSKIP_BACKEND", None)
 os.environ.pop("ZEROSKIP_STRICT", None)
 os.environ.pop("ZEROSKIP_DUMP", None)
 
@@ -26,9 +30,13 @@ os.environ.pop("ZEROSKIP_DUMP", None)
 def fresh_cache(tmp_path, monkeypatch):
     """An empty cache directory and an empty in-process memo, for tests of compiling."""
     from zeroskip.runtime import ops
+    from zeroskip.runtime import triton as zt
     monkeypatch.setenv("ZEROSKIP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(ops, "_kernels", {})
+    monkeypatch.setattr(zt, "_kernels", {})
     monkeypatch.setattr(ops, "_calls", {})
     ops._gradient_kernel.cache_clear()
+    ops._triton_gradient_kernel.cache_clear()
     yield tmp_path / "cache"
     ops._gradient_kernel.cache_clear()   # its kernels live in the directory just removed
+    ops._triton_gradient_kernel.cache_clear()

@@ -22,6 +22,12 @@ the dense or sparse kernel, a tuned variant, or torch's op where the tuning data
 fastest; the one case where zeroskip may run torch's op). Non-zero MACs then skip the activation
 zeros too. :class:`SweepReport` computes the issue's goals for sparse inputs from the rows, and
 :func:`plot` draws speed-up against density.
+
+With ``--device cuda`` (:func:`run_gpu`), the layers' Triton kernels run on a GPU against torch's
+ops (cuDNN) in float32, float16 and bfloat16 at a GPU batch size: the forward, the input and the
+weight gradient, and the block-sparse kernel at 90% zeros on a block-structured input and on
+random zeros. Each result is checked against torch, then both are timed with
+``triton.testing.do_bench``; :class:`GpuReport` computes the issue's GPU goals from the rows.
 """
 from __future__ import annotations
 
@@ -940,3 +946,284 @@ def run_backward(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
                        lambda layer: bench_backward_layer(layer, batch, repeats, min_time),
                        _backward_note, log)
     return BackwardReport(rows, {**machine(), "malloc_pinned": pinned}, batch, repeats)
+
+
+# --------------------------------------------------------------------------------- GPU
+# ``zeroskip bench --device cuda``: the suite's Triton kernels against torch (cuDNN) on a GPU.
+GPU_DTYPES = ("float32", "float16", "bfloat16")
+GPU_BATCH = 32
+SPARSE_DENSITY = 0.1        # the block-sparse rows: 90% zeros
+SPARSE_BLOCK = 64           # channels per block of the structured pattern
+GPU_KINDS = ("forward", "grad_input", "grad_weight", "sparse-blocks", "sparse-random")
+GPU_PATTERN_NOTE = (
+    f"sparse-blocks: the block-sparse kernel on a structured input with "
+    f"{1 - SPARSE_DENSITY:.0%} zeros: at each (sample, position), each block of "
+    f"{SPARSE_BLOCK} input channels (all of them where fewer) is zero with probability "
+    f"{1 - SPARSE_DENSITY:.0%} and random normal otherwise, so {1 - SPARSE_DENSITY:.0%} of the "
+    f"(BLOCK_K channels x position) blocks the kernel tests are zero (BLOCK_K <= "
+    f"{SPARSE_BLOCK}); sparse-random: the same kernel on {1 - SPARSE_DENSITY:.0%} zeros at "
+    "random places (ReLU-like, unstructured: almost no block is all zeros, so it shows the "
+    "kernel's cost where its skipping does not apply); torch runs its dense op on the same "
+    "input in both")
+
+
+class GpuUnavailable(BenchError):
+    """The GPU bench cannot run here (no CUDA GPU, no Triton, or Triton's interpreter)."""
+
+
+@dataclass
+class GpuRow:
+    """One Triton kernel of one layer in one dtype against torch's op (milliseconds per call:
+    the median over rounds of ``triton.testing.do_bench``'s median). ``kind``: see
+    :data:`GPU_KINDS`; ``op``, ``kernel_size``, ``stride`` and ``dense`` describe the suite's
+    layer, ``shape`` the operator timed. ``failure`` says why a row has no times."""
+
+    name: str
+    family: str
+    kind: str
+    dtype: str
+    shape: str
+    op: str
+    kernel_size: tuple
+    stride: tuple
+    dense: bool
+    density: float
+    torch_ms: float | None
+    zeroskip_ms: float | None
+    config: str             # the Triton choice timed: 'dense/m64n64k32w4s3', 'sparse/...'
+    tuned: bool             # the config came from the tuning database (else: the default)
+    error: float | None     # max |zeroskip - torch| / max |torch|
+    failure: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """torch time / zeroskip time: above 1, zeroskip is faster."""
+        if self.failure or not self.torch_ms or not self.zeroskip_ms:
+            return None
+        return self.torch_ms / self.zeroskip_ms
+
+
+def _gpu_goals() -> list[tuple[str, float, Callable[[GpuRow], bool]]]:
+    """The issue's GPU goals: ``(goal, target ratio, which rows it is about)``."""
+    return [
+        ("transposed conv on small feature maps (DCGAN and U-Net decoder layers)", 1.3,
+         lambda r: r.kind == "forward" and r.op == "conv_transpose"
+         and r.family in ("dcgan", "unet-dec")),
+        ("conv_grad_input of stride-2 convs", 1.2,
+         lambda r: r.kind == "grad_input" and r.op == "conv" and 2 in tuple(r.stride)),
+        ("dense 3x3 layers", 0.8,
+         lambda r: r.kind == "forward" and r.dense and tuple(r.kernel_size) == (3, 3)),
+        (f"block-sparse at {1 - SPARSE_DENSITY:.0%} zeros (block-structured)", 2.0,
+         lambda r: r.kind == "sparse-blocks"),
+    ]
+
+
+@dataclass
+class GpuReport:
+    rows: list[GpuRow]
+    machine: dict
+    batch: int
+    repeats: int
+
+    @property
+    def dtypes(self) -> list[str]:
+        return list(dict.fromkeys(r.dtype for r in self.rows))
+
+    @property
+    def failures(self) -> list[GpuRow]:
+        return [r for r in self.rows if r.failure]
+
+    def geomean(self, kind: str, dtype: str) -> float | None:
+        return geomean([r.ratio for r in self.rows
+                        if r.kind == kind and r.dtype == dtype and r.ratio])
+
+    def goals(self) -> list[tuple[str, float, bool, bool]]:
+        """``(goal, measured value, met, measured under load)`` for each of the issue's GPU
+        goals the rows measure, per dtype: the geometric mean of torch/zeroskip over the rows
+        the goal is about. A goal with a failed row among them is not met."""
+        found = []
+        for goal, target, about in _gpu_goals():
+            for dtype in self.dtypes:
+                rows = [r for r in self.rows if r.dtype == dtype and about(r)]
+                timed = [r.ratio for r in rows if r.ratio]
+                if not timed:
+                    continue
+                value = geomean(timed)
+                failed = len(rows) - len(timed)
+                note = f", {failed} failed" if failed else ""
+                found.append((f"{goal} >= {target:g}x cuDNN ({dtype}, geomean over "
+                              f"{len(timed)}{note})", value, value >= target and not failed,
+                              False))
+        return found
+
+    def to_json(self) -> str:
+        rows = [{**dataclasses.asdict(r), "ratio": r.ratio} for r in self.rows]
+        return json.dumps({"machine": self.machine, "batch": self.batch, "repeats": self.repeats,
+                           "device": "cuda", "patterns": GPU_PATTERN_NOTE, "rows": rows,
+                           "geomeans": {f"{kind}/{dtype}": self.geomean(kind, dtype)
+                                        for kind in GPU_KINDS for dtype in self.dtypes},
+                           "goals": [{"goal": g, "value": v, "met": m, "under_load": u}
+                                     for g, v, m, u in self.goals()]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GpuReport":
+        data = json.loads(text)
+        names = [f.name for f in dataclasses.fields(GpuRow)]
+        rows = []
+        for row in data["rows"]:
+            values = {n: row.get(n) for n in names}
+            values["kernel_size"] = tuple(values["kernel_size"])
+            values["stride"] = tuple(values["stride"])
+            rows.append(GpuRow(**values))
+        return cls(rows, data["machine"], data["batch"], data["repeats"])
+
+    def markdown(self) -> str:
+        m = self.machine
+        tf32 = "TF32" if m.get("tf32") else "IEEE float32"
+        lines = [f"zeroskip {m.get('zeroskip')} Triton kernels vs torch {m.get('torch')} "
+                 f"(cuDNN {m.get('cudnn')}), {m.get('date')}, {m.get('gpu')} (compute "
+                 f"capability {m.get('capability')}, {m.get('sms')} SMs), CUDA {m.get('cuda')}, "
+                 f"Triton {m.get('triton')}, batch {self.batch}, float32 as {tf32} on both "
+                 f"sides; per call: median of {self.repeats} rounds of triton.testing.do_bench's "
+                 "median (L2 flushed before each call); every result checked against torch "
+                 "first", "",
+                 "| layer | kind | dtype | torch ms | zeroskip ms | ratio | config |",
+                 "|---|---|---|---:|---:|---:|---|"]
+        for r in self.rows:
+            if r.failure:
+                lines.append(f"| {r.name} | {r.kind} | {r.dtype} | - | - | FAILED | "
+                             f"{_cell(r.failure)} |")
+                continue
+            config = r.config + ("" if r.tuned else " (default)")
+            lines.append(f"| {r.name} | {r.kind} | {r.dtype} | {r.torch_ms:.4f} "
+                         f"| {r.zeroskip_ms:.4f} | {r.ratio:.2f}x | {config} |")
+        lines.append("")
+        for dtype in self.dtypes:
+            means = [f"{kind} {value:.2f}x" for kind in GPU_KINDS
+                     for value in [self.geomean(kind, dtype)] if value]
+            if means:
+                lines.append(f"- geomean ratio, {dtype}: " + ", ".join(means))
+        lines.append(f"- {GPU_PATTERN_NOTE}")
+        lines.append("- zeroskip times are the Triton kernel launched as zeroskip's dispatch "
+                     "launches it (output allocated per call, the weight packed once as its "
+                     "cache keeps it), with the config tuned for this GPU where the tuning "
+                     "database has one (else the default, marked)")
+        if self.failures:
+            lines.append(f"- {len(self.failures)} of {len(self.rows)} kernels FAILED (see the "
+                         "table): no times for them")
+        lines += _goal_table(self.goals())
+        return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text made safe for one markdown table cell."""
+    return " ".join(text.replace("|", "/").split())[:300]
+
+
+def gpu_problem(device: str = "cuda") -> str | None:
+    """Why the GPU bench cannot run on ``device`` here, or None."""
+    from .runtime import autotune
+    return autotune._triton_problem(torch.device(device))
+
+
+def gpu_machine(device: str = "cuda") -> dict:
+    """Where the GPU figures were taken: the device's tuning fingerprint, cuDNN, the date."""
+    from .runtime import autotune
+    cudnn = torch.backends.cudnn.version() if torch.device(device).type == "cuda" else None
+    return {**autotune.gpu_fingerprint(device), "cudnn": cudnn,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version()}
+
+
+def gpu_choice(spec: LayerSpec, density: float, device, strategy: str) -> tuple[str, bool]:
+    """``(Triton choice, tuned)``: of the record tuned for ``spec`` on this GPU nearest
+    ``density``, the fastest candidate of ``strategy`` ('dense' or 'sparse'); else that
+    family's default config."""
+    from .runtime import autotune
+    from .runtime import triton as zt
+    record = autotune.nearest(autotune.gpu_records(spec, device), density)
+    if record:
+        ms = {name: v for name, v in record.get("ms", {}).items()
+              if name.startswith(strategy + "/") and v is not None and math.isfinite(v)}
+        if ms:
+            return min(ms, key=ms.get), True
+    return zt.choice_name(strategy, zt.kernel_for(spec, strategy).default), False
+
+
+def _gpu_jobs(spec: LayerSpec) -> list[tuple[str, Callable[[], LayerSpec], float, str, str]]:
+    """``(kind, the operator's spec, density, input pattern, strategy)`` of one layer's rows."""
+    return [("forward", lambda: spec, 1.0, "random", "dense"),
+            ("grad_input", spec.grad_input, 1.0, "random", "dense"),
+            ("grad_weight", spec.grad_weight, 1.0, "random", "dense"),
+            ("sparse-blocks", lambda: spec, SPARSE_DENSITY, "blocks", "sparse"),
+            ("sparse-random", lambda: spec, SPARSE_DENSITY, "random", "sparse")]
+
+
+def bench_gpu_layer(layer: Layer, dtype: str = "float32", batch: int = GPU_BATCH,
+                    repeats: int = REPEATS, device: str = "cuda", tune: bool = False,
+                    min_time: float = MIN_TIME_S) -> list[GpuRow]:
+    """Every :data:`GPU_KINDS` row of one layer in one dtype: each Triton kernel checked
+    against torch's op, then both timed (:func:`autotune.time_device`: ``do_bench`` on a GPU;
+    ``device`` 'cpu' runs Triton's interpreter, for tests). With ``tune``, each kernel is
+    tuned for this GPU first (:func:`autotune.tune_triton`, recorded in the database). A row
+    that fails keeps the reason in ``failure``; the others still run."""
+    from .runtime import autotune
+    base = dataclasses.replace(layer.spec, batch=batch, dtype=dtype)
+    rows = []
+    for kind, make, density, pattern, strategy in _gpu_jobs(base):
+        row = GpuRow(layer.name, layer.family, kind, dtype, "", layer.spec.op,
+                     tuple(layer.spec.kernel_size), tuple(layer.spec.stride), layer.dense,
+                     density, None, None, "", False, None)
+        try:
+            spec = make()
+            row.shape = spec.describe()
+            if tune and kind != "sparse-random":     # sparse-random reuses the blocks tuning
+                autotune.tune_triton(spec, density, device, repeats, min_time=min_time,
+                                     pattern=pattern)
+            t = autotune.triton_operands(spec, density, device, pattern)
+            torch_call = autotune.torch_op(spec, t)
+            row.config, row.tuned = gpu_choice(spec, density, device, strategy)
+            _, zs_call = autotune.triton_call(spec, row.config, t)
+            row.error = autotune.relative_error(zs_call(), torch_call())
+            tolerance = autotune.triton_tolerance(dtype, device)
+            if not row.error <= tolerance:
+                raise BenchError(f"zeroskip differs from torch by {row.error:.3g} of the "
+                                 f"largest magnitude (tolerance {tolerance:g})")
+            times, _ = autotune.time_device({"torch": torch_call, "zeroskip": zs_call}, device,
+                                            repeats, min_time)
+            row.torch_ms, row.zeroskip_ms = times["torch"], times["zeroskip"]
+        except Exception as exc:     # build, compile, launch or check: the row says why
+            row.failure = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+    return rows
+
+
+def _gpu_note(rows: list[GpuRow]) -> str:
+    short = {"forward": "fwd", "grad_input": "gi", "grad_weight": "gw",
+             "sparse-blocks": "blocks90", "sparse-random": "random90"}
+    return ", ".join(f"{short.get(r.kind, r.kind)} " +
+                     (f"{r.ratio:.2f}x" if r.ratio else "FAILED") for r in rows)
+
+
+def run_gpu(layers: list[Layer], dtypes: tuple[str, ...] = GPU_DTYPES, batch: int = GPU_BATCH,
+            repeats: int = REPEATS, device: str = "cuda", tune: bool = False,
+            min_time: float = MIN_TIME_S, log: TextIO | None = None) -> GpuReport:
+    """Benchmark the Triton kernels of ``layers`` in each of ``dtypes`` against torch on the
+    GPU (:func:`bench_gpu_layer`); ``log`` gets one line per layer and dtype. Raises
+    :class:`GpuUnavailable` where it cannot run."""
+    problem = gpu_problem(device)
+    if problem:
+        raise GpuUnavailable(problem)
+    for dtype in dtypes:
+        if dtype not in GPU_DTYPES:
+            raise ValueError(f"dtypes must be among {GPU_DTYPES}, got {dtype!r}")
+    jobs = [(layer, dtype) for layer in layers for dtype in dtypes]
+    rows: list[GpuRow] = []
+    for i, (layer, dtype) in enumerate(jobs, 1):
+        start = time.perf_counter()
+        found = bench_gpu_layer(layer, dtype, batch, repeats, device, tune, min_time)
+        rows += found
+        if log:
+            print(f"[{i}/{len(jobs)}] {layer.name} {dtype}: {_gpu_note(found)} "
+                  f"({time.perf_counter() - start:.1f} s)", file=log, flush=True)
+    return GpuReport(rows, gpu_machine(device), batch, repeats)

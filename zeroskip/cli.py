@@ -1,5 +1,6 @@
 """The ``zeroskip`` command line: ``explain`` one operator, ``demo`` the built-in networks,
-``bench`` the generated kernels against torch, ``tune`` them into the tuning database."""
+``bench`` the generated kernels against torch, ``tune`` them into the tuning database,
+``generate`` them ahead of time for GPU targets."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +53,26 @@ def _densities(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected densities in (0, 1] separated by commas, "
                                          f"got {text!r}")
     return values
+
+
+def _comma_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",")]
+    if not all(values):
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+GPU_BATCH = 32
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+               "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _dtypes(text: str) -> tuple[str, ...]:
+    names = [v.strip().lower() for v in text.split(",")]
+    if not names or not all(n in DTYPE_NAMES for n in names):
+        raise argparse.ArgumentTypeError(f"expected float32, float16 or bfloat16 separated by "
+                                         f"commas, got {text!r}")
+    return tuple(dict.fromkeys(DTYPE_NAMES[n] for n in names))
 
 
 def spec_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LayerSpec:
@@ -131,11 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "with --backward, the times of one training step and the "
                                     "MACs skipped over forward and backward; with --densities, "
                                     "each layer on inputs of each density, the strategy "
-                                    "zeroskip chose and the issue's goals for sparse inputs.")
+                                    "zeroskip chose and the issue's goals for sparse inputs; "
+                                    "with --device cuda, the Triton kernels against torch "
+                                    "(cuDNN) on the GPU per dtype, with the issue's GPU goals.")
     be.add_argument("--quick", action="store_true", help="only the quick subset of the suite")
     be.add_argument("--layers", nargs="+", metavar="SUBSTR",
                     help="only the layers whose name or family contains one of these")
-    be.add_argument("--batch", type=_positive, default=1)
+    be.add_argument("--batch", type=_positive, default=None,
+                    help=f"batch size (default 1; {GPU_BATCH} with --device cuda)")
     be.add_argument("--repeats", type=_positive, default=7, metavar="R",
                     help="timed rounds per layer, the median is reported (default 7)")
     be.add_argument("--threads", type=_positive, metavar="T",
@@ -151,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --densities: also plot speed-up vs density per layer (PNG)")
     be.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON")
     be.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table")
+    be.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu (default): the C kernels against torch; cuda: the Triton kernels "
+                         "against torch (cuDNN) on the GPU, forward, input and weight gradients "
+                         "and the block-sparse kernel at 90%% zeros, per dtype, with the "
+                         "issue's GPU goals (exits 1 where no GPU can run them)")
+    be.add_argument("--dtypes", type=_dtypes, metavar="T[,T...]",
+                    help="with --device cuda: float32, float16, bfloat16 (fp32, fp16, bf16; "
+                         "default all three)")
+    be.add_argument("--tune", action="store_true",
+                    help="with --device cuda: tune each kernel on the GPU first (recorded in "
+                         "the tuning database under the GPU's fingerprint)")
     be.set_defaults(subparser=be)
 
     tu = sub.add_parser("tune", help="time every way to run each layer at each density and keep "
@@ -182,6 +217,45 @@ def build_parser() -> argparse.ArgumentParser:
                          "--specs, --quick or --layers, only merge")
     tu.add_argument("--no-progress", action="store_true", help="no progress bar")
     tu.set_defaults(subparser=tu)
+
+    ge = sub.add_parser("generate", help="compile each layer's kernels ahead of time for GPU "
+                                         "targets; write them with their resource usage",
+                        description="Build each layer's kernels (forward: the dense and "
+                                    "block-sparse families; the input- and weight-gradient "
+                                    "kernels unless --forward-only), compile them for each "
+                                    "target and dtype with their default configs (no GPU "
+                                    "needed) and write OUT/<target>/<layer>/<kernel>.{py,ptx,"
+                                    "cubin} and OUT/meta.json: config, registers, shared "
+                                    "memory, spills and sha256 per kernel. Prints a table and "
+                                    "reports the kernels that spill registers or exceed the "
+                                    "target's shared memory. Exits 1 where a kernel failed to "
+                                    "compile (or, with --strict, was reported).")
+    ge.add_argument("layers_file", nargs="?", type=Path, metavar="layers.json",
+                    help="a JSON list of layers (LayerSpec.to_dict() objects) or an object of "
+                         "them by name (default: the benchmark suite)")
+    ge.add_argument("--backend", type=_comma_list, default=["triton"], metavar="B[,B]",
+                    help="kernel backends: triton (default; c: not yet)")
+    ge.add_argument("--target", type=_comma_list, default=["sm_90"], metavar="SM[,SM...]",
+                    help="GPU targets, e.g. sm_80,sm_90 (default sm_90)")
+    ge.add_argument("--dtype", type=_comma_list, metavar="T[,T...]",
+                    help="float32, float16, bfloat16 (default: each layer's own; the suite's "
+                         "are float32)")
+    ge.add_argument("--layout", type=_comma_list, default=["contiguous"], metavar="L[,L]",
+                    help="tensor layouts to specialize for: contiguous, channels_last "
+                         "(default contiguous)")
+    ge.add_argument("--forward-only", action="store_true",
+                    help="only the forward kernels, not the gradients'")
+    ge.add_argument("--out", type=Path, default=Path("zeroskip-kernels"), metavar="DIR",
+                    help="output folder (default zeroskip-kernels)")
+    ge.add_argument("--quick", action="store_true", help="only the quick subset of the suite")
+    ge.add_argument("--layers", nargs="+", metavar="SUBSTR",
+                    help="only the layers whose name (or suite family) contains one of these")
+    ge.add_argument("--jobs", type=_positive, default=2, metavar="J",
+                    help="compile in J processes (default 2)")
+    ge.add_argument("--strict", action="store_true",
+                    help="also exit 1 where a kernel spills or exceeds shared memory")
+    ge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ge.set_defaults(subparser=ge)
     return parser
 
 
@@ -192,15 +266,24 @@ def bench_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     layers = bench.select(args.quick, args.layers)
     if not layers:
         parser.error(f"no layer of the suite matches --layers {' '.join(args.layers)}")
+    _check_device_flags(args, parser)
     _check_sweep_flags(args, parser)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.densities:
-        report = bench.run_sweep(layers, args.densities, args.batch, args.repeats,
+    if args.device == "cuda":
+        try:
+            report = bench.run_gpu(layers, args.dtypes or bench.GPU_DTYPES,
+                                   args.batch or GPU_BATCH, args.repeats, tune=args.tune,
+                                   log=sys.stderr)
+        except bench.GpuUnavailable as exc:
+            print(f"zeroskip bench --device cuda could not run: {exc}", file=sys.stderr)
+            return 1
+    elif args.densities:
+        report = bench.run_sweep(layers, args.densities, args.batch or 1, args.repeats,
                                  log=sys.stderr)
     else:
         run = bench.run_backward if args.backward else bench.run
-        report = run(layers, args.batch, args.repeats, log=sys.stderr)
+        report = run(layers, args.batch or 1, args.repeats, log=sys.stderr)
     text = report.markdown()
     print(text)
     for flag, path, content in (("--json", args.json, report.to_json()),
@@ -215,7 +298,27 @@ def bench_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             bench.plot(report, args.plot)
         except OSError as exc:
             parser.error(f"--plot: cannot write {args.plot}: {exc.strerror}")
+    failed = getattr(report, "failures", [])
+    if failed:
+        print(f"zeroskip bench: {len(failed)} kernel(s) failed to build, run or match torch "
+              "(see the table)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _check_device_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse flags that the chosen device's bench does not take."""
+    if args.device == "cuda":
+        for flag, value in (("--densities", args.densities), ("--backward", args.backward),
+                            ("--plot", args.plot)):
+            if value:
+                parser.error(f"{flag} is for the CPU bench; --device cuda times the forward, "
+                             "both gradients and the block-sparse kernel at 90% zeros")
+    else:
+        for flag, value in (("--dtypes", args.dtypes), ("--tune", args.tune)):
+            if value:
+                parser.error(f"{flag} needs --device cuda (the CPU bench runs float32; tune "
+                             "CPU kernels with zeroskip tune)")
 
 
 def _check_sweep_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -231,28 +334,39 @@ def _check_sweep_flags(args: argparse.Namespace, parser: argparse.ArgumentParser
             parser.error("--plot needs matplotlib (pip install zeroskip[plot])")
 
 
-def _spec_file(path: Path, parser: argparse.ArgumentParser) -> list[tuple[str, LayerSpec]]:
+def _spec_file(path: Path, parser: argparse.ArgumentParser, flag: str = "--specs",
+               named: bool = False, forward_only: bool = True) -> list[tuple[str, LayerSpec]]:
     """The layers of a ``--specs`` file, named by their description; exits 2 (naming the file)
-    where it cannot be read or holds anything but a non-empty list of forward layers."""
+    where it cannot be read or holds anything but a non-empty list of forward layers. With
+    ``named``, an object of layers by name is taken too; without ``forward_only``, any op."""
+    prefix = f"{flag}: " if flag else ""
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
-        parser.error(f"--specs: cannot read {path}: {exc.strerror}")
+        parser.error(f"{prefix}cannot read {path}: {exc.strerror}")
     except ValueError as exc:
-        parser.error(f"--specs: {path} is not JSON: {exc}")
-    if not isinstance(data, list) or not data:
-        parser.error(f"--specs: {path} must hold a non-empty JSON list of layers "
-                     "(LayerSpec.to_dict() objects)")
+        parser.error(f"{prefix}{path} is not JSON: {exc}")
+    if named and isinstance(data, dict) and data:
+        items = list(data.items())
+    elif isinstance(data, list) and data:
+        items = [(None, item) for item in data]
+    else:
+        parser.error(f"{prefix}{path} must hold a non-empty JSON list of layers "
+                     "(LayerSpec.to_dict() objects)" + (" or an object of them by name"
+                                                         if named else ""))
     layers = []
-    for i, item in enumerate(data):
+    for i, (name, item) in enumerate(items):
+        where = f"layer {i}" if name is None else f"layer {name!r}"
         try:
+            if not isinstance(item, dict):
+                raise TypeError("not a LayerSpec.to_dict() object")
             spec = LayerSpec.from_dict(item)
         except (ValueError, TypeError) as exc:
-            parser.error(f"--specs: {path}, layer {i}: {exc}")
-        if spec.op not in FORWARD:
-            parser.error(f"--specs: {path}, layer {i}: tuning covers conv and conv_transpose, "
+            parser.error(f"{prefix}{path}, {where}: {exc}")
+        if forward_only and spec.op not in FORWARD:
+            parser.error(f"{prefix}{path}, {where}: tuning covers conv and conv_transpose, "
                          f"not {spec.op}")
-        layers.append((spec.describe(), spec))
+        layers.append((spec.describe() if name is None else name, spec))
     return layers
 
 
@@ -343,6 +457,62 @@ def tune_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _generate_layers(args: argparse.Namespace, parser: argparse.ArgumentParser
+                     ) -> list[tuple[str, LayerSpec]]:
+    """``(name, spec)`` of the layers to generate: the layers file's, or the suite's, as
+    ``--quick`` and ``--layers`` select them."""
+    if args.layers_file:
+        if args.quick:
+            parser.error("--quick selects layers of the suite, not of a layers file")
+        layers = _spec_file(args.layers_file, parser, flag="", named=True, forward_only=False)
+        if args.layers:
+            layers = [(name, spec) for name, spec in layers
+                      if any(p in name for p in args.layers)]
+    else:
+        from . import bench
+        layers = [(layer.name, layer.spec) for layer in bench.select(args.quick, args.layers)]
+    if not layers:
+        parser.error(f"no layer matches --layers {' '.join(args.layers)}")
+    return layers
+
+
+def generate_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import generate
+    from .runtime import triton as zt
+    for backend in args.backend:
+        if backend == "c":
+            parser.error("--backend c: generating C kernels ahead of time is not supported "
+                         "yet; use --backend triton")
+        if backend not in generate.BACKENDS:
+            parser.error(f"--backend: expected triton, got {backend!r}")
+    for target in args.target:
+        if target not in zt.TARGETS:
+            parser.error(f"--target: expected targets among {', '.join(sorted(zt.TARGETS))}, "
+                         f"got {target!r}")
+    for dtype in args.dtype or ():
+        if dtype not in zt.TORCH_DTYPES:
+            parser.error(f"--dtype: expected dtypes among {', '.join(zt.TORCH_DTYPES)}, "
+                         f"got {dtype!r}")
+    for layout in args.layout:
+        if layout not in generate.LAYOUTS:
+            parser.error(f"--layout: expected layouts among {', '.join(generate.LAYOUTS)}, "
+                         f"got {layout!r}")
+    layers = _generate_layers(args, parser)
+    if not zt.available():
+        parser.error("the triton backend needs Triton (pip install triton)")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out: cannot create {args.out}: {exc.strerror}")
+    meta = generate.generate(layers, args.out, backend="triton", targets=args.target,
+                             dtypes=args.dtype, include_grads=not args.forward_only,
+                             progress=not args.no_progress, jobs=args.jobs,
+                             layouts=args.layout)
+    print(generate.table(meta))
+    print(f"kernels and meta.json written under {args.out}")
+    return 1 if meta["failed"] or (args.strict and meta["reported"]) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -353,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(args, args.subparser)
     if args.command == "tune":
         return tune_main(args, args.subparser)
+    if args.command == "generate":
+        return generate_main(args, args.subparser)
 
     from .explain import explain
     parser = args.subparser

@@ -15,12 +15,22 @@ but never used here. A corrupt file is set aside (``.corrupt``) with a warning a
 
 Densities are recorded in :data:`BUCKETS` (the smallest at or above the tuned density); a
 measured density uses the record tuned nearest to it.
+
+Triton kernels are tuned per GPU (:func:`tune_triton`): the candidates are torch's op (cuDNN)
+and each (family, config) of the layer's Triton kernels (:func:`triton_candidates`), checked
+against torch, dropped where the compiled kernel spills registers or exceeds shared memory,
+and timed with ``triton.testing.do_bench``. Their choices go into the same database, filed under
+a GPU fingerprint (:func:`gpu_fingerprint`: GPU, compute capability, SMs, Triton, CUDA, torch,
+zeroskip, TF32); :func:`gpu_records` is what the GPU dispatch reads. Under Triton's interpreter
+(``TRITON_INTERPRET=1``, CPU tensors) the same runs on a CPU device, filed under a machine of
+its own (``{"gpu": "triton-interpreter"}``): that is how it is tested without a GPU.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import ctypes
+import functools
 import gc
 import hashlib
 import itertools
@@ -167,6 +177,56 @@ def fingerprint_id(print_: dict) -> str:
     return hashlib.sha256(json.dumps(print_, sort_keys=True).encode()).hexdigest()[:16]
 
 
+INTERPRETER = "triton-interpreter"      # the "gpu" of Triton kernels run under its interpreter
+
+
+def _triton_version() -> str | None:
+    from . import triton as zt
+    return zt.triton_version() if zt.available() else None
+
+
+def gpu_fingerprint(device: torch.device | str = "cuda") -> dict:
+    """What makes Triton timings comparable: the GPU (name, compute capability, SM count), the
+    software (Triton, torch, CUDA, zeroskip) and whether float32 runs as TF32 (torch's
+    ``cudnn.allow_tf32``, which the Triton kernels follow). A CPU device stands for Triton's
+    interpreter (``TRITON_INTERPRET=1``), a distinct machine ``{"gpu": "triton-interpreter"}``
+    whose timings say nothing about a GPU."""
+    device = torch.device(device)
+    common = {"triton": _triton_version(), "torch": torch.__version__, "zeroskip": __version__}
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        props = torch.cuda.get_device_properties(index)
+        return {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
+                "sms": props.multi_processor_count, "cuda": torch.version.cuda,
+                "tf32": bool(torch.backends.cudnn.allow_tf32), **common}
+    if device.type == "cpu":
+        return {"gpu": INTERPRETER, "capability": None, "sms": None, "cuda": None,
+                "tf32": False, **common}
+    raise ValueError(f"Triton kernels run on CUDA devices (or on 'cpu' under Triton's "
+                     f"interpreter), not on {device.type!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _gpu_ids(kind: str, index: int | None, tf32: bool) -> tuple[str, dict]:
+    print_ = gpu_fingerprint(torch.device(kind, index) if index is not None else kind)
+    return fingerprint_id(print_), print_
+
+
+def _gpu_print(device: torch.device | str) -> tuple[str, dict]:
+    """``(id, fingerprint)`` of a device, cached (the dispatch asks on every call)."""
+    device = torch.device(device)
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    tf32 = device.type == "cuda" and bool(torch.backends.cudnn.allow_tf32)
+    return _gpu_ids(device.type, index, tf32)
+
+
+def gpu_fingerprint_id(device: torch.device | str = "cuda") -> str:
+    """The id of :func:`gpu_fingerprint` (the scheme of :func:`fingerprint_id`)."""
+    return _gpu_print(device)[0]
+
+
 def spec_key(spec: LayerSpec) -> str:
     """The layer without its batch size and density (those are run-time properties)."""
     data = spec.to_dict()
@@ -246,27 +306,41 @@ class TuningDB:
                         raise TypeError(f"record {key} @ {b} has no choice")
         return machines, records
 
-    def lookup(self, spec: LayerSpec, density: float) -> str | None:
-        """The choice tuned for ``spec`` on this machine at the density nearest ``density``, or
-        None if the layer was not tuned here."""
-        record = nearest(self.records.get(self.here, {}).get(spec_key(spec)), density)
+    def layer(self, spec: LayerSpec, machine: str | None = None) -> dict[str, dict] | None:
+        """The records of ``spec`` (by bucket) on ``machine`` (a fingerprint id: by default this
+        process's CPU, :attr:`here`; :func:`gpu_fingerprint_id` names a GPU), or None."""
+        return self.records.get(machine or self.here, {}).get(spec_key(spec)) or None
+
+    def lookup(self, spec: LayerSpec, density: float, machine: str | None = None) -> str | None:
+        """The choice tuned for ``spec`` on this machine (or ``machine``) at the density nearest
+        ``density``, or None if the layer was not tuned there."""
+        record = nearest(self.layer(spec, machine), density)
         return record["choice"] if record else None
 
-    def crossover(self, spec: LayerSpec) -> float | None:
-        """The highest tuned density at which a sparse kernel won on this machine (None: no
-        record, 0: sparse never won)."""
-        layer = self.records.get(self.here, {}).get(spec_key(spec))
+    def crossover(self, spec: LayerSpec, machine: str | None = None) -> float | None:
+        """The highest tuned density at which a sparse kernel won on this machine (or
+        ``machine``) (None: no record, 0: sparse never won)."""
+        layer = self.layer(spec, machine)
         if not layer:
             return None
         won = [float(b) for b, r in layer.items() if r["choice"].startswith("sparse")]
         return max(won, default=0.0)
 
     # writing
-    def record(self, spec: LayerSpec, density: float, choice: str,
-               ms: dict[str, float]) -> None:
+    def record(self, spec: LayerSpec, density: float, choice: str, ms: dict[str, float],
+               machine: str | None = None, print_: dict | None = None) -> None:
+        """File a choice under this process's CPU fingerprint, or under ``machine`` (a
+        fingerprint id, e.g. :func:`gpu_fingerprint_id`) described by ``print_`` (needed the
+        first time the database sees that machine)."""
         with self._lock:
-            self.machines[self.here] = fingerprint()
-            layer = self.records.setdefault(self.here, {}).setdefault(spec_key(spec), {})
+            if machine is None:
+                machine, print_ = self.here, fingerprint()
+            if print_ is not None:
+                self.machines[machine] = print_
+            elif machine not in self.machines:
+                raise ValueError(f"machine {machine!r} is not in the tuning database: pass its "
+                                 "fingerprint as print_")
+            layer = self.records.setdefault(machine, {}).setdefault(spec_key(spec), {})
             layer[f"{bucket(density):g}"] = {
                 "choice": choice, "date": datetime.date.today().isoformat(),
                 "ms": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in ms.items()}}
@@ -335,6 +409,20 @@ def reset() -> None:
     global _db
     with _db_lock:
         _db = None
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec_key_cached(spec: LayerSpec) -> str:
+    return spec_key(spec)
+
+
+def gpu_records(spec: LayerSpec, device: torch.device | str) -> dict[str, dict] | None:
+    """The Triton tuning records of ``spec`` for ``device`` (its GPU, or Triton's interpreter
+    for a CPU device) in the process's :func:`database`: ``{bucket: record}`` with records as
+    :meth:`TuningDB.record` files them (``record["choice"]``: 'torch', 'dense/<config>' or
+    'sparse/<config>'), or None where the layer was not tuned for it. Pick a record with
+    :func:`nearest` ``(records, density)``. Cheap enough to call per launch."""
+    return database().records.get(_gpu_print(device)[0], {}).get(_spec_key_cached(spec)) or None
 
 
 # --------------------------------------------------------------------------------- candidates
@@ -456,3 +544,392 @@ def tune_all(specs: Iterable[LayerSpec], densities: Iterable[float], db: TuningD
             results.append(result)
     db.save()
     return results
+
+
+# --------------------------------------------------------------------------------- Triton
+# Triton candidates are 'torch' (cuDNN on a GPU) and (strategy, config) pairs of the layer's
+# Triton kernels, named by ``triton.choice_name``: 'dense/m64n64k32w4s3', 'sparse/...' (the
+# block-sparse family). They are checked against torch, then timed with Triton's ``do_bench``
+# on a GPU (or the CPU timing above under Triton's interpreter), and the choice is filed under
+# the GPU's fingerprint in the same database as the CPU choices.
+TRITON_TOLERANCE = {"float32": TOLERANCE, "float16": 1e-2, "bfloat16": 2e-2}
+TF32_TOLERANCE = 1e-2       # float32 on a GPU where torch (and so the kernels) use TF32
+PATTERNS = ("random", "blocks")
+
+
+def triton_tolerance(dtype: str, device: torch.device | str) -> float:
+    """The largest error a Triton candidate may show, relative to the largest magnitude of
+    torch's result: 1e-4 for float32 in IEEE precision, 1e-2 where float32 multiplies as TF32
+    (on a GPU with ``torch.backends.cudnn.allow_tf32``, torch's default), 1e-2 for float16 and
+    2e-2 for bfloat16 (8 significant bits: one rounding of the output is up to 0.8%)."""
+    if dtype == "float32" and torch.device(device).type == "cuda" and \
+            torch.backends.cudnn.allow_tf32:
+        return TF32_TOLERANCE
+    return TRITON_TOLERANCE[dtype]
+
+
+def block_sparse_input(shape: tuple[int, ...], density: float, block: int = 64,
+                       seed: int = 0) -> torch.Tensor:
+    """A block-structured input: at each (sample, position), each block of ``block``
+    consecutive channels (all of them where fewer) is kept with probability ``density`` (random
+    normal values) and is otherwise all zeros. A block-sparse kernel whose channel block
+    (BLOCK_K) divides ``block`` skips ``1 - density`` of its blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    n, c, *size = shape
+    block = max(1, min(block, c))
+    blocks = -(-c // block)
+    keep = torch.rand((n, blocks, *size), generator=gen) < density
+    keep = keep.repeat_interleave(block, dim=1)[:, :c]
+    return torch.randn(shape, generator=gen) * keep
+
+
+def triton_operands(spec: LayerSpec, density: float = 1.0, device: torch.device | str = "cpu",
+                    pattern: str = "random", seed: int = 0) -> dict[str, torch.Tensor]:
+    """The operands of ``spec`` (named as in ``spec.input_shapes``) on ``device`` in the spec's
+    dtype: the data operand (input, or the output gradient of ``conv_grad_input``) random
+    normal at density 1, below it ReLU-like (``pattern`` 'random': :func:`sparse_input`) or
+    block-structured ('blocks': :func:`block_sparse_input`); the others random normal. The
+    weight is a frozen ``nn.Parameter``, as in a model."""
+    from . import ops
+    from . import triton as zt
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+    dtype = zt.TORCH_DTYPES[spec.dtype]
+    gen = torch.Generator().manual_seed(seed + 1)
+    data = ops.OPERANDS[spec.op][0]
+    found = {}
+    for name, shape in spec.input_shapes.items():
+        if name == data and density < 1.0:
+            value = sparse_input(shape, density, seed) if pattern == "random" else \
+                block_sparse_input(shape, density, seed=seed)
+        else:
+            value = torch.randn(shape, generator=gen)
+        value = value.to(device=device, dtype=dtype)
+        found[name] = torch.nn.Parameter(value, requires_grad=False) if name == "weight" \
+            else value
+    return found
+
+
+def _zero_padded_conv(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The associated forward conv of a gradient spec, padded as torch's modules pad."""
+    import torch.nn.functional as F
+    conv = getattr(F, f"conv{spec.rank}d")
+    flat = [p for pair in reversed(spec.padding) for p in pair]
+    mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+    return conv(F.pad(x, flat, mode=mode), w, None, spec.stride, 0, spec.dilation, spec.groups)
+
+
+def torch_op(spec: LayerSpec, t: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """torch's own op for ``spec`` on the operands ``t`` (as :func:`triton_operands` names
+    them), as a call: the forward through ``torch.nn.functional``, the gradients through
+    ``aten.convolution_backward`` (cuDNN on a GPU) of the associated conv."""
+    from . import ops
+    if spec.op in ("conv", "conv_transpose"):
+        return lambda: ops.torch_reference(spec, t["input"], t["weight"], t.get("bias"))
+    c_x = spec.conv_channels[0]
+    like = t["grad_output"]
+    x = t.get("input")
+    if x is None:
+        x = torch.zeros((like.shape[0], c_x, *spec.input_size), dtype=like.dtype,
+                        device=like.device)
+    w = t.get("weight")
+    if w is None:
+        w = torch.zeros(spec.weight_shape, dtype=like.dtype, device=like.device)
+    w = w.detach()
+    which = 0 if spec.op == "conv_grad_input" else 1
+    if spec.padding_mode == "zeros" and all(lo == hi for lo, hi in spec.padding):
+        mask = [which == 0, which == 1, False]
+        args = (None, list(spec.stride), [lo for lo, _ in spec.padding], list(spec.dilation),
+                False, [0] * spec.rank, spec.groups, mask)
+        return lambda: torch.ops.aten.convolution_backward(like, x, w, *args)[which]
+
+    def through_autograd() -> torch.Tensor:
+        with torch.enable_grad():
+            leaves = (x.detach().requires_grad_(which == 0), w.detach().requires_grad_(which == 1))
+            y = _zero_padded_conv(spec, *leaves)
+            return torch.autograd.grad(y, leaves[which], like)[0]
+    return through_autograd
+
+
+def _triton_problem(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on ``device`` here (None: they can)."""
+    from . import triton as zt
+    if not zt.available():
+        return "Triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return (f"no CUDA GPU is visible to torch {torch.__version__} (torch.cuda."
+                    "is_available() is False)")
+        if zt.interpreting():
+            return "Triton was imported with TRITON_INTERPRET=1, so it cannot run CUDA kernels"
+        return None
+    if device.type == "cpu":
+        if not zt.interpreting():
+            return ("Triton kernels run on CPU tensors only under Triton's interpreter: set "
+                    "TRITON_INTERPRET=1 before triton is imported")
+        return None
+    return f"Triton kernels do not run on {device.type} tensors"
+
+
+def _strategies(spec: LayerSpec, density: float) -> list[str]:
+    """The Triton families of a layer: the dense one (the weight gradient's only one), and the
+    block-sparse one for the other ops below density 1 (it cannot win on dense data)."""
+    if spec.op == "conv_grad_weight":
+        return ["dense"]
+    return ["dense", "sparse"] if density < 1.0 else ["dense"]
+
+
+def triton_candidates(spec: LayerSpec, density: float,
+                      target: str | None = None) -> list[Candidate]:
+    """'torch' and, for each config of ``triton.configs(plan)``, 'dense/<config>' and (below
+    density 1, forward and input-gradient ops) 'sparse/<config>'. With ``target`` (e.g.
+    'sm_90'), the configs whose kernel, compiled for that GPU target (no GPU needed: see
+    :func:`target_usage`), spills registers or needs more shared memory than the target has
+    are dropped. Raises what ``triton.kernel_for`` raises for a layer no template covers."""
+    return _triton_candidates(spec, density, target)[0]
+
+
+def _triton_candidates(spec: LayerSpec, density: float, target: str | None
+                       ) -> tuple[list[Candidate], dict[str, str]]:
+    """:func:`triton_candidates` and, by name, why each dropped one was dropped."""
+    from . import triton as zt
+    names = ["torch"]
+    for strategy in _strategies(spec, density):
+        plan = zt.kernel_for(spec, strategy).plan
+        names += [zt.choice_name(strategy, config) for config in zt.configs(plan)]
+    dropped: dict[str, str] = {}
+    if target is not None:
+        for name, meta in target_usage(spec, names[1:], target).items():
+            problem = _misfit(meta)
+            if problem:
+                dropped[name] = f"does not fit {target}: {problem}"
+    return [Candidate(n) for n in names if n not in dropped], dropped
+
+
+def _misfit(meta: dict | str) -> str | None:
+    """Why a kernel compiled for a target does not fit it (None: it does)."""
+    if isinstance(meta, str):
+        return f"it failed to compile ({meta[:500]})"
+    problems = []
+    if meta.get("spill_bytes"):
+        problems.append(f"it spills {meta['spill_bytes']} bytes of registers "
+                        f"({meta.get('registers')} registers)")
+    if meta.get("shared_bytes", 0) > meta.get("shared_limit", math.inf):
+        problems.append(f"it needs {meta['shared_bytes']} bytes of shared memory, the target "
+                        f"has {meta['shared_limit']}")
+    return "; ".join(problems) or None
+
+
+def target_usage(spec: LayerSpec, choices: list[str], target: str) -> dict[str, dict | str]:
+    """``triton.compile_for_target``'s ``meta`` (registers, spills, shared memory) of each
+    Triton choice of ``spec`` compiled for ``target``, or the error where it failed. Needs no
+    GPU; under Triton's interpreter, which cannot compile, it runs in a subprocess."""
+    from . import triton as zt
+    if not zt.interpreting():
+        return _compile_choices(spec.to_dict(), choices, target)
+    import subprocess
+    import sys
+    import tempfile
+    import zeroskip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(zeroskip.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    code = ("import json, sys\n"
+            "from zeroskip.runtime.autotune import _compile_choices\n"
+            "args = json.load(open(sys.argv[1]))\n"
+            "json.dump(_compile_choices(**args), open(sys.argv[2], 'w'))\n")
+    with tempfile.TemporaryDirectory(prefix="zeroskip-target-") as tmp:
+        args, out = Path(tmp) / "args.json", Path(tmp) / "out.json"
+        args.write_text(json.dumps({"spec": spec.to_dict(), "choices": choices,
+                                    "target": target}))
+        done = subprocess.run([sys.executable, "-c", code, str(args), str(out)], env=env,
+                              capture_output=True, text=True, timeout=600 + 120 * len(choices))
+        if done.returncode or not out.exists():
+            raise RuntimeError(f"compiling for {target} failed ({done.returncode}): "
+                               f"{done.stderr.strip()[-2000:]}")
+        return json.loads(out.read_text())
+
+
+def _compile_choices(spec: dict, choices: list[str], target: str) -> dict[str, dict | str]:
+    from . import triton as zt
+    layer = LayerSpec.from_dict(spec)
+    found: dict[str, dict | str] = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+        for name in choices:
+            strategy, config = zt.parse_choice(name)
+            try:
+                kernel = zt.kernel_for(layer, strategy)
+                found[name] = zt.compile_for_target(kernel, target, config)["meta"]
+            except Exception as exc:     # CompilationError and what Triton's backends raise
+                found[name] = f"{type(exc).__name__}: {exc}"
+    return found
+
+
+class DoesNotFit(RuntimeError):
+    """A Triton candidate's kernel spills registers (or does not fit the GPU otherwise)."""
+
+
+class _CompiledSpy:
+    """Stands in for a generated module's ``conv_kernel`` while a candidate is verified,
+    keeping what each launch returned: on a GPU, Triton's ``CompiledKernel`` (``n_regs``,
+    ``n_spills``, ``metadata.shared``)."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, []
+
+    def __getitem__(self, grid):
+        launch = self.fn[grid]
+
+        def run(*args, **kwargs):
+            result = launch(*args, **kwargs)
+            self.compiled.append(result)
+            return result
+        return run
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+
+def _launch_compiled(kernel, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list]:
+    """Run ``run`` once, returning its result and what the kernel's launches returned."""
+    module = kernel.module
+    real = module.conv_kernel
+    spy = module.conv_kernel = _CompiledSpy(real)
+    try:
+        return run(), spy.compiled
+    finally:
+        module.conv_kernel = real
+
+
+def resource_problem(compiled) -> str | None:
+    """Why a kernel Triton compiled for this GPU should not run (it spills registers), or
+    None. (One that needs more shared memory than the GPU has fails to launch already.)"""
+    spills = getattr(compiled, "n_spills", None)
+    if spills:
+        return (f"it spills registers ({spills} spill slots, {getattr(compiled, 'n_regs', '?')} "
+                "registers)")
+    return None
+
+
+def triton_call(spec: LayerSpec, name: str, t: dict[str, torch.Tensor]):
+    """``(kernel, call)`` of a Triton choice on the operands ``t``: the call allocates the
+    output and launches, as the dispatch does (the weight is packed once, as its cache does)."""
+    from . import ops
+    from . import triton as zt
+    strategy, config = zt.parse_choice(name)
+    kernel = zt.kernel_for(spec, strategy)
+    lhs_name, rhs_name = ops.OPERANDS[spec.op]
+    lhs, bias = t[lhs_name], t.get("bias")
+    if spec.op == "conv_grad_weight":
+        rhs, shape = t[rhs_name], spec.output_shape
+    else:
+        rhs, shape = kernel.pack(t[rhs_name]), (lhs.shape[0], *spec.output_shape[1:])
+
+    def run() -> torch.Tensor:
+        out = torch.empty(shape, dtype=lhs.dtype, device=lhs.device)
+        return kernel.launch(lhs, rhs, out, bias, config)
+    return kernel, run
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (in float32), inf where the shapes differ."""
+    if got.shape != want.shape:
+        return math.inf
+    if not want.numel():
+        return 0.0
+    want32 = want.float()
+    scale = max(float(want32.abs().max()), 1e-30)
+    return float((got.float() - want32).abs().max()) / scale
+
+
+def time_cuda(fns: dict[str, Callable[[], object]], repeats: int = REPEATS,
+              rep_ms: float = 20) -> dict[str, float]:
+    """Milliseconds per call of each function on the GPU: ``triton.testing.do_bench``'s median
+    (L2 flushed before each call, CUDA events), in ``repeats`` interleaved rounds whose median
+    is kept (rounds alternate the order, so no function always follows the same one)."""
+    from triton.testing import do_bench
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for round_ in range(repeats):
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            samples[name].append(float(do_bench(fns[name], warmup=5, rep=rep_ms,
+                                                return_mode="median")))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def time_device(fns: dict[str, Callable[[], object]], device: torch.device | str,
+                repeats: int = REPEATS, min_time: float = MIN_TIME_S
+                ) -> tuple[dict[str, float], float | None]:
+    """``(milliseconds per call by name, contention)``: :func:`time_cuda` on a GPU (contention
+    None), :func:`time_interleaved` elsewhere (Triton's interpreter)."""
+    if torch.device(device).type == "cuda":
+        return time_cuda(fns, repeats), None
+    timing = time_interleaved(fns, repeats, min_time)
+    return {name: s * 1e3 for name, s in timing.seconds.items()}, timing.contention
+
+
+def tune_triton(spec: LayerSpec, density: float = 1.0, device: torch.device | str = "cuda",
+                repeats: int = REPEATS, *, min_time: float = MIN_TIME_S,
+                target: str | None = None, pattern: str = "random",
+                db: TuningDB | None = None, save: bool = True) -> Result:
+    """Verify, then time, every Triton candidate of ``spec`` (:func:`triton_candidates`) on
+    ``device`` at the spec's batch size, on operands of ``density`` (``pattern``: see
+    :func:`triton_operands`), and record the winner in ``db`` (the process's database by
+    default; saved unless ``save`` is False) under the device's :func:`gpu_fingerprint`.
+
+    Each candidate runs once and is compared with torch (:func:`triton_tolerance`); one that
+    fails to build or launch, differs, or (on a GPU) spills registers scores ``inf`` with the
+    reason in ``Result.errors``, never stopping the tuning; so do the configs ``target`` drops.
+    The rest are timed with ``triton.testing.do_bench`` on a GPU (:func:`time_cuda`); on a CPU
+    device, under Triton's interpreter (``TRITON_INTERPRET=1``), with the CPU timing."""
+    device = torch.device(device)
+    problem = _triton_problem(device)
+    if problem:
+        from . import triton as zt
+        raise zt.TritonUnavailable(problem)
+    from . import triton as zt
+    if spec.dtype not in zt.TORCH_DTYPES:
+        raise ValueError(f"Triton kernels cover {', '.join(zt.TORCH_DTYPES)}, not {spec.dtype}")
+    t = triton_operands(spec, density, device, pattern)
+    reference = torch_op(spec, t)
+    want = reference()
+    tolerance = triton_tolerance(spec.dtype, device)
+    names, errors = ["torch"], {}
+    try:
+        candidates, dropped = _triton_candidates(spec, density, target)
+        names = [c.name for c in candidates] + list(dropped)
+        errors.update(dropped)
+    except Exception as exc:     # no Triton kernel for this layer: torch is all there is
+        candidates = [Candidate("torch")]
+        names.append("triton")
+        errors["triton"] = f"{type(exc).__name__}: {exc}"
+    runs: dict[str, Callable[[], object]] = {}
+    for candidate in candidates:
+        try:
+            if candidate.name == "torch":
+                run, got, compiled = reference, reference(), []
+            else:
+                kernel, run = triton_call(spec, candidate.name, t)
+                got, compiled = _launch_compiled(kernel, run)
+            error = relative_error(got, want)
+            if not error <= tolerance:
+                raise ArithmeticError(f"differs from torch by {error:.3g} of the largest "
+                                      f"magnitude (tolerance {tolerance:g})")
+            if device.type == "cuda":
+                found = next(filter(None, map(resource_problem, compiled)), None)
+                if found:
+                    raise DoesNotFit(found)
+            runs[candidate.name] = run
+        except Exception as exc:   # a failing candidate scores inf; the tuning goes on
+            errors[candidate.name] = f"{type(exc).__name__}: {exc}"
+            stats.add("tune_failures")
+    times, contention = time_device(runs, device, repeats, min_time) if runs else ({}, None)
+    ms = {name: times.get(name, math.inf) for name in names}
+    result = Result(dataclasses.replace(spec, density=density), density, ms, errors, contention)
+    db = db if db is not None else database()
+    machine, print_ = _gpu_print(device)
+    db.record(spec, density, result.choice, ms, machine=machine, print_=print_)
+    if save:
+        db.save()
+    return result

@@ -10,6 +10,11 @@ validates the arguments exactly as torch does and prepares a :class:`Call`, whos
 per call between the layer's dense and sparse kernels (or torch's op, where tuned so). Gradient
 kernels are compiled on the first backward. What the C kernels do not cover runs on torch's op
 through :func:`stats.fallback`.
+
+Backends: CPU tensors run the C kernels, CUDA tensors the Triton kernels
+(:mod:`.triton`, a :class:`TritonCall`); ``ZEROSKIP_BACKEND=triton`` with ``TRITON_INTERPRET=1``
+runs CPU tensors through the Triton kernels under Triton's interpreter, which is how they are
+tested without a GPU.
 """
 from __future__ import annotations
 
@@ -31,8 +36,11 @@ from ..codegen.ir import IRError
 from ..codegen.passes.choose_strategy import crossover as model_crossover
 from ..spec import LayerSpec, normalize_padding
 from . import autotune, cache, cc, stats
+from . import triton as zt
 
 DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+TRITON_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+BACKENDS = ("c", "triton")
 PACK_CACHE_SIZE = 16
 MACS_PER_THREAD = 1 << 16   # below this much work per thread, waking another costs more
 
@@ -271,6 +279,88 @@ class Call:
         return kernel.launch(x, kernel.pack(weight, bias), weight.detach().contiguous(), out)
 
 
+@dataclasses.dataclass
+class TritonCall:
+    """A prepared forward operator on the Triton backend. Per call it runs the tuning
+    database's choice for this GPU (nearest the layer's declared density: measuring a CUDA
+    tensor's density would synchronize), else the dense kernel at its default config."""
+
+    spec: LayerSpec
+    forward: zt.Kernel                    # the dense kernel
+    out_shape: tuple[int, ...]
+    torch_op: Any = None
+    last: str = "dense"
+    last_density: float = 1.0
+    _failed: set = dataclasses.field(default_factory=set)
+    _ran: set = dataclasses.field(default_factory=set)
+
+    def choose(self, x: torch.Tensor) -> str:
+        """'torch', or a Triton choice name ('dense/m64n64k32w4s3', 'sparse/...')."""
+        default = zt.choice_name("dense", self.forward.default)
+        if os.environ.get("ZEROSKIP_SPARSE", "1") == "0":
+            return default
+        records = autotune.gpu_records(self.spec, x.device)
+        if not records:
+            return default
+        choice = autotune.nearest(records, self.spec.density)["choice"]
+        if choice != "torch" and choice in self._failed:
+            return default
+        return choice
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        choice = self.choose(x)
+        if choice == "torch":
+            self.last = "torch"
+            stats.add("torch_choices")
+            return self.torch_op(x, weight, bias)
+        try:
+            strategy, config = zt.parse_choice(choice)
+            kernel = self.forward if strategy == "dense" else zt.kernel_for(self.spec, strategy)
+        except (ValueError, emit.TemplateError, IRError, zt.TritonUnavailable) as exc:
+            self._failed.add(choice)
+            stats.fallback(f"Triton choice {choice} of {self.spec.describe()} failed to build; "
+                           "the default runs instead", f"{type(exc).__name__}: {exc}")
+            strategy, config = "dense", self.forward.default
+            kernel = self.forward
+        self.last = choice
+        if strategy == "sparse":
+            stats.add("sparse_calls")
+        return self.launch(kernel, x, weight, bias, config)
+
+    def launch(self, kernel: zt.Kernel, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None, config: zt.Config | None = None) -> torch.Tensor:
+        """Run one of this operator's Triton kernels on ``x`` (batched, contiguous or
+        channels_last: the result has the same layout)."""
+        out = torch.empty((x.shape[0], *self.out_shape), dtype=x.dtype, device=x.device,
+                          memory_format=_memory_format(x))
+        b = None if bias is None else bias.detach().contiguous()
+        return _launch_triton(kernel, x, kernel.pack(weight), out, b, config, self._ran)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _launch_triton(kernel: zt.Kernel, lhs, rhs, out, bias, config, ran: set) -> torch.Tensor:
+    """Launch a Triton kernel. Triton compiles a kernel on its first launch; a compile error
+    there is a :class:`zt.TritonLaunchError` (the caller falls back), later errors propagate."""
+    key = (id(kernel), config)
+    if key in ran:
+        return kernel.launch(lhs, rhs, out, bias, config)
+    try:
+        result = kernel.launch(lhs, rhs, out, bias, config)
+    except (ValueError, TypeError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:      # triton.CompilationError and what its backends raise
+        raise zt.TritonLaunchError(f"the Triton kernel {kernel.source} "
+                                   f"({(config or kernel.default).name}) failed: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+    ran.add(key)
+    return result
+
+
 @dataclasses.dataclass(frozen=True)
 class Fallback:
     """Why a call runs on torch's op (``reason``: short and stable, one warning per reason)."""
@@ -304,14 +394,41 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
                     (stride, padding, dilation, groups, output_padding, padding_mode, activation))
 
 
+def _device_type(t: torch.Tensor) -> str:
+    """The device type that picks the backend (a seam for tests: no GPU is on CI)."""
+    return t.device.type
+
+
+def backend_for(t: torch.Tensor) -> str | None:
+    """'c' or 'triton' for a tensor on this device (``ZEROSKIP_BACKEND`` picks for CPU
+    tensors: 'c', the default, or 'triton' under Triton's interpreter), None where no backend
+    runs. ValueError for an unknown ``ZEROSKIP_BACKEND``."""
+    device = _device_type(t)
+    if device == "cuda":
+        return "triton"
+    if device != "cpu":
+        return None
+    wanted = os.environ.get("ZEROSKIP_BACKEND", "") or "c"
+    if wanted not in BACKENDS:
+        raise ValueError(f"ZEROSKIP_BACKEND must be one of {BACKENDS}, got {wanted!r}")
+    return wanted
+
+
+def _covered_dtypes(backend: str | None) -> dict:
+    return {"c": DTYPES, "triton": TRITON_DTYPES}.get(backend, {})
+
+
 def _needs_autograd(input, weight, bias) -> bool:
-    """A call whose result needs a gradient, on tensors the C kernels cover (other calls run
+    """A call whose result needs a gradient, on tensors a backend covers (other calls run
     torch's op with torch's own autograd)."""
     tensors = (input, weight) if bias is None else (input, weight, bias)
-    return (torch.is_grad_enabled() and all(type(t) in (torch.Tensor, torch.nn.Parameter)
-                                            for t in tensors)
-            and any(t.requires_grad for t in tensors)
-            and input.dtype in DTYPES and input.device.type == "cpu")
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)):
+        return False
+    try:
+        return input.dtype in _covered_dtypes(backend_for(input))
+    except ValueError:      # a bad ZEROSKIP_BACKEND: the forward call reports it
+        return False
 
 
 def _forward(op: str, rank: int, input, weight, bias, args: tuple) -> torch.Tensor:
@@ -320,7 +437,8 @@ def _forward(op: str, rank: int, input, weight, bias, args: tuple) -> torch.Tens
 
     stride, padding, dilation, groups, output_padding, padding_mode, activation = args
     try:
-        key = (op, rank, input.dtype, input.device, input.dim(), tuple(input.shape[1:]),
+        key = (op, rank, input.dtype, input.device, os.environ.get("ZEROSKIP_BACKEND"),
+               input.dim(), tuple(input.shape[1:]),
                weight.dtype, weight.device, tuple(weight.shape),
                None if bias is None else (bias.dtype, bias.device, tuple(bias.shape)),
                _freeze(stride), _freeze(padding), _freeze(dilation), groups,
@@ -336,8 +454,17 @@ def _forward(op: str, rank: int, input, weight, bias, args: tuple) -> torch.Tens
         stats.fallback(call.reason, call.detail)
         return torch_op(input, weight, bias)
     batched = input.dim() == rank + 2
-    x = (input if batched else input.unsqueeze(0)).contiguous()
-    out = call.run(x, weight, bias)
+    x = input if batched else input.unsqueeze(0)
+    if isinstance(call, TritonCall):     # channels_last in, channels_last out, no copies
+        try:
+            out = call.run(zt.normalize_layout(x), weight, bias)
+        except zt.TritonLaunchError as exc:
+            _calls[key] = Fallback(f"the Triton kernel of {call.spec.describe()} failed to "
+                                   "compile or launch", str(exc))
+            stats.fallback(_calls[key].reason, _calls[key].detail)
+            return torch_op(input, weight, bias)
+        return out if batched else out.squeeze(0)
+    out = call.run(x.contiguous(), weight, bias)
     if not batched:
         out = out.squeeze(0)
     elif _channels_last(input, rank):
@@ -509,6 +636,9 @@ def _gradient(which: str, grad: torch.Tensor, other: torch.Tensor, size: tuple,
     op, rank = _parse(config)[:2]
     input_shape, weight_shape = (size, other.shape) if which == "input" else (other.shape, size)
     batched = len(input_shape) == rank + 2
+    if backend_for(grad) == "triton":
+        return _triton_gradient(which, grad, other, size, config, tuple(input_shape),
+                                tuple(weight_shape), batched)
     g = (grad if batched else grad.unsqueeze(0)).contiguous()
     kernel = _gradient_kernel(which, config, tuple(input_shape[-rank:]), tuple(weight_shape),
                               grad.dtype)
@@ -523,6 +653,44 @@ def _gradient(which: str, grad: torch.Tensor, other: torch.Tensor, size: tuple,
     x = (other if batched else other.unsqueeze(0)).contiguous()
     lhs, rhs = (g, x) if op == "conv_transpose" else (x, g)
     return kernel.launch(lhs, rhs, rhs, torch.empty(size, dtype=g.dtype))
+
+
+def _triton_gradient(which: str, grad, other, size, config: str, input_shape: tuple,
+                     weight_shape: tuple, batched: bool) -> torch.Tensor:
+    rank = _parse(config)[1]
+    kernel = _triton_gradient_kernel(which, config, input_shape[-rank:], weight_shape,
+                                     grad.dtype)
+    g = zt.normalize_layout(grad if batched else grad.unsqueeze(0))
+    try:
+        if isinstance(kernel, Fallback):
+            raise zt.TritonLaunchError(kernel.detail)
+        if which == "input":
+            out = torch.empty((g.shape[0], *input_shape[-rank - 1:]), dtype=g.dtype,
+                              device=g.device, memory_format=_memory_format(g))
+            out = _launch_triton(kernel, g, kernel.pack(other), out, None, None, _ran_gradients)
+            return out if batched else out.squeeze(0)
+        x = zt.normalize_layout(other if batched else other.unsqueeze(0))
+        lhs, rhs = (g, x) if _parse(config)[0] == "conv_transpose" else (x, g)
+        out = torch.empty(size, dtype=g.dtype, device=g.device)
+        return _launch_triton(kernel, lhs, rhs, out, None, None, _ran_gradients)
+    except zt.TritonLaunchError as exc:
+        stats.fallback(f"no Triton kernel for the {which} gradient of this layer",
+                       f"{type(exc).__name__}: {exc}")
+        return _torch_gradient(which, grad, other, size, config)
+
+
+_ran_gradients: set = set()
+
+
+@functools.lru_cache(maxsize=4096)
+def _triton_gradient_kernel(which: str, config: str, input_size: tuple, weight_shape: tuple,
+                            dtype) -> zt.Kernel | Fallback:
+    spec = _spec_of(config, input_size, weight_shape, False, dtype)
+    try:
+        return zt.kernel_for(spec.grad_input() if which == "input" else spec.grad_weight())
+    except (NotImplementedError, emit.TemplateError, IRError, zt.TritonUnavailable) as exc:
+        return Fallback(f"no Triton kernel for the {which} gradient of {spec.torch_name}",
+                        f"{type(exc).__name__}: {exc}")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -620,12 +788,22 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
     tensors = [t for t in (input, weight, bias) if t is not None]
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
         return Fallback("tensor subclasses are not covered by the C kernels")
-    devices = {t.device.type for t in tensors}
-    if devices != {"cpu"}:
-        return Fallback(f"device {'/'.join(sorted(devices))} is not covered by the C kernels "
-                        "(CPU only)")
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        return Fallback("tensors on different devices")      # torch's op says which
+    try:
+        backend = backend_for(input)
+    except ValueError as exc:
+        return Fallback(str(exc))
+    if backend is None:
+        return Fallback(f"device {input.device.type} is not covered (CPU tensors run C kernels, "
+                        "CUDA tensors Triton kernels)")
+    if backend == "triton":
+        problem = zt.unavailable_reason(input.device)
+        if problem:
+            return Fallback(problem)
     if any(t.layout != torch.strided for t in tensors):
-        return Fallback("sparse or non-strided tensors are not covered by the C kernels")
+        return Fallback("sparse or non-strided tensors are not covered by the kernels")
     if weight.dtype != input.dtype:
         raise RuntimeError(f"{name}: expected scalar type {_scalar(input.dtype)} but found "
                            f"{_scalar(weight.dtype)} (input is {input.dtype}, weight is "
@@ -633,8 +811,9 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
     if bias is not None and bias.dtype != input.dtype:
         raise RuntimeError(f"{name}: Input type ({_scalar(input.dtype).lower()}) and bias type "
                            f"({_scalar(bias.dtype).lower()}) should be the same")
-    if input.dtype not in DTYPES:
-        return Fallback(f"dtype {input.dtype} has no C kernel (float32 and float64 do)")
+    if input.dtype not in _covered_dtypes(backend):
+        names = ", ".join(_covered_dtypes(backend).values())
+        return Fallback(f"dtype {input.dtype} has no {backend} kernel ({names} do)")
     _check_shapes(name, op, rank, input, weight, bias, args[3])
     try:
         spec = _build_spec(op, rank, input.shape, weight.shape, bias is not None, input.dtype,
@@ -648,6 +827,12 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
     if tuple(meta.shape[-rank - 1:]) != out_shape:
         raise AssertionError(f"zeroskip computed output shape {out_shape} for {spec.describe()}"
                              f", torch {tuple(meta.shape)}")
+    if backend == "triton":
+        try:
+            return TritonCall(spec, zt.kernel_for(spec), out_shape, torch_op=torch_op)
+        except (emit.TemplateError, IRError, zt.TritonUnavailable) as exc:
+            return Fallback(f"the Triton kernel of {spec.describe()} failed to build",
+                            f"{type(exc).__name__}: {exc}")
     try:
         kernel = kernel_for(spec)
     except (cc.CompileError, emit.TemplateError, IRError) as exc:

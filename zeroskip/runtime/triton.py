@@ -21,6 +21,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -44,13 +45,41 @@ class TritonUnavailable(RuntimeError):
     """Triton is not installed, or cannot run here (no GPU and no interpreter)."""
 
 
+class TritonLaunchError(RuntimeError):
+    """A Triton kernel failed on its first launch (where Triton compiles it)."""
+
+
 def available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def interpreting() -> bool:
-    """Whether Triton kernels run under Triton's interpreter (on CPU tensors)."""
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on ``device`` here, or None if they can."""
+    if not available():
+        return "Triton is not installed (pip install triton), so CUDA tensors run torch's op"
+    if device.type == "cpu" and not interpreting():
+        if _interpret_requested():
+            return ("TRITON_INTERPRET=1 was set after Triton was imported, which is too late: "
+                    "set it before the process imports triton")
+        return ("ZEROSKIP_BACKEND=triton runs CPU tensors under Triton's interpreter: set "
+                "TRITON_INTERPRET=1 too")
+    if device.type == "cuda" and interpreting():
+        return "Triton was imported with TRITON_INTERPRET=1, so it cannot run CUDA kernels"
+    return None
+
+
+def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run under Triton's interpreter (on CPU tensors). Triton fixes
+    this when it is first imported (its own library functions are made then), so once it is
+    imported the answer is what it was imported as, whatever TRITON_INTERPRET says now."""
+    if "triton.language" not in sys.modules:
+        return _interpret_requested()
+    import triton.language as tl
+    return type(tl.zeros).__name__ == "InterpretedFunction"
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,9 +143,13 @@ def default_config(plan: lower.KernelPlan) -> Config:
     if plan.pattern == "grad_weight":
         return Config(_pow2(plan.c_out, 16, 64), _pow2(plan.c_red, 16, 64), 32, 4, 3)
     if plan.c_red < 16:
-        return Config(128, _pow2(plan.c_out, 1, 64), 16, 4, 2)
+        n = _pow2(plan.c_out, 1, 64)
+        return Config(64, n, 16, 8 if 64 * n >= 4096 else 4, 2)
     k = 32 if plan.ctype == "float32" else 64
-    return Config(64, _pow2(plan.c_out, 16, 128), _pow2(plan.c_red, 16, k), 4, 3)
+    n = _pow2(plan.c_out, 16, 128)
+    # 64x128 float32 accumulators take 64 registers a thread at 4 warps, and the region
+    # address arithmetic on top spilled on sm_90 (ptxas: up to 328 bytes); 8 warps do not.
+    return Config(64, n, _pow2(plan.c_red, 16, k), 8 if 64 * n >= 8192 else 4, 3)
 
 
 def configs(plan: lower.KernelPlan) -> list[Config]:
@@ -126,7 +159,7 @@ def configs(plan: lower.KernelPlan) -> list[Config]:
     if plan.pattern == "grad_weight":
         shapes = [(64, 64, 64, 4, 3), (32, 32, 64, 4, 4), (128, 64, 32, 8, 3)]
     elif plan.c_red < 16:
-        shapes = [(64, base.block_n, 16, 4, 2), (256, base.block_n, 16, 8, 2)]
+        shapes = [(128, base.block_n, 16, 8, 2), (32, base.block_n, 16, 2, 2)]
     else:
         shapes = [(128, 128, 32, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
                   (32, 64, 32, 4, 5), (64, 128, 32, 4, 4)]
@@ -213,9 +246,12 @@ class Kernel:
     def _common(self, config: Config, dtype: torch.dtype) -> dict:
         fp32 = dtype == torch.float32
         tf32 = fp32 and not interpreting() and torch.backends.cudnn.allow_tf32
+        # DOT_F32: Triton 3.9's interpreter computes bfloat16 tl.dot wrongly (garbage of
+        # magnitude 1e10); under it, bfloat16 tiles are widened first. GPUs multiply bf16.
         return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                     USE_DOT=uses_dot(self.plan, config),
                     PRECISION="tf32" if tf32 else "ieee",
+                    DOT_F32=interpreting() and dtype == torch.bfloat16,
                     num_warps=config.warps, num_stages=config.stages)
 
     def _launch_conv(self, x, w, out, bias, config: Config) -> None:
@@ -367,6 +403,9 @@ def compile_for_target(kernel: Kernel, target: str = "sm_90", config: Config | N
     ``cubin`` (bytes) and ``meta``: registers, spills, shared memory and whether it fits."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+    if interpreting():
+        raise TritonUnavailable("compiling for a GPU target needs Triton imported without "
+                                "TRITON_INTERPRET=1 (run it in a process of its own)")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -378,7 +417,7 @@ def compile_for_target(kernel: Kernel, target: str = "sm_90", config: Config | N
     options = {"num_warps": common.pop("num_warps"), "num_stages": common.pop("num_stages")}
     common["PRECISION"] = "tf32" if kernel.spec.dtype == "float32" else "ieee"
     lhs = (p.lhs_channels, p.lhs_size)
-    rank_ok = channels_last and p.rank in (2, 3)
+    rank_ok = channels_last and kernel.spec.rank in (2, 3)   # a 1x1 plan is flattened
 
     def strides(channels, size):
         positions = math.prod(size)
