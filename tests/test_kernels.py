@@ -265,11 +265,12 @@ def test_source_has_no_batch_size(spec):
 @pytest.fixture
 def template_copy(tmp_path, monkeypatch):
     """A writable copy of the templates that emit renders from (environment re-created)."""
-    folder = tmp_path / "templates"
-    shutil.copytree(emit.TEMPLATE_DIR, folder)
-    monkeypatch.setattr(emit, "TEMPLATE_DIR", folder)
+    root = tmp_path / "templates"
+    shutil.copytree(emit.TEMPLATE_ROOT, root)
+    monkeypatch.setattr(emit, "TEMPLATE_ROOT", root)
+    monkeypatch.setattr(emit, "TEMPLATE_DIR", root / "c")
     emit.environment.cache_clear()
-    yield folder
+    yield root / "c"
     emit.environment.cache_clear()
 
 

@@ -422,8 +422,9 @@ def _needs_autograd(input, weight, bias) -> bool:
     """A call whose result needs a gradient, on tensors a backend covers (other calls run
     torch's op with torch's own autograd)."""
     tensors = (input, weight) if bias is None else (input, weight, bias)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)):
+    if not (torch.is_grad_enabled()
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+            and any(t.requires_grad for t in tensors)):
         return False
     try:
         return input.dtype in _covered_dtypes(backend_for(input))
