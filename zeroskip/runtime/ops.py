@@ -460,9 +460,11 @@ def _forward(op: str, rank: int, input, weight, bias, args: tuple) -> torch.Tens
         try:
             out = call.run(zt.normalize_layout(x), weight, bias)
         except zt.TritonLaunchError as exc:
-            _calls[key] = Fallback(f"the Triton kernel of {call.spec.describe()} failed to "
-                                   "compile or launch", str(exc))
-            stats.fallback(_calls[key].reason, _calls[key].detail)
+            failed = Fallback(f"the Triton kernel of {call.spec.describe()} failed to compile "
+                              "or launch", str(exc))
+            if key is not None:       # from now on this layer runs torch's op
+                _calls[key] = failed
+            stats.fallback(failed.reason, failed.detail)
             return torch_op(input, weight, bias)
         return out if batched else out.squeeze(0)
     out = call.run(x.contiguous(), weight, bias)
