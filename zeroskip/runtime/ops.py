@@ -291,21 +291,46 @@ class TritonCall:
     torch_op: Any = None
     last: str = "dense"
     last_density: float = 1.0
-    _failed: set = dataclasses.field(default_factory=set)
+    _resolved: dict = dataclasses.field(default_factory=dict)
+    _tuned: tuple = (None, None)          # ((db generation, device, tf32), the layer's records)
     _ran: set = dataclasses.field(default_factory=set)
+
+    def __post_init__(self):
+        self.default = zt.choice_name("dense", self.forward.default)
+        self._resolved[self.default] = ("dense", self.forward.default, self.forward)
 
     def choose(self, x: torch.Tensor) -> str:
         """'torch', or a Triton choice name ('dense/m64n64k32w4s3', 'sparse/...')."""
-        default = zt.choice_name("dense", self.forward.default)
         if os.environ.get("ZEROSKIP_SPARSE", "1") == "0":
-            return default
-        records = autotune.gpu_records(self.spec, x.device)
-        if not records:
-            return default
-        choice = autotune.nearest(records, self.spec.density)["choice"]
-        if choice != "torch" and choice in self._failed:
-            return default
-        return choice
+            return self.default
+        records = self._records(x.device)
+        return autotune.nearest(records, self.spec.density)["choice"] if records else \
+            self.default
+
+    def _records(self, device: torch.device) -> dict | None:
+        """This layer's tuned records for ``device``, looked up again only when the database
+        or the GPU fingerprint's TF32 setting changes."""
+        key = (autotune.database().generation, device, torch.backends.cudnn.allow_tf32)
+        if self._tuned[0] != key:
+            self._tuned = (key, autotune.gpu_records(self.spec, device))
+        return self._tuned[1]
+
+    def _resolve(self, choice: str) -> tuple[str, zt.Config, zt.Kernel]:
+        """The strategy, config and kernel of a choice, parsed and built once; a choice that
+        cannot be built warns once and resolves to the default."""
+        found = self._resolved.get(choice)
+        if found is None:
+            try:
+                strategy, config = zt.parse_choice(choice)
+                kernel = self.forward if strategy == "dense" else \
+                    zt.kernel_for(self.spec, strategy)
+                found = (strategy, config, kernel)
+            except (ValueError, emit.TemplateError, IRError, zt.TritonUnavailable) as exc:
+                stats.fallback(f"Triton choice {choice} of {self.spec.describe()} failed to "
+                               "build; the default runs instead", f"{type(exc).__name__}: {exc}")
+                found = self._resolved[self.default]
+            self._resolved[choice] = found
+        return found
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         choice = self.choose(x)
@@ -313,15 +338,7 @@ class TritonCall:
             self.last = "torch"
             stats.add("torch_choices")
             return self.torch_op(x, weight, bias)
-        try:
-            strategy, config = zt.parse_choice(choice)
-            kernel = self.forward if strategy == "dense" else zt.kernel_for(self.spec, strategy)
-        except (ValueError, emit.TemplateError, IRError, zt.TritonUnavailable) as exc:
-            self._failed.add(choice)
-            stats.fallback(f"Triton choice {choice} of {self.spec.describe()} failed to build; "
-                           "the default runs instead", f"{type(exc).__name__}: {exc}")
-            strategy, config = "dense", self.forward.default
-            kernel = self.forward
+        strategy, config, kernel = self._resolve(choice)
         self.last = choice
         if strategy == "sparse":
             stats.add("sparse_calls")

@@ -207,6 +207,7 @@ class Kernel:
         self.default = default_config(plan)
         self._packs: dict = {}
         self._lock = threading.Lock()
+        self._launch_args: dict = {}
 
     # The packed weight layout is [group][tap][c_red][c_out]: a k-block's rows are contiguous
     # along output channels.
@@ -244,15 +245,20 @@ class Kernel:
         return out
 
     def _common(self, config: Config, dtype: torch.dtype) -> dict:
-        fp32 = dtype == torch.float32
-        tf32 = fp32 and not interpreting() and torch.backends.cudnn.allow_tf32
-        # DOT_F32: Triton 3.9's interpreter computes bfloat16 tl.dot wrongly (garbage of
-        # magnitude 1e10); under it, bfloat16 tiles are widened first. GPUs multiply bf16.
-        return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                    USE_DOT=uses_dot(self.plan, config),
-                    PRECISION="tf32" if tf32 else "ieee",
-                    DOT_F32=interpreting() and dtype == torch.bfloat16,
-                    num_warps=config.warps, num_stages=config.stages)
+        """The launch's constexprs and options (made once per config, dtype and TF32 setting:
+        this is on every call's path). Callers must not modify the dict."""
+        key = (config, dtype, torch.backends.cudnn.allow_tf32)
+        found = self._launch_args.get(key)
+        if found is None:
+            tf32 = dtype == torch.float32 and not interpreting() and key[2]
+            # DOT_F32: Triton 3.9's interpreter computes bfloat16 tl.dot wrongly (garbage of
+            # magnitude 1e10); under it, bfloat16 tiles are widened first. GPUs multiply bf16.
+            found = self._launch_args[key] = dict(
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                USE_DOT=uses_dot(self.plan, config), PRECISION="tf32" if tf32 else "ieee",
+                DOT_F32=interpreting() and dtype == torch.bfloat16,
+                num_warps=config.warps, num_stages=config.stages)
+        return found
 
     def _launch_conv(self, x, w, out, bias, config: Config) -> None:
         p, mod = self.plan, self.module
@@ -413,7 +419,7 @@ def compile_for_target(kernel: Kernel, target: str = "sm_90", config: Config | N
     config = config or kernel.default
     p = kernel.plan
     ptr = POINTER_TYPES[kernel.spec.dtype]
-    common = kernel._common(config, TORCH_DTYPES[kernel.spec.dtype])
+    common = dict(kernel._common(config, TORCH_DTYPES[kernel.spec.dtype]))
     options = {"num_warps": common.pop("num_warps"), "num_stages": common.pop("num_stages")}
     common["PRECISION"] = "tf32" if kernel.spec.dtype == "float32" else "ieee"
     lhs = (p.lhs_channels, p.lhs_size)
