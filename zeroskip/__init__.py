@@ -3,7 +3,8 @@
 Public API: :class:`LayerSpec` (a validated layer descriptor), :func:`explain` (the compiler's
 passes on a spec: MACs skipped and strategy chosen), ``zeroskip.functional`` and ``zeroskip.nn``
 (drop-ins for torch's convolutions on generated kernels), :func:`convert` (swap a model's
-convolution modules) and :func:`stats` (what ran). The torch-facing parts load on first use, so
+convolution modules), :func:`stats` (what ran) and :func:`load_bundle` (serve kernels compiled
+ahead of time by ``zeroskip generate``, with no compiler). The torch-facing parts load on first use, so
 the compiler itself imports without torch.
 """
 from .explain import Report, explain
@@ -11,7 +12,7 @@ from .spec import LayerSpec
 
 __version__ = "0.1.0"
 __all__ = ["LayerSpec", "explain", "Report", "functional", "nn", "convert", "stats",
-           "__version__"]
+           "load_bundle", "__version__"]
 
 
 def __getattr__(name: str):
@@ -20,6 +21,8 @@ def __getattr__(name: str):
         return importlib.import_module(f".{name}", __name__)
     if name == "convert":
         return importlib.import_module(".conversion", __name__).convert
+    if name == "load_bundle":
+        return importlib.import_module(".runtime.bundle", __name__).load_bundle
     if name == "stats":
         return importlib.import_module(".runtime.stats", __name__).stats
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

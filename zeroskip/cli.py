@@ -1,6 +1,7 @@
 """The ``zeroskip`` command line: ``explain`` one operator, ``demo`` the built-in networks,
 ``bench`` the generated kernels against torch, ``tune`` them into the tuning database,
-``generate`` them ahead of time for GPU targets."""
+``generate`` them ahead of time for GPU targets, ``trace`` a model's conv layers into a layers
+file."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,17 @@ def _densities(text: str) -> tuple[float, ...]:
     return values
 
 
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ints separated by commas, e.g. "
+                                         f"1,3,224,224, got {text!r}")
+    return shape
+
+
 def _comma_list(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",")]
     if not all(values):
@@ -63,6 +75,7 @@ def _comma_list(text: str) -> list[str]:
 
 
 GPU_BATCH = 32
+TRACE_DEFAULT, TRACE_DEFAULT_SHAPE = "zeroskip.models:resnet_stage", (4, 64, 32, 32)
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -218,23 +231,31 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--no-progress", action="store_true", help="no progress bar")
     tu.set_defaults(subparser=tu)
 
-    ge = sub.add_parser("generate", help="compile each layer's kernels ahead of time for GPU "
-                                         "targets; write them with their resource usage",
-                        description="Build each layer's kernels (forward: the dense and "
-                                    "block-sparse families; the input- and weight-gradient "
-                                    "kernels unless --forward-only), compile them for each "
-                                    "target and dtype with their default configs (no GPU "
-                                    "needed) and write OUT/<target>/<layer>/<kernel>.{py,ptx,"
-                                    "cubin} and OUT/meta.json: config, registers, shared "
-                                    "memory, spills and sha256 per kernel. Prints a table and "
-                                    "reports the kernels that spill registers or exceed the "
-                                    "target's shared memory. Exits 1 where a kernel failed to "
-                                    "compile (or, with --strict, was reported).")
+    ge = sub.add_parser("generate", help="compile every kernel of some layers ahead of time "
+                                         "into a bundle that runs without a compiler",
+                        description="Build every kernel the layers need (forward: dense, and "
+                                    "sparse where it may be picked; the input- and "
+                                    "weight-gradient kernels unless --forward-only) into the "
+                                    "bundle OUT: C kernels compiled for this machine "
+                                    "(--backend c; --tune also tunes them here and keeps the "
+                                    "choices), Triton kernels compiled for GPU targets "
+                                    "(--backend triton: OUT/triton/<target>/<layer>/<kernel>."
+                                    "{py,ptx,cubin} and OUT/triton/meta.json with registers, "
+                                    "shared memory and spills), and OUT/manifest.json with the "
+                                    "sha256 of every file, the versions and this machine's "
+                                    "fingerprint. zeroskip.load_bundle(OUT) or "
+                                    "ZEROSKIP_BUNDLE=OUT serves them. Exits 1 where a kernel "
+                                    "failed to build (or, with --strict, a Triton kernel "
+                                    "spills or exceeds shared memory).")
     ge.add_argument("layers_file", nargs="?", type=Path, metavar="layers.json",
                     help="a JSON list of layers (LayerSpec.to_dict() objects) or an object of "
                          "them by name (default: the benchmark suite)")
-    ge.add_argument("--backend", type=_comma_list, default=["triton"], metavar="B[,B]",
-                    help="kernel backends: triton (default; c: not yet)")
+    ge.add_argument("--backend", type=_comma_list, default=["c"], metavar="B[,B]",
+                    help="kernel backends: c (this machine's CPU; the default) and/or triton "
+                         "(GPU targets)")
+    ge.add_argument("--tune", action="store_true",
+                    help="tune each layer's C kernels on this machine at the layer's density "
+                         "and bundle the choices")
     ge.add_argument("--target", type=_comma_list, default=["sm_90"], metavar="SM[,SM...]",
                     help="GPU targets, e.g. sm_80,sm_90 (default sm_90)")
     ge.add_argument("--dtype", type=_comma_list, metavar="T[,T...]",
@@ -256,6 +277,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also exit 1 where a kernel spills or exceeds shared memory")
     ge.add_argument("--no-progress", action="store_true", help="no progress bar")
     ge.set_defaults(subparser=ge)
+
+    tr = sub.add_parser("trace", help="run a model on sample inputs and write each conv layer's "
+                                      "spec with its measured input density",
+                        description="Build the model, run it (eval mode, no gradients) on "
+                                    "--batches random normal batches of --input-shape with a "
+                                    "hook on every convolution, and write each layer's "
+                                    "LayerSpec (with the ReLU fused where zeroskip.convert "
+                                    "fuses it) and its input density (mean, std, min, max over "
+                                    "the calls) to a layers file for zeroskip generate.")
+    tr.add_argument("factory", nargs="?", metavar="MODULE:FACTORY",
+                    help="an importable function or class returning the nn.Module, called "
+                         f"without arguments (default: {TRACE_DEFAULT} on "
+                         f"{','.join(map(str, TRACE_DEFAULT_SHAPE))})")
+    tr.add_argument("--input-shape", type=_input_shape, metavar="N,C,...",
+                    help="the model's input shape, batch first, e.g. 1,3,224,224 (needed with "
+                         "MODULE:FACTORY)")
+    tr.add_argument("--batches", type=_positive, default=4, metavar="N",
+                    help="sample batches to run, each a fresh draw (default 4)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
+    tr.add_argument("--no-fuse-relu", action="store_true",
+                    help="specs for convert(model, fuse_relu=False): no fused ReLU")
+    tr.add_argument("-o", "--out", type=Path, default=Path("layers.json"), metavar="FILE",
+                    help="the layers file to write (default layers.json)")
+    tr.set_defaults(subparser=tr)
     return parser
 
 
@@ -346,27 +391,16 @@ def _spec_file(path: Path, parser: argparse.ArgumentParser, flag: str = "--specs
         parser.error(f"{prefix}cannot read {path}: {exc.strerror}")
     except ValueError as exc:
         parser.error(f"{prefix}{path} is not JSON: {exc}")
-    if named and isinstance(data, dict) and data:
-        items = list(data.items())
-    elif isinstance(data, list) and data:
-        items = [(None, item) for item in data]
-    else:
-        parser.error(f"{prefix}{path} must hold a non-empty JSON list of layers "
-                     "(LayerSpec.to_dict() objects)" + (" or an object of them by name"
-                                                         if named else ""))
-    layers = []
-    for i, (name, item) in enumerate(items):
-        where = f"layer {i}" if name is None else f"layer {name!r}"
-        try:
-            if not isinstance(item, dict):
-                raise TypeError("not a LayerSpec.to_dict() object")
-            spec = LayerSpec.from_dict(item)
-        except (ValueError, TypeError) as exc:
-            parser.error(f"{prefix}{path}, {where}: {exc}")
+    from .trace import parse_layers   # zeroskip trace's layers files are taken too
+    try:
+        layers = parse_layers(data, path, named=named)
+    except ValueError as exc:
+        parser.error(f"{prefix}{exc}")
+    for i, (name, spec) in enumerate(layers):
         if forward_only and spec.op not in FORWARD:
+            where = f"layer {i}" if isinstance(data, list) else f"layer {name!r}"
             parser.error(f"{prefix}{path}, {where}: tuning covers conv and conv_transpose, "
                          f"not {spec.op}")
-        layers.append((spec.describe() if name is None else name, spec))
     return layers
 
 
@@ -478,17 +512,24 @@ def _generate_layers(args: argparse.Namespace, parser: argparse.ArgumentParser
 
 def generate_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import generate
+    from .runtime import bundle
     from .runtime import triton as zt
     for backend in args.backend:
-        if backend == "c":
-            parser.error("--backend c: generating C kernels ahead of time is not supported "
-                         "yet; use --backend triton")
-        if backend not in generate.BACKENDS:
-            parser.error(f"--backend: expected triton, got {backend!r}")
-    for target in args.target:
-        if target not in zt.TARGETS:
-            parser.error(f"--target: expected targets among {', '.join(sorted(zt.TARGETS))}, "
-                         f"got {target!r}")
+        if backend not in bundle.BACKENDS:
+            parser.error(f"--backend: expected c and/or triton, got {backend!r}")
+    triton = "triton" in args.backend
+    if triton:
+        for target in args.target:
+            if target not in zt.TARGETS:
+                parser.error(f"--target: expected targets among "
+                             f"{', '.join(sorted(zt.TARGETS))}, got {target!r}")
+        if not zt.available():
+            parser.error("the triton backend needs Triton (pip install triton)")
+    elif args.dtype or args.layout != ["contiguous"]:
+        parser.error("--dtype and --layout choose Triton kernels: add --backend triton")
+    if args.tune and "c" not in args.backend:
+        parser.error("--tune tunes the C kernels on this machine (Triton kernels are tuned on "
+                     "a GPU: zeroskip bench --device cuda --tune)")
     for dtype in args.dtype or ():
         if dtype not in zt.TORCH_DTYPES:
             parser.error(f"--dtype: expected dtypes among {', '.join(zt.TORCH_DTYPES)}, "
@@ -498,19 +539,74 @@ def generate_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--layout: expected layouts among {', '.join(generate.LAYOUTS)}, "
                          f"got {layout!r}")
     layers = _generate_layers(args, parser)
-    if not zt.available():
-        parser.error("the triton backend needs Triton (pip install triton)")
+    from .runtime.ops import BUILD_ERRORS
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
+        manifest = generate.make_bundle(
+            layers, args.out, backends=args.backend, targets=args.target, tune=args.tune,
+            include_grads=not args.forward_only, progress=not args.no_progress,
+            jobs=args.jobs, layouts=args.layout, dtypes=args.dtype)
+    except ValueError as exc:
+        parser.error(f"--out: {exc}")
     except OSError as exc:
-        parser.error(f"--out: cannot create {args.out}: {exc.strerror}")
-    meta = generate.generate(layers, args.out, backend="triton", targets=args.target,
-                             dtypes=args.dtype, include_grads=not args.forward_only,
-                             progress=not args.no_progress, jobs=args.jobs,
-                             layouts=args.layout)
-    print(generate.table(meta))
-    print(f"kernels and meta.json written under {args.out}")
-    return 1 if meta["failed"] or (args.strict and meta["reported"]) else 0
+        parser.error(f"--out: cannot write {args.out}: {exc.strerror or exc}")
+    except BUILD_ERRORS as exc:
+        print(f"zeroskip generate: a kernel failed to build: {exc}", file=sys.stderr)
+        return 1
+    status = 0
+    if triton:
+        meta = json.loads((args.out / "triton" / "meta.json").read_text())
+        print(generate.table(meta))
+        status = 1 if meta["failed"] or (args.strict and meta["reported"]) else 0
+    c = [k for k in manifest["kernels"] if k["backend"] == "c"]
+    if c:
+        print(f"{len(c)} C kernels of {len(layers)} layers "
+              f"({len({k['key'] for k in c})} distinct) for {manifest['machine']['cpu']}")
+    for s in manifest["skipped"]:
+        if "layer" in s and s.get("role") != "every" and "dtype" not in s:
+            print(f"note: skipped the {s['role']} kernel of {s['layer']}: {s['reason']}")
+    print(f"bundle written to {args.out} ({len(manifest['files'])} files); serve it with "
+          f"zeroskip.load_bundle({str(args.out)!r}) or ZEROSKIP_BUNDLE={args.out}")
+    return status
+
+
+def trace_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import dataclasses
+    import os
+
+    from . import trace
+    target, shape = args.factory, args.input_shape
+    if target is None:
+        target, shape = TRACE_DEFAULT, shape or TRACE_DEFAULT_SHAPE
+    # Like `python -m`, import the factory's module from the working directory too (a console
+    # script's sys.path starts at its own folder).
+    added = os.getcwd() not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        trace.load_factory(target)      # a bad name is reported before a missing shape
+        if shape is None:
+            parser.error(f"--input-shape is needed to trace {target} (e.g. --input-shape "
+                         "1,3,224,224)")
+        model = trace.build_model(target)
+        data = trace.trace(model, shape, args.batches, args.seed,
+                           fuse_relu=not args.no_fuse_relu, name=target)
+    except (ValueError, ImportError, AttributeError, TypeError, trace.TraceError) as exc:
+        parser.error(str(exc))
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    try:
+        trace.write_layers(data, args.out)
+    except OSError as exc:
+        parser.error(f"--out: cannot write {args.out}: {exc.strerror or exc}")
+    width = max(len(layer["name"]) for layer in data["layers"])
+    for layer in data["layers"]:
+        spec = dataclasses.replace(LayerSpec.from_dict(layer["spec"]), density=1.0)
+        density = layer["density"]
+        print(f"{layer['name']:<{width}}  {spec.describe()}  density {density['mean']:.3f} "
+              f"± {density['std']:.3f}")
+    print(f"{len(data['layers'])} conv layers of {target} written to {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -525,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
         return tune_main(args, args.subparser)
     if args.command == "generate":
         return generate_main(args, args.subparser)
+    if args.command == "trace":
+        return trace_main(args, args.subparser)
 
     from .explain import explain
     parser = args.subparser

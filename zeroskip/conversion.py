@@ -32,15 +32,27 @@ def _hooked(module: torch.nn.Module) -> bool:
                 module._backward_hooks or getattr(module, "_backward_pre_hooks", None))
 
 
-def _fuse_relu(model: torch.nn.Module) -> None:
+def fusable_pairs(model: torch.nn.Module) -> list[tuple[torch.nn.Sequential, str, str]]:
+    """``(sequential, conv name, relu name)`` for each ``ConvNd`` that ``convert(model,
+    fuse_relu=True)`` fuses with the ``ReLU`` after it; changes nothing (``zeroskip trace`` asks
+    which layers will run a fused kernel). A conv fuses once, with the first such ReLU."""
+    pairs, fused = [], set()
     for seq in [m for m in model.modules() if type(m) is torch.nn.Sequential]:
         names = list(seq._modules)
         for first, second in zip(names, names[1:]):
             conv, relu = seq._modules[first], seq._modules[second]
-            fused = FUSED_RELU.get(type(conv))
-            if fused and type(relu) is torch.nn.ReLU and not (_hooked(conv) or _hooked(relu)):
-                conv.__class__ = fused
-                seq._modules[second] = torch.nn.Identity()
+            if (type(conv) in FUSED_RELU and id(conv) not in fused
+                    and type(relu) is torch.nn.ReLU and not (_hooked(conv) or _hooked(relu))):
+                pairs.append((seq, first, second))
+                fused.add(id(conv))
+    return pairs
 
 
-__all__ = ["convert"]
+def _fuse_relu(model: torch.nn.Module) -> None:
+    for seq, first, second in fusable_pairs(model):
+        conv = seq._modules[first]
+        conv.__class__ = FUSED_RELU[type(conv)]
+        seq._modules[second] = torch.nn.Identity()
+
+
+__all__ = ["convert", "fusable_pairs"]

@@ -320,6 +320,168 @@ def generate(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
     return meta
 
 
+# --------------------------------------------------------------------------------- bundles
+def served_spec(spec: LayerSpec) -> LayerSpec:
+    """The spec the runtime builds for a call of this layer (batch 1, no expected density):
+    kernels rendered from it match the calls' sources, which is how a bundle is looked up."""
+    return dataclasses.replace(spec, batch=1, density=1.0)
+
+
+def c_kernels(spec: LayerSpec, choices: Iterable[str] = (), include_grads: bool = True
+              ) -> tuple[list[tuple[str, str, LayerSpec]], list[dict]]:
+    """``(role, variant name, spec)`` of every C kernel a layer's calls may load: the forward
+    dense kernel, its sparse variant where the cost model may pick it, the tuned ``choices``,
+    and the input and weight gradients; and the gradients no spec can state, with the reason."""
+    from .codegen import lower
+    from .runtime import ops
+    served = served_spec(spec)
+    if served.op not in FORWARD:
+        role = {"conv_grad_input": "grad_input", "conv_grad_weight": "grad_weight"}[served.op]
+        return [(role, lower.DEFAULT.name, served)], []
+    names = {"sparse"} if ops.kernel_for(served).crossover > 0 else set()
+    names |= {c for c in choices if c not in ("torch", lower.DEFAULT.name, "dense")}
+    kernels = [("forward", lower.DEFAULT.name, served)]
+    kernels += [("forward", name, served) for name in sorted(names)]
+    skipped = []
+    if include_grads:
+        for role, derive in (("grad_input", served.grad_input), ("grad_weight",
+                                                                   served.grad_weight)):
+            try:
+                kernels.append((role, lower.DEFAULT.name, derive()))
+            except (NotImplementedError, ValueError) as exc:
+                skipped.append({"role": role, "spec": served.describe(),
+                                "reason": f"{type(exc).__name__}: {exc}"})
+    return kernels, skipped
+
+
+def _private(path: Path) -> None:
+    """Folders 0755 and files 0644 under ``path``: readable by a service user, writable only
+    by their owner (a bundle with a group- or world-writable file is refused)."""
+    for item in [path, *path.rglob("*")]:
+        item.chmod(0o755 if item.is_dir() else 0o644)
+
+
+def make_bundle(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
+                backends: Iterable[str] = ("c",), targets: Iterable[str] = ("sm_90",),
+                tune: bool = False, include_grads: bool = True, progress: bool = True,
+                jobs: int = 2, layouts: Iterable[str] = ("contiguous",),
+                dtypes: Iterable[str] | None = None) -> dict[str, Any]:
+    """Compile (and with ``tune``, tune on this machine) every kernel ``layers`` need into the
+    bundle directory ``out_dir`` (see :mod:`zeroskip.runtime.bundle`); returns its manifest.
+
+    The bundle is written beside ``out_dir`` and moved into place when complete; an existing
+    ``out_dir`` is replaced only if it is an empty folder or a bundle. A C kernel that fails to
+    build raises (:data:`zeroskip.runtime.ops.BUILD_ERRORS`); Triton kernels that fail to
+    compile for a target are listed in ``triton/meta.json`` as ``generate`` does. ``dtypes``:
+    the Triton kernels' (None: each layer's own); C kernels cover float32 and float64 layers
+    (others are listed as skipped)."""
+    import datetime
+    import shutil
+    import tempfile
+
+    import torch
+    from tqdm import tqdm
+
+    from .codegen import lower
+    from .runtime import autotune, bundle, cc, ops
+    backends = list(dict.fromkeys(backends))
+    for backend in backends:
+        if backend not in bundle.BACKENDS:
+            raise ValueError(f"backend must be among {list(bundle.BACKENDS)}, got {backend!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir / bundle.MANIFEST).is_file() and \
+            (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"{out_dir} exists and is not a bundle: not replacing it")
+    layers = [(name, spec) for name, spec in layers]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        manifest: dict[str, Any] = {
+            "format": bundle.FORMAT, "version": bundle.VERSION, "zeroskip": __version__,
+            "torch": torch.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "machine": bundle.machine(), "backends": backends, "targets": [],
+            "layers": [{"name": name, "spec": served_spec(spec).to_dict(),
+                        "density": spec.density} for name, spec in layers],
+            "kernels": [], "skipped": [], "tuning_machine": None}
+        (tmp / "layers.json").write_text(json.dumps(
+            [{"name": name, "spec": spec.to_dict()} for name, spec in layers], indent=1))
+        db = None
+        if tune:
+            db = autotune.TuningDB(tmp / "tuning.json")
+            manifest["tuning_machine"] = db.here
+        if "c" in backends:
+            command, flags = cc.compiler()
+            manifest["machine"].update(compiler=cc.identity(command), flags=list(flags))
+            for name, spec in tqdm(layers, desc="C kernels", unit="layer", disable=not progress,
+                                   file=sys.stderr):
+                if spec.dtype not in ops.DTYPES.values():
+                    manifest["skipped"].append({
+                        "layer": name, "role": "every", "spec": spec.describe(),
+                        "reason": f"C kernels cover {', '.join(ops.DTYPES.values())}"})
+                    continue
+                choices: set[str] = set()
+                if db is not None and spec.op in FORWARD:
+                    served = served_spec(spec)
+                    result = autotune.tune(dataclasses.replace(served, batch=spec.batch),
+                                           spec.density)
+                    db.record(served, spec.density, result.choice, result.ms)
+                    choices.add(result.choice)
+                kernels, skipped = c_kernels(spec, choices, include_grads)
+                manifest["skipped"] += [{"layer": name, **s} for s in skipped]
+                for role, variant, kspec in kernels:
+                    kernel = ops.kernel_for(kspec, lower.Variant.parse(variant))
+                    source = kernel.source.read_text()
+                    key = bundle.kernel_key("c", source)
+                    folder = tmp / "c" / key
+                    if not folder.exists():
+                        folder.mkdir(parents=True)
+                        (folder / "kernel.c").write_text(source)
+                        shutil.copyfile(kernel.folder / "kernel.so", folder / "kernel.so")
+                    manifest["kernels"].append({
+                        "backend": "c", "layer": name, "role": role, "variant": variant,
+                        "spec": kspec.to_dict(), "key": key,
+                        "files": [f"c/{key}/kernel.c", f"c/{key}/kernel.so"],
+                        "load": f"c/{key}/kernel.so"})
+        if db is not None:
+            db.save()
+            (tmp / "tuning.json.lock").unlink(missing_ok=True)
+        if "triton" in backends:
+            from .runtime import triton as zt
+            manifest["machine"]["triton"] = zt.triton_version()
+            manifest["targets"] = list(dict.fromkeys(targets))
+            meta = generate([(name, served_spec(spec)) for name, spec in layers],
+                            tmp / "triton", targets=targets,
+                            dtypes=None if dtypes is None else list(dtypes),
+                            include_grads=include_grads, progress=progress, jobs=jobs,
+                            layouts=layouts)
+            manifest["skipped"] += meta["skipped"]
+            manifest["triton_failed"] = meta["failed"]
+            for k in meta["kernels"]:
+                if k["status"] != "ok":
+                    continue
+                source = f"triton/{k['files']['source']['path']}"
+                files = [f"triton/{f['path']}" for f in k["files"].values()]
+                manifest["kernels"].append({
+                    "backend": "triton", "layer": k["layer"], "role": k["role"],
+                    "variant": k["family"], "target": k["target"], "layout": k["layout"],
+                    "spec": k["spec_fields"], "files": files, "load": source,
+                    "key": bundle.kernel_key("triton", (tmp / source).read_text())})
+        _private(tmp)
+        manifest["files"] = {path.relative_to(tmp).as_posix(): hashlib.sha256(
+            path.read_bytes()).hexdigest() for path in sorted(tmp.rglob("*")) if path.is_file()}
+        (tmp / bundle.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / bundle.MANIFEST).chmod(0o644)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
 # --------------------------------------------------------------------------------- report
 def table(meta: dict[str, Any]) -> str:
     """Every kernel as a markdown row, then the kernels reported and those that failed."""
@@ -356,5 +518,5 @@ def table(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["generate", "plan", "compile_all", "compile_task", "table", "problems", "Task",
+__all__ = ["generate", "make_bundle", "c_kernels", "served_spec", "plan", "compile_all", "compile_task", "table", "problems", "Task",
            "BACKENDS", "LAYOUTS"]

@@ -35,7 +35,7 @@ from ..codegen import emit, lower, pipeline
 from ..codegen.ir import IRError
 from ..codegen.passes.choose_strategy import crossover as model_crossover
 from ..spec import LayerSpec, normalize_padding
-from . import autotune, cache, cc, stats
+from . import autotune, bundle, cache, cc, stats
 from . import triton as zt
 
 DTYPES = {torch.float32: "float32", torch.float64: "float64"}
@@ -43,6 +43,9 @@ TRITON_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloa
 BACKENDS = ("c", "triton")
 PACK_CACHE_SIZE = 16
 MACS_PER_THREAD = 1 << 16   # below this much work per thread, waking another costs more
+# Why a kernel could not be built: it then falls back to torch's op with a warning.
+BUILD_ERRORS = (cc.CompileError, cache.CacheError, emit.TemplateError, IRError)
+TRITON_BUILD_ERRORS = (cache.CacheError, emit.TemplateError, IRError, zt.TritonUnavailable)
 
 
 class Kernel:
@@ -116,8 +119,8 @@ _kernels_lock = threading.Lock()
 
 def kernel_for(spec: LayerSpec, variant: lower.Variant = lower.DEFAULT) -> Kernel:
     """The compiled kernel of ``spec`` (its batch size is ignored: kernels take it at run time),
-    generated as ``variant`` says. Raises :class:`cc.CompileError`, :class:`emit.TemplateError`
-    or :class:`IRError`."""
+    generated as ``variant`` says. Raises one of :data:`BUILD_ERRORS`, or
+    :class:`bundle.BundleError` where an active bundle holds it but is refused."""
     kernel = _kernels.get((spec, variant))   # keyed by the spec as given too: no re-validation
     if kernel is not None:
         stats.add("memo_hits")
@@ -144,8 +147,8 @@ def _compile(spec: LayerSpec, variant: lower.Variant = lower.DEFAULT) -> Kernel:
 
 
 def _build(spec: LayerSpec, variant: lower.Variant, plan: lower.KernelPlan) -> Kernel:
-    """Render the plan, then load it from the cache, compiling it there on a miss."""
-    command, flags = cc.compiler()
+    """Render the plan, then load it from an active bundle, or from the cache, compiling it
+    there on a miss."""
     dump = os.environ.get("ZEROSKIP_DUMP")
     source = emit.render(plan)
     if dump:
@@ -154,32 +157,42 @@ def _build(spec: LayerSpec, variant: lower.Variant, plan: lower.KernelPlan) -> K
         name = "kernel.c" if variant == lower.DEFAULT else \
             f"kernel-{variant.name.replace('/', '-')}.c"
         (folder / name).write_text(source)
+    served = bundle.find("c", source)       # before anything asks the compiler for its name
+    if served is not None:
+        stats.add("bundle_hits")
+        return Kernel(spec, plan, served.parent, variant)
+    command, flags = cc.compiler()
     key = cache.make_key(version=__version__, templates=emit.template_hash(), source=source,
                          compiler=cc.identity(command), flags=flags, target=cc.cpu_target())
-    if cache.lookup(key) is None:
-        with cache.lock(key):
-            if cache.lookup(key) is None:
-                def make(tmp: Path) -> list[str]:
-                    (tmp / "kernel.c").write_text(source)
-                    seconds = cc.compile_library(command, flags, tmp / "kernel.c",
-                                                 tmp / "kernel.so")
-                    stats.add("compiles")
-                    stats.add("compile_seconds", seconds)
-                    return ["kernel.c", "kernel.so"]
-                try:
-                    cache.build(key, {"spec": spec.to_dict(), "variant": variant.name,
-                                      "version": __version__,
-                                      "compiler": cc.identity(command), "flags": list(flags),
-                                      "target": cc.cpu_target()}, make)
-                except cc.CompileError as exc:
-                    # The build directory is gone; keep the source where the message points.
-                    kept = cache.cache_dir() / "failed" / f"{key}.c"
-                    kept.parent.mkdir(mode=0o700, exist_ok=True)
-                    kept.write_text(source)
-                    raise cc.CompileError(f"{exc}\nthe source is kept at {kept}") from exc
-                return Kernel(spec, plan, cache.entry_dir(key), variant)
-    stats.add("cache_hits")
-    return Kernel(spec, plan, cache.entry_dir(key), variant)
+
+    def make(tmp: Path) -> list[str]:
+        (tmp / "kernel.c").write_text(source)
+        seconds = cc.compile_library(command, flags, tmp / "kernel.c", tmp / "kernel.so")
+        stats.add("compiles")
+        stats.add("compile_seconds", seconds)
+        return ["kernel.c", "kernel.so"]
+    try:
+        folder, built = cache.fetch(key, {"spec": spec.to_dict(), "variant": variant.name,
+                                          "version": __version__,
+                                          "compiler": cc.identity(command), "flags": list(flags),
+                                          "target": cc.cpu_target()}, make)
+    except cc.CompileError as exc:
+        raise cc.CompileError(f"{exc}\n{_keep_failed(key, source)}") from exc
+    if not built:
+        stats.add("cache_hits")
+    return Kernel(spec, plan, folder, variant)
+
+
+def _keep_failed(key: str, source: str) -> str:
+    """Keep a source that failed to compile where the error message can point (the build
+    directory is gone)."""
+    kept = cache.cache_dir() / "failed" / f"{key}.c"
+    try:
+        kept.parent.mkdir(mode=0o700, exist_ok=True)
+        kept.write_text(source)
+    except OSError as exc:
+        return f"(the source could not be kept: {exc.strerror or exc})"
+    return f"the source is kept at {kept}"
 
 
 OPERANDS = {"conv": ("input", "weight"), "conv_transpose": ("input", "weight"),
@@ -219,13 +232,14 @@ class Call:
     last_density: float = 1.0             # the density the latest call measured
     _variants: dict = dataclasses.field(default_factory=dict)
     _tuned: tuple = (None, None, None)    # (database generation, its records, their one choice)
+    _served: tuple = (None, None)         # (bundles' generation, the bundle made for this layer)
 
     def choose(self, x: torch.Tensor) -> str:
         """The candidate to run on ``x`` (contiguous, batched): a variant name or 'torch'."""
         self.last_density = 1.0
         if os.environ.get("ZEROSKIP_SPARSE", "1") == "0":
             return "dense"
-        records, same = self._records(autotune.database())
+        records, same = self._records()
         if same is not None:             # tuned alike at every density: no need to measure
             return same
         if (not records and self.forward.crossover <= 0) or not x.numel():
@@ -236,15 +250,28 @@ class Call:
             return autotune.nearest(records, density)["choice"]
         return "sparse" if density < self.forward.crossover else "dense"
 
-    def _records(self, db) -> tuple[dict | None, str | None]:
-        """This layer's tuned records on this machine, and their choice if they all agree."""
-        generation, records, same = self._tuned
-        if generation != db.generation:
-            records = db.records.get(db.here, {}).get(autotune.spec_key(self.spec))
-            choices = {r["choice"] for r in records.values()} if records else set()
-            same = choices.pop() if len(choices) == 1 else None
-            self._tuned = (db.generation, records, same)
-        return records, same
+    def _records(self) -> tuple[dict | None, str | None]:
+        """This layer's tuned records on this machine, and their choice if they all agree: an
+        active bundle's for a layer it was generated for (the tuning database is not read
+        then), else the tuning database's."""
+        generation = bundle.generation()
+        if self._served[0] != generation:
+            self._served = (generation, bundle.covering(self.spec))
+        served = self._served[1]
+        if served is not None:
+            key: Any = ("bundle", generation)
+            if self._tuned[0] != key:
+                self._tune(key, served.records(self.spec))
+        else:
+            db = autotune.database()
+            if self._tuned[0] != db.generation:
+                self._tune(db.generation,
+                           db.records.get(db.here, {}).get(autotune.spec_key(self.spec)))
+        return self._tuned[1], self._tuned[2]
+
+    def _tune(self, key: Any, records: dict | None) -> None:
+        choices = {r["choice"] for r in records.values()} if records else set()
+        self._tuned = (key, records, choices.pop() if len(choices) == 1 else None)
 
     def kernel(self, name: str) -> Kernel | None:
         """The kernel of variant ``name`` (compiled on first use); None if it cannot be built,
@@ -254,7 +281,7 @@ class Call:
         if name not in self._variants:
             try:
                 self._variants[name] = kernel_for(self.spec, lower.Variant.parse(name))
-            except (ValueError, cc.CompileError, emit.TemplateError, IRError) as exc:
+            except (ValueError, *BUILD_ERRORS) as exc:
                 self._variants[name] = None
                 stats.fallback(f"variant {name} of {self.spec.describe()} failed to build; "
                                "the dense kernel runs instead", f"{type(exc).__name__}: {exc}")
@@ -325,7 +352,7 @@ class TritonCall:
                 kernel = self.forward if strategy == "dense" else \
                     zt.kernel_for(self.spec, strategy)
                 found = (strategy, config, kernel)
-            except (ValueError, emit.TemplateError, IRError, zt.TritonUnavailable) as exc:
+            except (ValueError, *TRITON_BUILD_ERRORS) as exc:
                 stats.fallback(f"Triton choice {choice} of {self.spec.describe()} failed to "
                                "build; the default runs instead", f"{type(exc).__name__}: {exc}")
                 found = self._resolved[self.default]
@@ -708,7 +735,7 @@ def _triton_gradient_kernel(which: str, config: str, input_size: tuple, weight_s
     spec = _spec_of(config, input_size, weight_shape, False, dtype)
     try:
         return zt.kernel_for(spec.grad_input() if which == "input" else spec.grad_weight())
-    except (NotImplementedError, emit.TemplateError, IRError, zt.TritonUnavailable) as exc:
+    except (NotImplementedError, *TRITON_BUILD_ERRORS) as exc:
         return Fallback(f"no Triton kernel for the {which} gradient of {spec.torch_name}",
                         f"{type(exc).__name__}: {exc}")
 
@@ -721,7 +748,7 @@ def _gradient_kernel(which: str, config: str, input_size: tuple, weight_shape: t
     spec = _spec_of(config, input_size, weight_shape, False, dtype)
     try:
         return kernel_for(spec.grad_input() if which == "input" else spec.grad_weight())
-    except (NotImplementedError, cc.CompileError, emit.TemplateError, IRError) as exc:
+    except (NotImplementedError, *BUILD_ERRORS) as exc:
         return Fallback(f"no generated kernel for the {which} gradient of {spec.torch_name}",
                         f"{type(exc).__name__}: {exc}")
 
@@ -850,12 +877,12 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
     if backend == "triton":
         try:
             return TritonCall(spec, zt.kernel_for(spec), out_shape, torch_op=torch_op)
-        except (emit.TemplateError, IRError, zt.TritonUnavailable) as exc:
+        except TRITON_BUILD_ERRORS as exc:
             return Fallback(f"the Triton kernel of {spec.describe()} failed to build",
                             f"{type(exc).__name__}: {exc}")
     try:
         kernel = kernel_for(spec)
-    except (cc.CompileError, emit.TemplateError, IRError) as exc:
+    except BUILD_ERRORS as exc:
         return Fallback(f"the kernel of {spec.describe()} failed to build",
                         f"{type(exc).__name__}: {exc}")
     return Call(spec, kernel, out_shape, channels_last=rank == 2, torch_op=torch_op)

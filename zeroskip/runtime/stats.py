@@ -11,7 +11,7 @@ import warnings
 from collections import Counter
 
 COUNTERS = ("kernel_calls", "fallback_calls", "compiles", "cache_hits", "memo_hits",
-            "compile_seconds", "sparse_calls", "variant_calls", "torch_choices", "tune_failures")
+            "bundle_hits", "compile_seconds", "sparse_calls", "variant_calls", "torch_choices", "tune_failures")
 
 _counts: Counter = Counter()
 _lock = threading.Lock()
@@ -34,6 +34,7 @@ def add(name: str, amount: float = 1) -> None:
 def stats(reset: bool = False) -> dict[str, float]:
     """The counters since start (or the last reset): ``kernel_calls``, ``fallback_calls``,
     ``compiles``, ``cache_hits`` (kernels found on disk), ``memo_hits`` (found in this process),
+    ``bundle_hits`` (kernels loaded from a bundle),
     ``compile_seconds``; from per-call dispatch ``sparse_calls`` and ``variant_calls`` (kernels
     other than the layer's dense one), ``torch_choices`` (calls the tuning database sent to
     torch's op); ``tune_failures`` (autotuning candidates that failed). ``reset=True`` zeroes

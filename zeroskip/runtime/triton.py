@@ -32,7 +32,7 @@ import torch
 from .. import __version__
 from ..codegen import emit, lower, pipeline
 from ..spec import LayerSpec
-from . import cache, stats
+from . import bundle, cache, stats
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 POINTER_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
@@ -374,20 +374,24 @@ def _build(spec: LayerSpec, family: str) -> Kernel:
         folder = pipeline.dump_folder(spec, Path(dump))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"kernel-triton-{family}.py").write_text(source)
+    served = bundle.find("triton", source)
+    if served is not None:
+        stats.add("bundle_hits")
+        name = f"zeroskip_triton_{bundle.kernel_key('triton', source)[:16]}"
+        return Kernel(spec, plan, family, served, _import(served, name))
     key = cache.make_key(version=__version__, templates=emit.template_hash("triton"),
                          source=source, triton=version, backend="triton")
-    if cache.lookup(key) is None:
-        with cache.lock(key):
-            if cache.lookup(key) is None:
-                def make(tmp: Path) -> list[str]:
-                    (tmp / "kernel.py").write_text(source)
-                    stats.add("compiles")
-                    return ["kernel.py"]
-                cache.build(key, {"spec": spec.to_dict(), "family": family, "backend": "triton",
-                                  "version": __version__, "triton": version}, make)
-    else:
+
+    def make(tmp: Path) -> list[str]:
+        (tmp / "kernel.py").write_text(source)
+        stats.add("compiles")
+        return ["kernel.py"]
+    folder, built = cache.fetch(key, {"spec": spec.to_dict(), "family": family,
+                                      "backend": "triton", "version": __version__,
+                                      "triton": version}, make)
+    if not built:
         stats.add("cache_hits")
-    path = cache.entry_dir(key) / "kernel.py"
+    path = folder / "kernel.py"
     return Kernel(spec, plan, family, path, _import(path, f"zeroskip_triton_{key[:16]}"))
 
 
