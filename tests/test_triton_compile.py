@@ -101,12 +101,15 @@ def test_generate_cli_writes_kernels_and_meta(tmp_path, capsys):
     path.write_text(json.dumps(layers))
     out = tmp_path / "kernels"
     start = time.perf_counter()
-    code = main(["generate", str(path), "--target", "sm_80", "--out", str(out), "--no-progress"])
+    code = main(["generate", str(path), "--backend", "triton", "--target", "sm_80",
+                 "--out", str(out), "--no-progress"])
     seconds = time.perf_counter() - start
     stdout = capsys.readouterr().out
     print(f"\ngenerate: 8 kernels in {seconds:.0f} s")
     assert code == 0
 
+    manifest = json.loads((out / "manifest.json").read_text())    # a bundle: see test_bundle
+    out = out / "triton"
     meta = json.loads((out / "meta.json").read_text())
     assert meta["failed"] == 0 and meta["targets"] == ["sm_80"] and meta["skipped"] == []
     kernels = meta["kernels"]
@@ -130,6 +133,7 @@ def test_generate_cli_writes_kernels_and_meta(tmp_path, capsys):
     # Everything under the folder is listed; layer names become folder names.
     assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == \
         written | {"meta.json"}
+    assert {f"triton/{p}" for p in written | {"meta.json"}} <= set(manifest["files"])
     assert {k["folder"] for k in kernels} == {"small_conv", "small_convT"}
     assert "| small conv | forward | block_sparse | float32 | sm_80 |" in stdout
     assert "8 of 8 kernels compiled" in stdout
@@ -180,10 +184,11 @@ def fake_compile_all(fail: bool):
 def test_generate_records_failures_and_reports_misfits(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(generate, "compile_all", fake_compile_all(fail=True))
     out = tmp_path / "kernels"
-    argv = ["generate", "--layers", "resnet18.layer4.proj", "--out", str(out), "--no-progress"]
+    argv = ["generate", "--layers", "resnet18.layer4.proj", "--backend", "triton",
+            "--out", str(out), "--no-progress"]
     assert main(argv) == 1                          # a kernel failed to compile
     stdout = capsys.readouterr().out
-    meta = json.loads((out / "meta.json").read_text())
+    meta = json.loads((out / "triton" / "meta.json").read_text())
     assert meta["failed"] == 1 and len(meta["kernels"]) == 4
     failed = [k for k in meta["kernels"] if k["status"] == "error"]
     assert [k["family"] for k in failed] == ["block_sparse"]
@@ -202,16 +207,17 @@ def test_generate_records_failures_and_reports_misfits(tmp_path, capsys, monkeyp
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--backend", "c"], "not supported yet"),
-    (["--backend", "triton,cuda"], "--backend: expected triton"),
-    (["--target", "sm_70"], "--target: expected targets among"),
-    (["--dtype", "float64"], "--dtype: expected dtypes among"),
-    (["--target", "sm_80,"], "--target"),
-    (["--layout", "nhwc"], "--layout: expected layouts among"),
+    (["--backend", "triton", "--tune"], "--tune tunes the C kernels"),
+    (["--backend", "triton,cuda"], "--backend: expected c and/or triton"),
+    (["--backend", "triton", "--target", "sm_70"], "--target: expected targets among"),
+    (["--backend", "triton", "--dtype", "float64"], "--dtype: expected dtypes among"),
+    (["--backend", "triton", "--target", "sm_80,"], "--target"),
+    (["--backend", "triton", "--layout", "nhwc"], "--layout: expected layouts among"),
+    (["--dtype", "float16"], "add --backend triton"),
     (["--layers", "no-such-layer"], "no layer matches"),
     (["missing.json"], "cannot read"),
-], ids=["backend-c", "backend-unknown", "target", "dtype", "empty-target", "layout",
-        "no-layer", "missing-file"])
+], ids=["tune-triton", "backend-unknown", "target", "dtype", "empty-target", "layout",
+        "dtype-without-triton", "no-layer", "missing-file"])
 def test_generate_bad_arguments_exit_2(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as info:
         main(["generate", *argv, "--out", str(tmp_path / "out")])
