@@ -344,3 +344,15 @@ def test_triton_kernels_served_from_bundle(tmp_path, fresh_cache, served, monkey
     assert after["compiles"] == before["compiles"]
     kernel = next(iter(zt._kernels.values()))
     assert (tmp_path / "both") in kernel.source.parents
+
+
+def test_serve_example(made, tmp_path):
+    """examples/serve_bundle.py, as the README runs it."""
+    example = Path(__file__).parents[1] / "examples" / "serve_bundle.py"
+    done = subprocess.run([sys.executable, str(example), "layers.json"], capture_output=True,
+                          text=True, cwd=made, timeout=600, env=child_env(
+                              made, ZEROSKIP_CC="/bin/false", ZEROSKIP_BUNDLE="bundle",
+                              ZEROSKIP_CACHE_DIR=str(tmp_path / "empty-cache")))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "compiles 0" in done.stdout and "fallback_calls 0" in done.stdout
+    assert done.stdout.strip().endswith("OK")

@@ -1,0 +1,68 @@
+"""Serving a model from a bundle: the last step of trace -> generate -> run.
+
+    zeroskip trace -o layers.json                           # the built-in ResNet stage
+    zeroskip generate layers.json --out bundle              # every kernel it needs, compiled
+    ZEROSKIP_BUNDLE=bundle ZEROSKIP_CC=/bin/false python examples/serve_bundle.py layers.json
+
+This script rebuilds the traced model (the ``model`` and ``input_shape`` that ``layers.json``
+records), converts it with ``zeroskip.convert`` and runs it forward and backward on a seeded
+input, next to torch's own model. With ``ZEROSKIP_CC=/bin/false`` no kernel can be compiled, so
+every kernel that runs comes from the bundle. It prints the largest difference from torch and
+the counters, and exits 1 if the outputs differ or any call fell back to torch.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import warnings
+
+import torch
+
+import zeroskip
+from zeroskip.runtime.stats import ZeroskipFallbackWarning
+from zeroskip.trace import build_model
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("layers", help="the layers.json that zeroskip trace wrote")
+    parser.add_argument("--bundle", help="load this bundle (else ZEROSKIP_BUNDLE's)")
+    args = parser.parse_args()
+    traced = json.loads(open(args.layers).read())
+    if args.bundle:
+        print(zeroskip.load_bundle(args.bundle))
+    model = build_model(traced["model"]).eval()
+    reference = copy.deepcopy(model)
+    zeroskip.convert(model)
+
+    torch.manual_seed(traced.get("seed", 0) + 1)
+    x = torch.randn(traced["input_shape"])
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ZeroskipFallbackWarning)
+        out = model(xa)
+        out.square().mean().backward()
+    want = reference(xb)
+    want.square().mean().backward()
+    out, want = out.detach(), want.detach()
+
+    scale = float(want.abs().max()) or 1.0
+    errors = {"output": float((out - want).abs().max()) / scale,
+              "input grad": float((xa.grad - xb.grad).abs().max()) /
+              (float(xb.grad.abs().max()) or 1.0)}
+    counters = zeroskip.stats()
+    print(f"{traced['model']} on {tuple(x.shape)}: relative error "
+          + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    print("counters: " + ", ".join(f"{k} {counters[k]:g}" for k in (
+        "kernel_calls", "bundle_hits", "compiles", "cache_hits", "fallback_calls")))
+    for warning in caught:
+        print(f"warning: {str(warning.message).splitlines()[0]}")
+    ok = max(errors.values()) < 1e-3 and counters["fallback_calls"] == 0
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
