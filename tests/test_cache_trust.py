@@ -220,3 +220,27 @@ def test_read_only_cache_with_entries_serves_them(tmp_path):
     assert found["error"] < 1e-4
     assert found["stats"]["compiles"] == 0 and found["stats"]["cache_hits"] == 1
     assert not found["warnings"]
+
+
+def test_lock_held_too_long_falls_back(fresh_cache, fresh_state, monkeypatch):
+    """A builder that hangs while holding a kernel's lock: the waiter gives up after
+    LOCK_TIMEOUT_S and the call runs torch's op with a warning, not an exception."""
+    from filelock import FileLock
+    from zeroskip.runtime import stats
+    monkeypatch.setattr(cache, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(stats, "_warned", set())
+    real_lock = cache.lock
+    held = []
+
+    def lock(key):
+        if not held:       # another process's lock on the same file, held throughout
+            holder = FileLock(real_lock(key).lock_file, thread_local=False, is_singleton=False)
+            holder.acquire()
+            held.append(holder)
+        return real_lock(key)
+    monkeypatch.setattr(cache, "lock", lock)
+    x, w = torch.randn(1, 4, 10, 10), torch.randn(8, 4, 3, 3)
+    with pytest.warns(stats.ZeroskipFallbackWarning, match="waited 0.2 s for the lock"):
+        y = ZF.conv2d(x, w, padding=1)
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, padding=1))
+    held[0].release()

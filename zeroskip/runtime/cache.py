@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 META = "meta.json"
 LOCK_TIMEOUT_S = 900
@@ -280,7 +280,8 @@ def fetch(key: str, meta: dict[str, Any], make: Callable[[Path], list[str]]
     """``(folder, built)`` of entry ``key``: found, or built by ``make`` under the key's lock
     (see :func:`build`). Where the cache cannot take the files, the build is retried once in
     this process's fallback directory (a warning says so); :class:`CacheError` if that fails
-    too. Errors of ``make`` itself (a compile error) propagate."""
+    too, or if the lock is not acquired in ``LOCK_TIMEOUT_S``. Errors of ``make`` itself (a
+    compile error) propagate."""
     found = find(key)
     if found is not None:
         return found, False
@@ -292,6 +293,9 @@ def fetch(key: str, meta: dict[str, Any], make: Callable[[Path], list[str]]
                     return found, False
                 build(key, meta, make)
                 return cache_dir() / key[:2] / key, True
+        except Timeout as exc:          # a builder holding the key hangs (stopped, stuck)
+            raise CacheError(f"waited {LOCK_TIMEOUT_S} s for the lock of kernel {key[:16]}, "
+                             f"which another process holds ({exc.lock_file})") from exc
         except Exception as exc:
             if not storage_error(exc):
                 raise
