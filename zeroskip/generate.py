@@ -1,5 +1,6 @@
-"""Ahead-of-time kernels: ``zeroskip generate`` compiles each layer's kernels for GPU targets
-and writes them out with what they use.
+"""Ahead-of-time kernels: ``zeroskip generate`` compiles every kernel some layers need into a
+bundle (:func:`make_bundle`; served by :mod:`zeroskip.runtime.bundle`): C kernels for this
+machine, and Triton kernels for GPU targets written out with what they use (:func:`generate`).
 
 For every layer, dtype and target, :func:`generate` builds the layer's Triton kernels (the
 dense ``direct`` family and the ``block_sparse`` one for a forward conv or transposed conv,
@@ -380,10 +381,8 @@ def make_bundle(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
     import tempfile
 
     import torch
-    from tqdm import tqdm
 
-    from .codegen import lower
-    from .runtime import autotune, bundle, cc, ops
+    from .runtime import bundle
     backends = list(dict.fromkeys(backends))
     for backend in backends:
         if backend not in bundle.BACKENDS:
@@ -407,67 +406,12 @@ def make_bundle(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
             "kernels": [], "skipped": [], "tuning_machine": None}
         (tmp / "layers.json").write_text(json.dumps(
             [{"name": name, "spec": spec.to_dict()} for name, spec in layers], indent=1))
-        db = None
-        if tune:
-            db = autotune.TuningDB(tmp / "tuning.json")
-            manifest["tuning_machine"] = db.here
         if "c" in backends:
-            command, flags = cc.compiler()
-            manifest["machine"].update(compiler=cc.identity(command), flags=list(flags))
-            for name, spec in tqdm(layers, desc="C kernels", unit="layer", disable=not progress,
-                                   file=sys.stderr):
-                if spec.dtype not in ops.DTYPES.values():
-                    manifest["skipped"].append({
-                        "layer": name, "role": "every", "spec": spec.describe(),
-                        "reason": f"C kernels cover {', '.join(ops.DTYPES.values())}"})
-                    continue
-                choices: set[str] = set()
-                if db is not None and spec.op in FORWARD:
-                    served = served_spec(spec)
-                    result = autotune.tune(dataclasses.replace(served, batch=spec.batch),
-                                           spec.density)
-                    db.record(served, spec.density, result.choice, result.ms)
-                    choices.add(result.choice)
-                kernels, skipped = c_kernels(spec, choices, include_grads)
-                manifest["skipped"] += [{"layer": name, **s} for s in skipped]
-                for role, variant, kspec in kernels:
-                    kernel = ops.kernel_for(kspec, lower.Variant.parse(variant))
-                    source = kernel.source.read_text()
-                    key = bundle.kernel_key("c", source)
-                    folder = tmp / "c" / key
-                    if not folder.exists():
-                        folder.mkdir(parents=True)
-                        (folder / "kernel.c").write_text(source)
-                        shutil.copyfile(kernel.folder / "kernel.so", folder / "kernel.so")
-                    manifest["kernels"].append({
-                        "backend": "c", "layer": name, "role": role, "variant": variant,
-                        "spec": kspec.to_dict(), "key": key,
-                        "files": [f"c/{key}/kernel.c", f"c/{key}/kernel.so"],
-                        "load": f"c/{key}/kernel.so"})
-        if db is not None:
-            db.save()
-            (tmp / "tuning.json.lock").unlink(missing_ok=True)
+            _bundle_c(tmp, layers, manifest, tune, include_grads, progress)
         if "triton" in backends:
-            from .runtime import triton as zt
-            manifest["machine"]["triton"] = zt.triton_version()
-            manifest["targets"] = list(dict.fromkeys(targets))
-            meta = generate([(name, served_spec(spec)) for name, spec in layers],
-                            tmp / "triton", targets=targets,
-                            dtypes=None if dtypes is None else list(dtypes),
-                            include_grads=include_grads, progress=progress, jobs=jobs,
-                            layouts=layouts)
-            manifest["skipped"] += meta["skipped"]
-            manifest["triton_failed"] = meta["failed"]
-            for k in meta["kernels"]:
-                if k["status"] != "ok":
-                    continue
-                source = f"triton/{k['files']['source']['path']}"
-                files = [f"triton/{f['path']}" for f in k["files"].values()]
-                manifest["kernels"].append({
-                    "backend": "triton", "layer": k["layer"], "role": k["role"],
-                    "variant": k["family"], "target": k["target"], "layout": k["layout"],
-                    "spec": k["spec_fields"], "files": files, "load": source,
-                    "key": bundle.kernel_key("triton", (tmp / source).read_text())})
+            _bundle_triton(tmp, layers, manifest, list(dict.fromkeys(targets)),
+                           None if dtypes is None else list(dtypes), include_grads, progress,
+                           jobs, list(layouts))
         _private(tmp)
         manifest["files"] = {path.relative_to(tmp).as_posix(): hashlib.sha256(
             path.read_bytes()).hexdigest() for path in sorted(tmp.rglob("*")) if path.is_file()}
@@ -480,6 +424,79 @@ def make_bundle(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _bundle_c(tmp: Path, layers: list[tuple[str, LayerSpec]], manifest: dict, tune: bool,
+              include_grads: bool, progress: bool) -> None:
+    """Build (tune) every C kernel of ``layers`` on this machine into ``tmp/c/<key>/``."""
+    import shutil
+
+    from tqdm import tqdm
+
+    from .codegen import lower
+    from .runtime import autotune, bundle, cc, ops
+    command, flags = cc.compiler()
+    manifest["machine"].update(compiler=cc.identity(command), flags=list(flags))
+    db = autotune.TuningDB(tmp / "tuning.json") if tune else None
+    for name, spec in tqdm(layers, desc="C kernels", unit="layer", disable=not progress,
+                           file=sys.stderr):
+        if spec.dtype not in ops.DTYPES.values():
+            manifest["skipped"].append({
+                "layer": name, "role": "every", "spec": spec.describe(),
+                "reason": f"C kernels cover {', '.join(ops.DTYPES.values())}"})
+            continue
+        choices: set[str] = set()
+        if db is not None and spec.op in FORWARD:   # at the batch and density traced
+            served = served_spec(spec)
+            result = autotune.tune(dataclasses.replace(served, batch=spec.batch), spec.density)
+            db.record(served, spec.density, result.choice, result.ms)
+            choices.add(result.choice)
+        kernels, skipped = c_kernels(spec, choices, include_grads)
+        manifest["skipped"] += [{"layer": name, **s} for s in skipped]
+        for role, variant, kspec in kernels:
+            kernel = ops.kernel_for(kspec, lower.Variant.parse(variant))
+            source = kernel.source.read_text()
+            key = bundle.kernel_key("c", source)
+            folder = tmp / "c" / key
+            if not folder.exists():
+                folder.mkdir(parents=True)
+                (folder / "kernel.c").write_text(source)
+                shutil.copyfile(kernel.folder / "kernel.so", folder / "kernel.so")
+            manifest["kernels"].append({
+                "backend": "c", "layer": name, "role": role, "variant": variant,
+                "spec": kspec.to_dict(), "key": key,
+                "files": [f"c/{key}/kernel.c", f"c/{key}/kernel.so"],
+                "load": f"c/{key}/kernel.so"})
+    if db is not None:
+        db.save()
+        (tmp / "tuning.json.lock").unlink(missing_ok=True)
+        manifest["tuning_machine"] = db.here
+
+
+def _bundle_triton(tmp: Path, layers: list[tuple[str, LayerSpec]], manifest: dict,
+                   targets: list[str], dtypes: list[str] | None, include_grads: bool,
+                   progress: bool, jobs: int, layouts: list[str]) -> None:
+    """Compile every Triton kernel of ``layers`` for ``targets`` into ``tmp/triton/``
+    (:func:`generate`), each indexed by the key of its source."""
+    from .runtime import bundle
+    from .runtime import triton as zt
+    manifest["machine"]["triton"] = zt.triton_version()
+    manifest["targets"] = targets
+    meta = generate([(name, served_spec(spec)) for name, spec in layers], tmp / "triton",
+                    targets=targets, dtypes=dtypes, include_grads=include_grads,
+                    progress=progress, jobs=jobs, layouts=layouts)
+    manifest["skipped"] += meta["skipped"]
+    manifest["triton_failed"] = meta["failed"]
+    for k in meta["kernels"]:
+        if k["status"] != "ok":
+            continue
+        source = f"triton/{k['files']['source']['path']}"
+        manifest["kernels"].append({
+            "backend": "triton", "layer": k["layer"], "role": k["role"],
+            "variant": k["family"], "target": k["target"], "layout": k["layout"],
+            "spec": k["spec_fields"], "files": [f"triton/{f['path']}"
+                                                for f in k["files"].values()],
+            "load": source, "key": bundle.kernel_key("triton", (tmp / source).read_text())})
 
 
 # --------------------------------------------------------------------------------- report
@@ -518,5 +535,5 @@ def table(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["generate", "make_bundle", "c_kernels", "served_spec", "plan", "compile_all", "compile_task", "table", "problems", "Task",
-           "BACKENDS", "LAYOUTS"]
+__all__ = ["generate", "make_bundle", "c_kernels", "served_spec", "plan", "compile_all",
+           "compile_task", "table", "problems", "Task", "BACKENDS", "LAYOUTS"]
