@@ -18,12 +18,45 @@ A transposed convolution is the ``conv_grad_input`` of the convolution that maps
 back to its input, so its associated conv has ``in = out_channels``, ``out = in_channels`` and
 input size = the transposed conv's output size.
 
-Invalid values raise the exception type PyTorch raises for the same mistake, naming the field.
+Errors. Building a spec (``conv``, ``conv_transpose``, ``LayerSpec(...)``, ``from_dict``,
+``dataclasses.replace``) raises only these, each naming the field; where torch has an
+equivalent mistake, the exception type is the one torch raises for it:
+
+* ``TypeError``: a value of the wrong type: a field that takes ints given a bool, a float, a
+  string, None or a nested list; ``bias`` not a bool; an unknown ``dtype``.
+* ``ValueError``: a value torch's module constructors reject (``groups``, channels, a
+  ``padding_mode`` or ``padding`` string outside the fixed set, 'same' with a stride), a tuple of
+  the wrong length, an unknown ``op``/``activation``/field, ``density`` not a finite number in
+  [0, 1]; and :class:`LimitError` (a ``ValueError``) for a valid spec beyond the kernels' limits
+  (below), which ``zeroskip.functional`` answers by running torch's op.
+* ``RuntimeError``: geometry torch's forward rejects: negative padding, batch or size,
+  non-positive stride, dilation or kernel size, a kernel larger than the padded input, an output
+  size below 1. (:meth:`grad_input` also raises ``NotImplementedError``, a ``RuntimeError``,
+  for the gradient of a transposed conv no spec can state.)
+
+Nothing else escapes (never OverflowError: Python ints do not overflow, a float that does is a
+ValueError). A spec holds only plain built-ins: every int is a plain ``int`` (an int subclass or
+numpy int is converted with ``operator.index``, never formatted), every enum field is the
+canonical string constant of its fixed tuple (a ``str`` subclass cannot survive), ``bias`` a
+``bool``, ``density`` a finite ``float``. So no field reaches generated source except as a
+validated integer or an enum from a fixed set.
+
+Limits (:class:`LimitError`): the generated C and Triton code indexes with 32-bit ints, so every
+channel count, per-axis size, padded size, output size, kernel extent, padding and
+output_padding must be at most ``MAX_INDEX`` (2**30: half of int32, headroom for the loops' last
+step and tile offsets), and so must the elements per channel of the data, the output and the
+kernel, and the packed weights; ``batch`` and the element count of every tensor at most
+2**63 - 1 (the batch is a run-time int64 argument of the kernels). ``stride`` and ``dilation``
+must be at most ``MAX_STEP`` (1024): the compiler splits a transposed conv into one region per
+stride phase and a dilated kernel into its holes, work that grows with them (a stride of 2**30
+took minutes to compile before this limit).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
+import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -32,6 +65,13 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 ACTIVATIONS = ("none", "relu")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 _DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16"}
+MAX_INDEX = 2 ** 30        # the kernels index in 32-bit ints; 2x headroom for loop steps
+MAX_ELEMENTS = 2 ** 63 - 1
+MAX_STEP = 1024            # stride and dilation: compile work grows with them
+
+
+class LimitError(ValueError):
+    """A valid spec beyond the kernels' limits (see the module docstring): torch's op serves it."""
 
 
 @dataclass(frozen=True)
@@ -61,29 +101,77 @@ class Axis:
         return self.size + self.pad_lo + self.pad_hi
 
 
+def _show(value: Any) -> str:
+    """``repr(value)`` for an error message, short, and safe from a repr that raises."""
+    plain = {str: str.__repr__, int: int.__repr__, float: float.__repr__}
+    try:
+        base = next((b for b in plain if isinstance(value, b) and not isinstance(value, bool)),
+                    None)
+        text = plain[base](value) if base else repr(value)
+    except Exception:
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int(value: Any, field: str) -> int:
+    """``value`` as a plain int: ``operator.index`` reads an int subclass's value (never its
+    ``__index__``, ``__int__``, ``__str__`` or ``__format__``) and calls a numpy int's."""
+    if not _is_int(value):
+        raise TypeError(f"{field} must be an int, got {type(value).__name__} {_show(value)}")
+    try:
+        plain = operator.index(value)
+    except Exception as exc:   # an Integral whose __index__ fails is no int to us
+        raise TypeError(f"{field} must be an int, got {type(value).__name__}: {exc}") from None
+    return int.__index__(plain)
+
+
+def _int_tuple(value: Any, field: str) -> tuple[int, ...]:
+    """A list or tuple of ints as a tuple of plain ints (its length is checked by the caller)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{field} must be a tuple of ints, got {type(value).__name__} "
+                        f"{_show(value)}")
+    items = tuple(value)   # one snapshot: a sequence that changes as it is read is read once
+    if not all(_is_int(v) for v in items):
+        raise TypeError(f"{field} must contain only ints, got {_show(items)}")
+    return tuple(_int(v, field) for v in items)
+
+
+def _choice(value: Any, choices: tuple[str, ...], field: str) -> str:
+    """The constant of ``choices`` that ``value`` spells, compared as plain text (a ``str``
+    subclass's ``__eq__``, ``__hash__`` and ``__str__`` are never called); ValueError else."""
+    text = str.__str__(value) if isinstance(value, str) else None
+    for choice in choices:
+        if text is not None and str.__eq__(choice, text):
+            return choice
+    raise ValueError(f"{field} must be one of {list(choices)}, but got {field}={_show(value)}")
 
 
 def _ints(value: Any, rank: int, field: str) -> tuple[int, ...]:
     """An int or a sequence of ``rank`` ints, as a tuple (torch's ``_ntuple``)."""
     if _is_int(value):
-        return (int(value),) * rank
+        return (_int(value, field),) * rank
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{field} must be an int or a tuple of {rank} ints, got {value!r}")
-    if len(value) != rank:
+        raise TypeError(f"{field} must be an int or a tuple of {rank} ints, got {_show(value)}")
+    items = _int_tuple(value, field)
+    if len(items) != rank:
         raise ValueError(f"{field} must have {rank} elements for a {rank}-d convolution, "
-                         f"got {len(value)}: {tuple(value)!r}")
-    if not all(_is_int(v) for v in value):
-        raise TypeError(f"{field} must contain only ints, got {tuple(value)!r}")
-    return tuple(int(v) for v in value)
+                         f"got {len(items)}: {items!r}")
+    return items
 
 
 def _rank_of(*values: Any) -> int:
     """Spatial rank: the length of the first sequence among the arguments, else 1."""
     for value in values:
         if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-            return len(value)
+            try:
+                return len(value)
+            except Exception as exc:   # a sequence whose __len__ fails or is no int
+                raise TypeError(f"cannot take the length of {type(value).__name__}: {exc}") \
+                    from None
     return 1
 
 
@@ -92,6 +180,7 @@ def normalize_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int
     """Padding as one ``(lo, hi)`` pair per axis; 'same' pads like torch (extra on the high side)."""
     rank = len(kernel)
     if isinstance(padding, str):
+        padding = str.__str__(padding)   # plain text: a subclass's __eq__ is not consulted
         if padding == "valid":
             return ((0, 0),) * rank
         if padding == "same":
@@ -104,25 +193,49 @@ def normalize_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int
                 pairs.append((total // 2, total - total // 2))
             return tuple(pairs)
         raise ValueError(f"Invalid padding string {padding!r}, should be one of ('valid', 'same')")
-    if (isinstance(padding, Sequence) and len(padding) == rank
-            and any(isinstance(p, Sequence) for p in padding)):
-        pairs = []
-        for p in padding:
-            if not (isinstance(p, Sequence) and len(p) == 2 and all(_is_int(v) for v in p)):
-                raise TypeError(f"padding must give an int or a (lo, hi) pair of ints per axis, "
-                                f"got {tuple(padding)!r}")
-            pairs.append((int(p[0]), int(p[1])))
-        return tuple(pairs)
+    if isinstance(padding, Sequence) and not isinstance(padding, bytes):
+        items = tuple(padding)
+        if len(items) == rank and any(isinstance(p, Sequence) for p in items):
+            return _pairs(items, rank)
+        padding = items
     return tuple((p, p) for p in _ints(padding, rank, "padding"))
 
 
+def _pairs(value: Any, rank: int) -> tuple[tuple[int, int], ...]:
+    """``rank`` (lo, hi) pairs of plain ints; a plain int stands for (p, p)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"padding must be {rank} (lo, hi) pairs of ints, got {_show(value)}")
+    items = tuple(value)
+    if len(items) != rank:
+        raise ValueError(f"padding must be {rank} (lo, hi) pairs of ints, got {_show(items)}")
+    pairs = []
+    for p in items:
+        if _is_int(p):
+            pairs.append((_int(p, "padding"),) * 2)
+            continue
+        pair = _int_tuple(p, "padding")
+        if len(pair) != 2:
+            raise ValueError(f"padding must give an int or a (lo, hi) pair of ints per axis, "
+                             f"got {_show(items)}")
+        pairs.append(pair)
+    return tuple(pairs)
+
+
 def _normalize_dtype(dtype: Any) -> str:
-    name = "float32" if dtype is None else str(dtype)
+    """The constant of :data:`DTYPES` naming ``dtype`` (a name, an alias, a ``torch.dtype``)."""
+    if dtype is None:
+        return DTYPES[0]
+    try:   # only the plain text of the name counts: the constant of DTYPES is kept
+        name = str.__str__(dtype if isinstance(dtype, str) else str(dtype))
+    except Exception:
+        raise TypeError(f"dtype must be one of {DTYPES}, got a {type(dtype).__name__}") \
+            from None
     name = name.removeprefix("torch.")
     name = _DTYPE_ALIASES.get(name, name)
-    if name not in DTYPES:
-        raise TypeError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    return name
+    try:
+        return _choice(name, DTYPES, "dtype")
+    except ValueError:
+        raise TypeError(f"dtype must be one of {DTYPES}, got {_show(dtype)}") from None
 
 
 @dataclass(frozen=True)
@@ -198,25 +311,35 @@ class LayerSpec:
 
     # ----------------------------------------------------------------------------- validation
     def __post_init__(self) -> None:
-        if self.op not in OPS:
-            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
-        rank = len(self.kernel_size)
+        # Every field is replaced by a plain built-in first (the module docstring), so what
+        # the checks below see is what the compiler and the templates read.
+        def put(field: str, value: Any) -> None:
+            object.__setattr__(self, field, value)
+
+        put("op", _choice(self.op, OPS, "op"))
+        kernel = _int_tuple(self.kernel_size, "kernel_size")
+        rank = len(kernel)
         if not 1 <= rank <= 3:
             raise ValueError(f"kernel_size must have 1 to 3 spatial dimensions, got {rank}")
+        put("kernel_size", kernel)
         for field in ("in_channels", "out_channels", "groups", "batch"):
-            if not _is_int(getattr(self, field)):
-                raise TypeError(f"{field} must be an int, got {getattr(self, field)!r}")
-        for field in ("kernel_size", "stride", "dilation", "output_padding", "input_size"):
-            value = getattr(self, field)
-            if len(value) != rank or not all(_is_int(v) for v in value):
+            put(field, _int(getattr(self, field), field))
+        for field in ("stride", "dilation", "output_padding", "input_size"):
+            value = _int_tuple(getattr(self, field), field)
+            if len(value) != rank:
                 raise ValueError(f"{field} must be {rank} ints, got {value!r}")
-        if len(self.padding) != rank or not all(
-                len(p) == 2 and all(_is_int(v) for v in p) for p in self.padding):
-            raise ValueError(f"padding must be {rank} (lo, hi) pairs of ints, got {self.padding!r}")
+            put(field, value)
+        put("padding", _pairs(self.padding, rank))
         if not isinstance(self.bias, bool):
-            raise TypeError(f"bias must be a bool, got {self.bias!r}")
-        object.__setattr__(self, "dtype", _normalize_dtype(self.dtype))
+            raise TypeError(f"bias must be a bool, got {type(self.bias).__name__} "
+                            f"{_show(self.bias)}")
+        put("bias", True if self.bias else False)
+        put("dtype", _normalize_dtype(self.dtype))
+        put("padding_mode", _choice(self.padding_mode, PADDING_MODES, "padding_mode"))
+        put("activation", _choice(self.activation, ACTIVATIONS, "activation"))
+        put("density", _density(self.density))
         self._check_values()
+        self._check_limits()
 
     def _check_values(self) -> None:
         # The order and exception types follow torch: module construction raises ValueError,
@@ -232,19 +355,9 @@ class LayerSpec:
         if self.out_channels % self.groups:
             raise ValueError(f"out_channels must be divisible by groups "
                              f"(out_channels={self.out_channels}, groups={self.groups})")
-        if self.padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {list(PADDING_MODES)}, "
-                             f"but got padding_mode={self.padding_mode!r}")
         if self.op == "conv_transpose" and self.padding_mode != "zeros":
             raise ValueError('Only "zeros" padding mode is supported for transposed convolutions, '
                              f"got padding_mode={self.padding_mode!r}")
-        if not isinstance(self.density, numbers.Real) or isinstance(self.density, bool) \
-                or not 0.0 <= float(self.density) <= 1.0:
-            raise ValueError(f"density must be a number in [0, 1], got density={self.density!r}")
-        object.__setattr__(self, "density", float(self.density))
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got "
-                             f"activation={self.activation!r}")
         if self.activation != "none" and self.op not in ("conv", "conv_transpose"):
             raise ValueError(f"activation={self.activation!r} applies to conv and "
                              f"conv_transpose, not to {self.op!r}")
@@ -294,15 +407,55 @@ class LayerSpec:
                     "Kernel size can't be greater than actual input size "
                     f"(input_size={self.input_size}, kernel_size={self.kernel_size}, "
                     f"dilation={self.dilation}, padding={self.padding})")
-            if self.padding_mode in ("reflect", "circular"):
-                # Reflect needs pad < size, circular pad <= size (torch.nn.functional.pad).
-                limit = (lambda pad, n: pad < n) if self.padding_mode == "reflect" \
-                    else (lambda pad, n: pad <= n)
+            if self.padding_mode in ("reflect", "replicate", "circular"):
+                # Reflect needs pad < size, circular pad <= size, replicate a non-empty size
+                # even with an empty batch (torch.nn.functional.pad).
+                limit = {"reflect": lambda pad, n: pad < n,
+                         "replicate": lambda pad, n: n > 0,
+                         "circular": lambda pad, n: pad <= n}[self.padding_mode]
                 if not all(limit(p, n) for pair, n in zip(self.padding, self.input_size)
                            for p in pair):
                     raise RuntimeError(
-                        f"padding={self.padding} is too large for padding_mode="
-                        f"{self.padding_mode!r} on input_size={self.input_size}")
+                        f"padding={self.padding} does not fit padding_mode="
+                        f"{self.padding_mode!r} on input_size={self.input_size} (reflect: "
+                        "padding < size, circular: padding <= size, replicate: size >= 1)")
+
+    def _check_limits(self) -> None:
+        """:class:`LimitError` for a valid spec the kernels cannot index (module docstring)."""
+        def check(what: str, values, limit: int = MAX_INDEX) -> None:
+            values = tuple(values)
+            if any(v > limit for v in values):
+                raise LimitError(f"{what} {values if len(values) > 1 else values[0]} exceeds "
+                                 f"the kernels' limit {limit}: zeroskip's kernels do not "
+                                 f"serve this layer ({self.op}, in_channels="
+                                 f"{self.in_channels}, out_channels={self.out_channels}, "
+                                 f"kernel_size={self.kernel_size}, input_size="
+                                 f"{self.input_size})")
+
+        check("stride", self.stride, MAX_STEP)
+        check("dilation", self.dilation, MAX_STEP)
+        for field in ("in_channels", "out_channels", "groups"):
+            check(field, (getattr(self, field),))
+        check("batch", (self.batch,), MAX_ELEMENTS)
+        for field in ("kernel_size", "input_size", "output_padding"):
+            check(field, getattr(self, field))
+        check("padding", (p for pair in self.padding for p in pair))
+        axes = self.axes
+        check("padded input size", (a.padded_size for a in axes))
+        check("kernel extent", (a.extent for a in axes))
+        check("size", (a.size for a in axes))
+        check("output size", (a.out_size for a in axes))
+        check("elements per channel", (math.prod(a.padded_size for a in axes),
+                                       math.prod(a.out_size for a in axes),
+                                       math.prod(self.kernel_size)))
+        c_x, c_y = self.conv_channels
+        c_red, c_out = c_x // self.groups, c_y // self.groups
+        # Packed weights: [g][c_red][tap][c_out rounded up to whole register tiles] + bias.
+        check("packed weight elements", (self.groups * -(-c_out // 64) * 64 *
+                                         (c_red * math.prod(self.kernel_size) + 1),))
+        check("tensor elements", (math.prod(shape) for shape in
+                                  (*self.input_shapes.values(), self.output_shape)),
+              MAX_ELEMENTS)
 
     def _transpose_output_size(self) -> tuple[int, ...]:
         return tuple((n - 1) * s - lo - hi + d * (k - 1) + op + 1 for n, s, (lo, hi), d, k, op in
@@ -482,6 +635,21 @@ class LayerSpec:
         return cls(**kwargs)
 
 
+def _density(value: Any) -> float:
+    """A finite float in [0, 1] (ValueError else, as for any density out of range)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"density must be a number in [0, 1], got {type(value).__name__} "
+                         f"{_show(value)}")
+    try:   # a float subclass's own value (never its __float__), as ints are read
+        density = float.__float__(value) if isinstance(value, float) else \
+            float(operator.index(value)) if _is_int(value) else float(value)
+    except Exception:   # an int too large for a float, a failing __float__
+        raise ValueError(f"density must be a number in [0, 1], got {_show(value)}") from None
+    if not (math.isfinite(density) and 0.0 <= density <= 1.0):
+        raise ValueError(f"density must be a number in [0, 1], got density={density!r}")
+    return density
+
+
 def _fmt(values: tuple[int, ...]) -> str:
     return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
 
@@ -492,4 +660,5 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-__all__ = ["LayerSpec", "Axis", "normalize_padding", "OPS", "PADDING_MODES", "DTYPES"]
+__all__ = ["LayerSpec", "Axis", "LimitError", "normalize_padding", "OPS", "PADDING_MODES",
+           "DTYPES", "ACTIVATIONS", "MAX_INDEX", "MAX_STEP"]

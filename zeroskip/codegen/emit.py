@@ -56,8 +56,12 @@ def render(plan: KernelPlan) -> str:
 def render_triton(plan: KernelPlan, family: str) -> str:
     """The Triton module of ``plan`` (lowered with ``backend='triton'``): ``family`` is
     'direct', 'block_sparse' (forward and input-gradient patterns) or 'weight_grad'."""
-    if family not in TRITON_FAMILIES:
-        raise ValueError(f"family must be one of {TRITON_FAMILIES}, got {family!r}")
+    # The family is rendered into the source: the constant from the fixed set, never the
+    # caller's object (a str subclass could render as anything).
+    name = str.__str__(family) if isinstance(family, str) else None
+    if name not in TRITON_FAMILIES:
+        raise ValueError(f"family must be one of {TRITON_FAMILIES}, got {name or family!r}")
+    family = TRITON_FAMILIES[TRITON_FAMILIES.index(name)]
     if (family == "weight_grad") != (plan.pattern == "grad_weight"):
         raise ValueError(f"family {family!r} does not serve the {plan.pattern} pattern")
     return _render("triton", "layer.py.jinja", p=plan, family=family)

@@ -50,13 +50,24 @@ class Variant:
     sparse_vectors: int | None = None  # sparse tiles: vectors of output channels per tile
 
     def __post_init__(self):
-        if self.strategy not in ("auto", "dense", "sparse"):
+        # Plain values only (the tile width is rendered into the C source): the strategy
+        # becomes its constant, a tile size a plain int (never a bool or an int subclass).
+        strategy = str.__str__(self.strategy) if isinstance(self.strategy, str) else None
+        if strategy not in ("auto", "dense", "sparse"):
             raise ValueError(f"strategy must be 'auto', 'dense' or 'sparse', got "
-                             f"{self.strategy!r}")
+                             f"{strategy if strategy is not None else type(self.strategy)!r}")
+        object.__setattr__(self, "strategy", {"auto": "auto", "dense": "dense",
+                                              "sparse": "sparse"}[strategy])
         for name in ("tile_width", "sparse_vectors"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or not 1 <= value <= 16):
-                raise ValueError(f"{name} must be None or an int in [1, 16], got {value!r}")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or \
+                    not 1 <= int.__index__(value) <= 16:
+                shown = type(value).__name__ if isinstance(value, bool) or \
+                    not isinstance(value, int) else int.__repr__(value)
+                raise ValueError(f"{name} must be None or an int in [1, 16], got {shown}")
+            object.__setattr__(self, name, int.__index__(value))
 
     @property
     def name(self) -> str:
@@ -70,7 +81,11 @@ class Variant:
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
-        strategy, *knobs = name.split("/")
+        """The variant a :attr:`name` names; ValueError for anything else (names come from the
+        tuning database, a user-writable file)."""
+        if not isinstance(name, str):
+            raise ValueError(f"not a kernel variant: a {type(name).__name__}")
+        strategy, *knobs = str.__str__(name).split("/")
         fields = {"w": "tile_width", "v": "sparse_vectors"}
         try:
             return cls(strategy, **{fields[k[0]]: int(k[1:]) for k in knobs})

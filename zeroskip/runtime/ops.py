@@ -22,6 +22,8 @@ import ast
 import collections
 import dataclasses
 import functools
+import numbers
+import operator
 import os
 import threading
 from pathlib import Path
@@ -34,7 +36,7 @@ from .. import __version__
 from ..codegen import emit, lower, pipeline
 from ..codegen.ir import IRError
 from ..codegen.passes.choose_strategy import crossover as model_crossover
-from ..spec import LayerSpec, normalize_padding
+from ..spec import LayerSpec, LimitError, normalize_padding
 from . import autotune, bundle, cache, cc, stats
 from . import triton as zt
 
@@ -420,6 +422,14 @@ def _freeze(value: Any) -> Any:
     return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def _key_of(value: Any) -> Any:
+    """An argument as part of a call's key: hashable, and apart wherever torch's parser tells
+    values apart that Python finds equal (``1``, ``True`` and ``1.0``)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_key_of(v) for v in value)
+    return value if type(value) is int or type(value) is str else (type(value), value)
+
+
 def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilation, groups,
                 output_padding=0, padding_mode: str = "zeros",
                 activation: str = "none") -> torch.Tensor:
@@ -431,8 +441,25 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
     ``zeroskip::convolution`` (shape function and autograd formula registered); otherwise the
     kernel is called directly, which saves the dispatcher's few microseconds."""
     if torch.compiler.is_compiling() or _needs_autograd(input, weight, bias):
-        config = config_of(op, rank, stride, padding, dilation, groups, output_padding,
-                           padding_mode, activation)
+        # The config is parsed back with ast.literal_eval: only plain values go into it.
+        checked = _check_arguments(op, rank, stride, padding, dilation, groups, output_padding)
+        if isinstance(checked, Fallback):
+            stats.fallback(checked.reason, checked.detail)
+            return _torch_convolution(op, rank, input, weight, bias, stride, padding, dilation,
+                                      groups, output_padding, padding_mode, activation)
+        stride, padding, dilation, groups, output_padding = checked
+        args = (stride, padding, dilation, groups, output_padding, padding_mode, activation)
+        if not torch.compiler.is_compiling():
+            # A call torch's op serves runs it with torch's autograd: the custom op's backward
+            # needs the spec (and kernels) such a call does not have.
+            def torch_op(x, w, b):
+                return _torch_convolution(op, rank, x, w, b, *args)
+
+            _, call = _lookup(op, rank, input, weight, bias, args, torch_op)
+            if isinstance(call, Fallback):
+                stats.fallback(call.reason, call.detail)
+                return torch_op(input, weight, bias)
+        config = config_of(op, rank, *args)
         return torch.ops.zeroskip.convolution(input, weight, bias, config)
     return _forward(op, rank, input, weight, bias,
                     (stride, padding, dilation, groups, output_padding, padding_mode, activation))
@@ -476,18 +503,19 @@ def _needs_autograd(input, weight, bias) -> bool:
         return False
 
 
-def _forward(op: str, rank: int, input, weight, bias, args: tuple) -> torch.Tensor:
-    def torch_op(x, w, b):
-        return _torch_convolution(op, rank, x, w, b, *args)
-
+def _lookup(op: str, rank: int, input, weight, bias, args: tuple, torch_op
+            ) -> tuple[tuple | None, Call | Fallback]:
+    """The key and the prepared :class:`Call` (or :class:`Fallback`) of a call: one dict
+    lookup keyed by everything but the batch size, else :func:`_prepare` (which raises what
+    torch raises). The key is None where the arguments are not hashable."""
     stride, padding, dilation, groups, output_padding, padding_mode, activation = args
     try:
         key = (op, rank, input.dtype, input.device, os.environ.get("ZEROSKIP_BACKEND"),
                input.dim(), tuple(input.shape[1:]),
                weight.dtype, weight.device, tuple(weight.shape),
                None if bias is None else (bias.dtype, bias.device, tuple(bias.shape)),
-               _freeze(stride), _freeze(padding), _freeze(dilation), groups,
-               _freeze(output_padding), padding_mode, activation)
+               _key_of(stride), _key_of(padding), _key_of(dilation), _key_of(groups),
+               _key_of(output_padding), padding_mode, activation)
         call = _calls.get(key)
     except (AttributeError, TypeError):   # not tensors, unhashable arguments: torch says why
         key, call = None, None
@@ -495,6 +523,14 @@ def _forward(op: str, rank: int, input, weight, bias, args: tuple) -> torch.Tens
         call = _prepare(op, rank, input, weight, bias, args, torch_op)
         if key is not None:
             _calls[key] = call
+    return key, call
+
+
+def _forward(op: str, rank: int, input, weight, bias, args: tuple) -> torch.Tensor:
+    def torch_op(x, w, b):
+        return _torch_convolution(op, rank, x, w, b, *args)
+
+    key, call = _lookup(op, rank, input, weight, bias, args, torch_op)
     if isinstance(call, Fallback):
         stats.fallback(call.reason, call.detail)
         return torch_op(input, weight, bias)
@@ -735,7 +771,7 @@ def _triton_gradient_kernel(which: str, config: str, input_size: tuple, weight_s
     spec = _spec_of(config, input_size, weight_shape, False, dtype)
     try:
         return zt.kernel_for(spec.grad_input() if which == "input" else spec.grad_weight())
-    except (NotImplementedError, *TRITON_BUILD_ERRORS) as exc:
+    except (NotImplementedError, LimitError, *TRITON_BUILD_ERRORS) as exc:
         return Fallback(f"no Triton kernel for the {which} gradient of {spec.torch_name}",
                         f"{type(exc).__name__}: {exc}")
 
@@ -748,7 +784,7 @@ def _gradient_kernel(which: str, config: str, input_size: tuple, weight_shape: t
     spec = _spec_of(config, input_size, weight_shape, False, dtype)
     try:
         return kernel_for(spec.grad_input() if which == "input" else spec.grad_weight())
-    except (NotImplementedError, *BUILD_ERRORS) as exc:
+    except (NotImplementedError, LimitError, *BUILD_ERRORS) as exc:
         return Fallback(f"no generated kernel for the {which} gradient of {spec.torch_name}",
                         f"{type(exc).__name__}: {exc}")
 
@@ -832,6 +868,22 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
         if not isinstance(value, torch.Tensor) and not (arg == "bias" and value is None):
             raise TypeError(f"{name}(): argument '{arg}' (position {position}) must be Tensor, "
                             f"not {type(value).__name__}")
+    checked = _check_arguments(op, rank, *args[:5])
+    if isinstance(checked, Fallback):
+        return checked
+    args = (*checked, *args[5:])
+    try:
+        return _prepare_call(name, op, rank, input, weight, bias, args, torch_op)
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        if input.dim() == rank + 2 and input.shape[0] == 0:
+            # torch's op skips most checks for an empty batch (a dilation of 0, a weight of
+            # another dtype pass): it answers this call. Valid calls still get their Call.
+            return Fallback("an empty batch that torch's op checks less than zeroskip")
+        raise
+
+
+def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
+    """:func:`_prepare` once the arguments parsed as torch parses them."""
     tensors = [t for t in (input, weight, bias) if t is not None]
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
         return Fallback("tensor subclasses are not covered by the C kernels")
@@ -856,17 +908,39 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
                            f"{_scalar(weight.dtype)} (input is {input.dtype}, weight is "
                            f"{weight.dtype}; they must be the same)")
     if bias is not None and bias.dtype != input.dtype:
+        if op == "conv_transpose":   # torch's CPU conv_transpose1d/2d cast it, 3d raises
+            return Fallback("a transposed conv's bias of another dtype than its input")
         raise RuntimeError(f"{name}: Input type ({_scalar(input.dtype).lower()}) and bias type "
                            f"({_scalar(bias.dtype).lower()}) should be the same")
     if input.dtype not in _covered_dtypes(backend):
         names = ", ".join(_covered_dtypes(backend).values())
         return Fallback(f"dtype {input.dtype} has no {backend} kernel ({names} do)")
     _check_shapes(name, op, rank, input, weight, bias, args[3])
+    if weight.shape[1] == 0 or (input.dim() == rank + 2 and not input.shape[0] and
+                                0 in input.shape[2:]):
+        # No channels to contract, or an empty batch of empty inputs: torch accepts some of
+        # these (a spec states none), and its op answers them at once.
+        return Fallback("empty operands (no contracted channels, or an empty batch of empty "
+                        "inputs)")
+    if _overflows_int64(op, rank, input, weight, args):
+        # torch computes sizes in int64 and wraps (a dilation of 2**62 may pass its checks):
+        # what it then does is its own.
+        return Fallback("arguments whose sizes overflow int64")
     try:
         spec = _build_spec(op, rank, input.shape, weight.shape, bias is not None, input.dtype,
                            args)
-    except ValueError as exc:   # torch's functional ops raise RuntimeError for bad values
-        raise RuntimeError(f"{name}: {exc}") from exc
+    except LimitError as exc:   # valid, but past what the kernels index: torch's op serves it
+        return Fallback("a layer beyond the kernels' limits (zeroskip.spec.LimitError)",
+                        str(exc))
+    except (ValueError, RuntimeError) as exc:
+        if op == "conv_transpose":
+            # torch's CPU op checks a batch of one and a larger batch (oneDNN) differently: a
+            # dilation of 0 with a 1-tap kernel, an output size below 1 pass for 2 samples and
+            # raise for 1. Its op answers each call as it would.
+            return Fallback("a transposed conv zeroskip rejects (torch's op decides per batch)")
+        if isinstance(exc, RuntimeError):
+            raise
+        raise RuntimeError(f"{name}: {exc}") from exc   # torch raises RuntimeError for these
     # A last cross-check: torch's own shape function on meta tensors.
     meta = torch_op(input.to("meta"), weight.to("meta"), None if bias is None else
                     bias.to("meta"))
@@ -886,6 +960,90 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
         return Fallback(f"the kernel of {spec.describe()} failed to build",
                         f"{type(exc).__name__}: {exc}")
     return Call(spec, kernel, out_shape, channels_last=rank == 2, torch_op=torch_op)
+
+
+_INT64 = range(-2 ** 63, 2 ** 63)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_arguments(op, rank, stride, padding, dilation, groups, output_padding
+                     ) -> tuple | Fallback:
+    """torch's argument parser on the non-tensor arguments. First the overloads: TypeError where
+    an argument has a type torch takes for none of them (a bool, a float, None, a string but
+    conv's padding; of a list torch looks at the first element only). Then each argument in the
+    reverse of the signature's order (as torch's C++ evaluates them): ValueError for an int
+    beyond int64, TypeError for a list element that is no int (after the first a bool is one)
+    or beyond int64. Returns ``(stride, padding,
+    dilation, groups, output_padding)`` as plain ints, tuples of plain ints (a 1-element list
+    stands for every axis, as in torch) or a padding string; or a :class:`Fallback` for what
+    torch takes and this does not model (tensors, bytes)."""
+    name = f"{'conv_transpose' if op == 'conv_transpose' else 'conv'}{rank}d"
+    order = [("stride", stride), ("padding", padding)]
+    if op == "conv_transpose":
+        order += [("output_padding", output_padding), ("groups", groups), ("dilation", dilation)]
+    else:
+        order += [("dilation", dilation), ("groups", groups)]
+    for arg, value in order:
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(v, (torch.Tensor, bytes)) for v in items):
+            return Fallback(f"a tensor or bytes as a conv's '{arg}' argument")
+        ok = _is_int(value) or (arg != "groups" and isinstance(value, (list, tuple)) and
+                                (not value or _is_int(value[0]))) or \
+            (arg == "padding" and op != "conv_transpose" and isinstance(value, str))
+        if not ok:
+            raise TypeError(f"{name}() received an invalid combination of arguments: argument "
+                            f"'{arg}' must be {'int' if arg == 'groups' else 'tuple of ints'}"
+                            f", not {type(value).__name__}")
+    plain = {}
+    for arg, value in reversed(order):   # torch unpacks them last to first
+        if isinstance(value, str):
+            plain[arg] = str.__str__(value)
+        elif _is_int(value):
+            plain[arg] = operator.index(value)
+            if plain[arg] not in _INT64:
+                raise ValueError(f"{name}(): argument '{arg}': Overflow when unpacking long long")
+        else:
+            items = []
+            for i, v in enumerate(value, start=1):
+                if not isinstance(v, numbers.Integral):
+                    raise TypeError(f"{name}(): argument '{arg}' failed to unpack the object at "
+                                    f"pos {i} with error \"type must be tuple of ints,but got "
+                                    f"{type(v).__name__}\"")
+                items.append(operator.index(v))
+                if items[-1] not in _INT64:
+                    raise TypeError(f"{name}(): argument '{arg}' failed to unpack the object at "
+                                    f"pos {i} with error \"Overflow when unpacking long long\"")
+            plain[arg] = tuple(items * rank if len(items) == 1 else items)
+    return (plain["stride"], plain["padding"], plain["dilation"], plain["groups"],
+            plain.get("output_padding", output_padding))
+
+
+def _per_axis(rank, args) -> list[tuple[int, ...]] | None:
+    """(stride, padding, dilation, output_padding) per axis, or None where they are not
+    ``rank`` ints each (a padding string, a wrong length: the spec reports those)."""
+    per_axis = [v if isinstance(v, tuple) else (v,) * rank
+                for v in (args[0], args[1], args[2], args[4])]
+    if any(len(v) != rank or not all(isinstance(n, int) for n in v) for v in per_axis):
+        return None
+    return per_axis
+
+
+def _overflows_int64(op, rank, input, weight, args) -> bool:
+    """Whether a size torch computes from the arguments (kernel extent, padded input, output)
+    leaves int64."""
+    per_axis = _per_axis(rank, args)
+    if per_axis is None:
+        return False
+    for n, k, s, p, d, o in zip(input.shape[-rank:], weight.shape[2:], *per_axis):
+        extent = d * (k - 1) + 1
+        sizes = (extent, n + 2 * p, (n - 1) * s - 2 * p + extent + o) if op == "conv_transpose" \
+            else (extent, n + 2 * p, n + 2 * p - extent)
+        if any(v not in _INT64 for v in sizes):
+            return True
+    return False
 
 
 def _check_shapes(name, op, rank, input, weight, bias, groups) -> None:
