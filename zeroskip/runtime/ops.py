@@ -452,13 +452,9 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
         if not torch.compiler.is_compiling():
             # A call torch's op serves runs it with torch's autograd: the custom op's backward
             # needs the spec (and kernels) such a call does not have.
-            def torch_op(x, w, b):
-                return _torch_convolution(op, rank, x, w, b, *args)
-
-            _, call = _lookup(op, rank, input, weight, bias, args, torch_op)
+            _, call, torch_op = _lookup(op, rank, input, weight, bias, args)
             if isinstance(call, Fallback):
-                stats.fallback(call.reason, call.detail)
-                return torch_op(input, weight, bias)
+                return _fall_back(call, torch_op, input, weight, bias)
         config = config_of(op, rank, *args)
         return torch.ops.zeroskip.convolution(input, weight, bias, config)
     return _forward(op, rank, input, weight, bias,
@@ -503,11 +499,14 @@ def _needs_autograd(input, weight, bias) -> bool:
         return False
 
 
-def _lookup(op: str, rank: int, input, weight, bias, args: tuple, torch_op
-            ) -> tuple[tuple | None, Call | Fallback]:
-    """The key and the prepared :class:`Call` (or :class:`Fallback`) of a call: one dict
-    lookup keyed by everything but the batch size, else :func:`_prepare` (which raises what
-    torch raises). The key is None where the arguments are not hashable."""
+def _lookup(op: str, rank: int, input, weight, bias, args: tuple
+            ) -> tuple[tuple | None, Call | Fallback, Any]:
+    """The key, the prepared :class:`Call` (or :class:`Fallback`) and torch's op of a call:
+    one dict lookup keyed by everything but the batch size, else :func:`_prepare` (which
+    raises what torch raises). The key is None where the arguments are not hashable."""
+    def torch_op(x, w, b):
+        return _torch_convolution(op, rank, x, w, b, *args)
+
     stride, padding, dilation, groups, output_padding, padding_mode, activation = args
     try:
         key = (op, rank, input.dtype, input.device, os.environ.get("ZEROSKIP_BACKEND"),
@@ -523,17 +522,18 @@ def _lookup(op: str, rank: int, input, weight, bias, args: tuple, torch_op
         call = _prepare(op, rank, input, weight, bias, args, torch_op)
         if key is not None:
             _calls[key] = call
-    return key, call
+    return key, call, torch_op
+
+
+def _fall_back(why: Fallback, torch_op, input, weight, bias) -> torch.Tensor:
+    stats.fallback(why.reason, why.detail)
+    return torch_op(input, weight, bias)
 
 
 def _forward(op: str, rank: int, input, weight, bias, args: tuple) -> torch.Tensor:
-    def torch_op(x, w, b):
-        return _torch_convolution(op, rank, x, w, b, *args)
-
-    key, call = _lookup(op, rank, input, weight, bias, args, torch_op)
+    key, call, torch_op = _lookup(op, rank, input, weight, bias, args)
     if isinstance(call, Fallback):
-        stats.fallback(call.reason, call.detail)
-        return torch_op(input, weight, bias)
+        return _fall_back(call, torch_op, input, weight, bias)
     batched = input.dim() == rank + 2
     x = input if batched else input.unsqueeze(0)
     if isinstance(call, TritonCall):     # channels_last in, channels_last out, no copies
