@@ -13,4 +13,4 @@ from reliability_helpers import FAULTS, failed_checks
 @pytest.mark.parametrize("fault", FAULTS)
 def test_fault_is_detected_and_rebuilt(tmp_path, fault):
     result = FAULTS[fault](tmp_path / "cache", tmp_path)
-    assert all(result["checks"].values()), failed_checks(result)
+    assert result["checks"] and all(result["checks"].values()), failed_checks(result)

@@ -13,13 +13,13 @@ pytestmark = pytest.mark.slow
 
 def test_cold_cache_race_compiles_each_kernel_once(tmp_path):
     result = race(tmp_path / "cache", RACE_PROCESSES)
-    assert all(result["checks"].values()), failed_checks(result)
+    assert result["checks"] and all(result["checks"].values()), failed_checks(result)
     figures = result["figures"]
     assert figures["processes"] == RACE_PROCESSES and figures["kernels"] >= 10
 
 
 def test_soak_no_memory_or_fd_growth(tmp_path):
     result = soak(tmp_path / "cache")
-    assert all(result["checks"].values()), failed_checks(result)
+    assert result["checks"] and all(result["checks"].values()), failed_checks(result)
     loops = result["figures"]["loops"]
     assert [loop["calls"] for loop in loops.values()] == [SOAK_CALLS, SOAK_CALLS // 10]
