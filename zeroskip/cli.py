@@ -45,26 +45,23 @@ def _positive(text: str) -> int:
     return value
 
 
-def _densities(text: str) -> tuple[float, ...]:
+def _comma_values(text: str, convert, valid, expected: str) -> tuple:
+    """``text``'s comma-separated values, each converted and valid; else argparse's error."""
     try:
-        values = tuple(float(v) for v in text.split(","))
+        values = tuple(convert(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if not values or not all(0 < v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected densities in (0, 1] separated by commas, "
-                                         f"got {text!r}")
+    if not values or not all(valid(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected {expected} separated by commas, got {text!r}")
     return values
 
 
+def _densities(text: str) -> tuple[float, ...]:
+    return _comma_values(text, float, lambda v: 0 < v <= 1, "densities in (0, 1]")
+
+
 def _input_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        shape = ()
-    if not shape or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive ints separated by commas, e.g. "
-                                         f"1,3,224,224, got {text!r}")
-    return shape
+    return _comma_values(text, int, lambda v: v >= 1, "positive ints (e.g. 1,3,224,224)")
 
 
 def _comma_list(text: str) -> list[str]:

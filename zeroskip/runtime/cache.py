@@ -160,11 +160,6 @@ def make_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def entry_dir(key: str) -> Path:
-    """The entry's folder: where it is found, else where it would be built."""
-    return find(key) or cache_dir() / key[:2] / key
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -173,25 +168,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(folder: Path, files: Any, owners: tuple[int, ...] | None = None) -> str | None:
-    """Why the files ``{name: sha256}`` of ``folder`` must not be loaded (missing, altered,
-    or untrusted: see :func:`unsafe`), or None."""
-    found = _check(folder, files, owners)
-    return found and found[0]
-
-
-def _check(folder: Path, files: Any, owners: tuple[int, ...] | None = None
-           ) -> tuple[str, bool] | None:
-    """``(problem, untrusted)`` of :func:`verify`: untrusted files are refused with a warning,
-    damaged ones (missing, altered) simply rebuilt."""
+def _check(folder: Path, files: Any) -> tuple[str, bool] | None:
+    """Why the entry ``folder`` with files ``{name: sha256}`` must not be loaded, as
+    ``(problem, untrusted)``, or None: untrusted files (see :func:`unsafe`) are refused with a
+    warning, damaged ones (missing, altered) simply rebuilt."""
     if not isinstance(files, dict) or not files:
         return f"{folder}: no file list", False
     for name in files:
         if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
             return f"{folder}: bad file name {name!r}", True
     try:
-        for path in (folder, *(folder / name for name in files)):
-            problem = unsafe(path, owners)
+        for path in (folder, folder / META, *(folder / name for name in files)):
+            problem = unsafe(path)
             if problem:
                 return problem, True
         for name, digest in files.items():
@@ -212,9 +200,6 @@ def _lookup_in(root: Path, key: str) -> dict[str, Any] | None:
         return None
     found = _check(folder, meta.get("files"))
     if found is None:
-        problem = unsafe(folder / META)
-        found = problem and (problem, True)
-    if found is None:
         return meta
     problem, untrusted = found
     if untrusted:
@@ -223,21 +208,24 @@ def _lookup_in(root: Path, key: str) -> dict[str, Any] | None:
     return None
 
 
+def _search(key: str) -> tuple[Path, dict[str, Any]] | None:
+    for root in roots():
+        meta = _lookup_in(root, key)
+        if meta is not None:
+            return root / key[:2] / key, meta
+    return None
+
+
 def find(key: str) -> Path | None:
     """The folder of the complete, intact and trusted entry ``key``, or None."""
-    for root in roots():
-        if _lookup_in(root, key) is not None:
-            return root / key[:2] / key
-    return None
+    found = _search(key)
+    return found and found[0]
 
 
 def lookup(key: str) -> dict[str, Any] | None:
     """The entry's metadata if it is complete, intact and trusted, else None."""
-    for root in roots():
-        meta = _lookup_in(root, key)
-        if meta is not None:
-            return meta
-    return None
+    found = _search(key)
+    return found and found[1]
 
 
 def lock(key: str) -> FileLock:

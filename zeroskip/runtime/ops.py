@@ -230,6 +230,7 @@ class Call:
     out_shape: tuple[int, ...]            # output shape without the batch dimension
     channels_last: bool = False
     torch_op: Any = None                  # torch's op on (x, weight, bias): a tuned choice
+    config: str = ""                      # the arguments as the custom op takes them
     last: str = "dense"                   # what the latest call ran: dense, sparse, torch, ...
     last_density: float = 1.0             # the density the latest call measured
     _variants: dict = dataclasses.field(default_factory=dict)
@@ -318,6 +319,7 @@ class TritonCall:
     forward: zt.Kernel                    # the dense kernel
     out_shape: tuple[int, ...]
     torch_op: Any = None
+    config: str = ""                      # the arguments as the custom op takes them
     last: str = "dense"
     last_density: float = 1.0
     _resolved: dict = dataclasses.field(default_factory=dict)
@@ -440,25 +442,24 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
     Under ``torch.compile``, and when a covered call needs gradients, this is the custom op
     ``zeroskip::convolution`` (shape function and autograd formula registered); otherwise the
     kernel is called directly, which saves the dispatcher's few microseconds."""
-    if torch.compiler.is_compiling() or _needs_autograd(input, weight, bias):
+    args = (stride, padding, dilation, groups, output_padding, padding_mode, activation)
+    if torch.compiler.is_compiling():
         # The config is parsed back with ast.literal_eval: only plain values go into it.
-        checked = _check_arguments(op, rank, stride, padding, dilation, groups, output_padding)
+        checked = _check_arguments(op, rank, *args[:5])
         if isinstance(checked, Fallback):
             stats.fallback(checked.reason, checked.detail)
-            return _torch_convolution(op, rank, input, weight, bias, stride, padding, dilation,
-                                      groups, output_padding, padding_mode, activation)
-        stride, padding, dilation, groups, output_padding = checked
-        args = (stride, padding, dilation, groups, output_padding, padding_mode, activation)
-        if not torch.compiler.is_compiling():
-            # A call torch's op serves runs it with torch's autograd: the custom op's backward
-            # needs the spec (and kernels) such a call does not have.
-            _, call, torch_op = _lookup(op, rank, input, weight, bias, args)
-            if isinstance(call, Fallback):
-                return _fall_back(call, torch_op, input, weight, bias)
-        config = config_of(op, rank, *args)
-        return torch.ops.zeroskip.convolution(input, weight, bias, config)
-    return _forward(op, rank, input, weight, bias,
-                    (stride, padding, dilation, groups, output_padding, padding_mode, activation))
+            return _torch_convolution(op, rank, input, weight, bias, *args)
+        return torch.ops.zeroskip.convolution(input, weight, bias,
+                                              config_of(op, rank, *checked, *args[5:]))
+    if _needs_autograd(input, weight, bias):
+        # A call torch's op serves runs it with torch's autograd: the custom op's backward
+        # needs the spec (and kernels) such a call does not have. A prepared call holds its
+        # arguments checked and written as the custom op's config.
+        _, call, torch_op = _lookup(op, rank, input, weight, bias, args)
+        if isinstance(call, Fallback):
+            return _fall_back(call, torch_op, input, weight, bias)
+        return torch.ops.zeroskip.convolution(input, weight, bias, call.config)
+    return _forward(op, rank, input, weight, bias, args)
 
 
 def _device_type(t: torch.Tensor) -> str:
@@ -873,7 +874,10 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Call | Fallback:
         return checked
     args = (*checked, *args[5:])
     try:
-        return _prepare_call(name, op, rank, input, weight, bias, args, torch_op)
+        call = _prepare_call(name, op, rank, input, weight, bias, args, torch_op)
+        if not isinstance(call, Fallback):
+            call.config = config_of(op, rank, *args)
+        return call
     except (TypeError, ValueError, RuntimeError, IndexError):
         if input.dim() == rank + 2 and input.shape[0] == 0:
             # torch's op skips most checks for an empty batch (a dilation of 0, a weight of
