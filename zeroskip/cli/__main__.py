@@ -1,0 +1,7 @@
+"""``python -m zeroskip.cli``."""
+import sys
+
+from . import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""``zeroskip tune``: time every way to run each layer at each density and keep the fastest in
+the tuning database."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..spec import LayerSpec
+from .args import DENSITIES, FORWARD, _densities, _positive, _spec_file
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    tu = sub.add_parser("tune", help="time every way to run each layer at each density and keep "
+                                     "the fastest in the tuning database",
+                        description="For each layer and input density, check torch's op and "
+                                    "every generated kernel variant against torch, time them, "
+                                    "and record the fastest in the tuning database, which "
+                                    "zeroskip's calls then follow on this machine. Prints each "
+                                    "choice and, per layer, the crossover: the highest density "
+                                    "at which a sparse kernel won.")
+    tu.add_argument("--specs", type=Path, metavar="FILE",
+                    help="a JSON list of layers (LayerSpec.to_dict() objects) to tune instead of "
+                         "the benchmark suite's forward layers")
+    tu.add_argument("--quick", action="store_true", help="only the quick subset of the suite")
+    tu.add_argument("--layers", nargs="+", metavar="SUBSTR",
+                    help="only the suite's layers whose name or family contains one of these")
+    tu.add_argument("--densities", type=_densities, default=DENSITIES, metavar="D,D,...",
+                    help="input densities to tune at (default 1,0.5,0.3,0.1,0.05)")
+    tu.add_argument("--repeats", type=_positive, default=7, metavar="R",
+                    help="timed rounds per candidate, the median decides (default 7)")
+    tu.add_argument("--threads", type=_positive, metavar="T",
+                    help="threads for torch and the kernels (default: torch's); choices are "
+                         "filed under the thread count")
+    tu.add_argument("--db", type=Path, metavar="FILE",
+                    help="the tuning database (default: $ZEROSKIP_TUNING_DB, else tuning.json in "
+                         "the kernel cache directory)")
+    tu.add_argument("--merge", type=Path, nargs="+", metavar="FILE",
+                    help="merge these tuning databases into it (the newer record wins); without "
+                         "--specs, --quick or --layers, only merge")
+    tu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tu.set_defaults(handler=main, subparser=tu)
+    return tu
+
+
+def _tune_layers(args: argparse.Namespace, parser: argparse.ArgumentParser
+                 ) -> list[tuple[str, LayerSpec]]:
+    """``(name, spec)`` of the layers to tune: the ``--specs`` file's, or the suite's forward
+    layers as ``--quick`` and ``--layers`` select them."""
+    if args.specs:
+        if args.quick or args.layers:
+            parser.error("--quick and --layers select layers of the suite, not of --specs")
+        return _spec_file(args.specs, parser)
+    from .. import bench
+    layers = [(layer.name, layer.spec) for layer in bench.select(args.quick, args.layers)
+              if layer.spec.op in FORWARD]
+    if not layers:
+        parser.error(f"no forward layer of the suite matches --layers {' '.join(args.layers)}")
+    return layers
+
+
+def _read_db(path: Path, flag: str, parser: argparse.ArgumentParser):
+    """A tuning database named on the command line, read strictly: a file that is not one (a
+    mistyped name, someone else's file) is reported, never set aside and rebuilt."""
+    from ..runtime import autotune
+    try:
+        return autotune.TuningDB(path, strict=True)
+    except OSError as exc:
+        parser.error(f"{flag}: cannot read {path}: {exc.strerror}")
+    except ValueError as exc:
+        parser.error(f"{flag}: {exc}")
+
+
+def _named(layers: list[tuple[str, LayerSpec]], results: list) -> list[tuple[str, object]]:
+    """Each result with its layer's name (``tune_all`` tunes a layer at every density in turn)."""
+    per_layer = len(results) // len(layers)
+    return [(name, r) for i, (name, _) in enumerate(layers)
+            for r in results[i * per_layer:(i + 1) * per_layer]]
+
+
+def _tune_report(layers: list[tuple[str, LayerSpec]], results: list, db) -> str:
+    """Every choice against torch, then each layer's crossover, as markdown tables."""
+    lines = ["| layer | density | choice | torch ms | best ms | speedup |",
+             "|---|---:|---|---:|---:|---:|"]
+    for name, r in _named(layers, results):
+        lines.append(f"| {name} | {r.density:g} | {r.choice} | {r.ms['torch']:.3g} | "
+                     f"{r.ms[r.choice]:.3g} | {r.speedup():.2f}x |")
+    lines += ["", "| layer | crossover |", "|---|---:|"]
+    for name, spec in layers:
+        crossover = db.crossover(spec)
+        lines.append(f"| {name} | {f'{crossover:g}' if crossover else 'none'} |")
+    lines.append("\ncrossover: the highest tuned density at which a sparse kernel won")
+    return "\n".join(lines)
+
+
+def _tune_notes(layers: list[tuple[str, LayerSpec]], results: list) -> None:
+    """Failed candidates and contended timings, on stderr: they question the choices made."""
+    from ..runtime import autotune
+    for name, r in _named(layers, results):
+        for candidate, error in r.errors.items():
+            print(f"note: {name} @ {r.density:g}: {candidate} failed: {error}", file=sys.stderr)
+    contended = sum(autotune.busy(r.contention) for r in results)
+    if contended:
+        print(f"note: other processes took over {autotune.BUSY:.0%} of the CPUs during "
+              f"{contended} of {len(results)} timings; tune on an idle machine",
+              file=sys.stderr)
+
+
+def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from ..runtime import autotune
+    tuning = not args.merge or args.specs or args.quick or args.layers
+    layers = _tune_layers(args, parser) if tuning else []
+    if args.threads:
+        torch.set_num_threads(args.threads)   # first: the database files choices by threads
+    db = _read_db(args.db, "--db", parser) if args.db and args.db.exists() else \
+        autotune.TuningDB(args.db)
+    if args.merge:
+        taken = sum(db.merge(_read_db(path, "--merge", parser)) for path in args.merge)
+        print(f"merged {taken} records from {len(args.merge)} file(s)")
+    if layers:
+        results = autotune.tune_all([spec for _, spec in layers], args.densities, db,
+                                    args.repeats, progress=not args.no_progress)
+        print(_tune_report(layers, results, db))
+        _tune_notes(layers, results)
+    else:
+        db.save()
+    print(f"tuning database: {db.path}")
+    return 0
