@@ -1,9 +1,10 @@
 """The IR contract: verify accepts every pipeline step and rejects each broken invariant with an
-IRError naming the node; JSON and DOT serialization; ZEROSKIP_DUMP."""
+IRError naming the node; JSON, DOT and text serialization; ZEROSKIP_DUMP."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
 
 import networkx as nx
@@ -11,8 +12,11 @@ import pytest
 
 from zeroskip import LayerSpec
 from zeroskip.codegen import frontend, pipeline
-from zeroskip.codegen.ir import (Contract, IRError, Output, add_node, from_json, nodes_of, op,
-                                 operand, parts, replace_payload, to_dot, to_json, verify)
+from zeroskip.codegen.ir import (Affine, AxisLoop, Contract, IRError, Output, add_node,
+                                 from_json, nodes_of, op, operand, parts, replace_payload, to_dot,
+                                 to_json, verify)
+from zeroskip.codegen.text import (format_affine, from_text, parse_affine, text_names,
+                                   to_text)
 
 STEPS = ["frontend", *(name for name, _ in pipeline.PIPELINE)]
 
@@ -176,6 +180,124 @@ def test_zeroskip_dump_env_writes_every_step(monkeypatch, tmp_path):
         assert loaded.graph["history"] == tuple(STEPS[:i + 1])
         assert dict(loaded.nodes(data="op")) == dict(graph.nodes(data="op"))
         assert (folder / f"{i:02d}-{name}.dot").read_text() == to_dot(graph)
+
+
+# ------------------------------------------------------------------------------ text form
+@pytest.mark.parametrize("key", SPECS.keys())
+def test_text_round_trip(key):
+    """from_text(to_text(g)) is g with its Contracts renamed c0, c1, ...: every field and edge
+    survives the text."""
+    for name, graph in steps_of(SPECS[key]):
+        text = to_text(graph)
+        back = verify(from_text(text, graph.graph["spec"]))
+        assert to_text(back) == text, name
+        renamed = nx.relabel_nodes(graph, text_names(graph))
+        assert dict(back.nodes(data="op")) == dict(renamed.nodes(data="op")), name
+        assert set(back.edges(data="port")) == set(renamed.edges(data="port")), name
+        assert back.graph == {"spec": graph.graph["spec"], "history": ("text",)}
+
+
+def test_text_is_stable_under_region_renumbering():
+    """Region names and the order nodes and edges were added do not show in the text."""
+    graph = after("densify_zeros", SPECS["conv_transpose2d_k4_s2_p1"])
+    contracts = list(nodes_of(graph, Contract))
+    assert len(contracts) > 2
+    names = [f"region.{i}" for i in range(len(contracts))]
+    random.Random(0).shuffle(names)
+    renamed = nx.relabel_nodes(graph, dict(zip(contracts, names)))
+    rebuilt = nx.DiGraph(**graph.graph)
+    rebuilt.add_nodes_from(reversed(list(renamed.nodes(data=True))))
+    rebuilt.add_edges_from(reversed(list(renamed.edges(data=True))))
+    text = to_text(graph)
+    assert to_text(renamed) == to_text(rebuilt) == text
+    # Lines in any order, Contracts under any name, comments: the same graph.
+    lines = text.splitlines()
+    random.Random(1).shuffle(lines)
+    assert to_text(from_text("# shuffled\n" + "\n".join(lines))) == text
+
+
+def test_text_shows_a_changed_index_map():
+    graph = frontend.lower(CONV)
+    c = op(graph, "contract")
+    loop = c.loops[1]
+    replace_payload(graph, "contract",
+                    loops=(c.loops[0], dataclasses.replace(loop, rhs=Affine(v=1, c=1))))
+    assert to_text(graph) != to_text(frontend.lower(CONV))
+
+
+def test_text_of_a_frontend_graph():
+    assert to_text(frontend.lower(CONV)) == """\
+bias = Input[16] name=bias
+input = Input[1x8x9x9] name=input
+weight = Input[16x8x3x3] name=weight
+pad_input = Pad[1x8x11x11](src=input) lo=1,1 hi=1,1
+c0 = Contract[1x16x5x5](lhs=pad_input, rhs=weight) pattern=forward groups=1 \
+{u=0:5 v=0:3 out=u lhs=2*u+v rhs=v} {u=0:5 v=0:3 out=u lhs=2*u+v rhs=v}
+assemble = Assemble[1x16x5x5](part=c0)
+bias_add = BiasAdd[1x16x5x5](src=assemble, bias=bias)
+output = Output[1x16x5x5](src=bias_add) name=output
+"""
+
+
+def test_from_text_reads_fields_by_name():
+    graph = from_text("""
+        x = Input[2x4x5x3] name=x
+        w = Input[6x2x3x2] name=w
+        # any node name; fields in any order; a quoted string keeps its spaces and quotes
+        part = Contract[2x6x3x2](rhs=w, lhs=x) groups=2 pattern=forward \
+        region="border phase(1, 0)" strategy=sparse reason="say \\"why\\"" \
+        {u=0:3 v=1:3 out=2*u+1 lhs=u+v-1 rhs=v} {u=0:2 v=0:2 out=-u+1 lhs=3*u rhs=-v+1}
+    """)
+    assert op(graph, "part") == Contract(
+        shape=(2, 6, 3, 2), pattern="forward", groups=2, region="border phase(1, 0)",
+        strategy="sparse", reason='say "why"',
+        loops=(AxisLoop(u=(0, 3), v=(1, 3), out=Affine(2, 0, 1), lhs=Affine(1, 1, -1),
+                        rhs=Affine(v=1)),
+               AxisLoop(u=(0, 2), v=(0, 2), out=Affine(-1, 0, 1), lhs=Affine(u=3),
+                        rhs=Affine(0, -1, 1))))
+    assert set(graph.in_edges("part", data="port")) == {("x", "part", "lhs"),
+                                                        ("w", "part", "rhs")}
+    assert 'region="border phase(1, 0)" strategy=sparse reason="say \\"why\\""' in \
+        to_text(graph)
+
+
+@pytest.mark.parametrize("affine, text", [
+    (Affine(), "0"), (Affine(c=-3), "-3"), (Affine(u=1), "u"), (Affine(v=-1, c=3), "-v+3"),
+    (Affine(2, 1, -1), "2*u+v-1"), (Affine(0, -2, 0), "-2*v"), (Affine(-1, 3, 2), "-u+3*v+2"),
+])
+def test_affine_text(affine, text):
+    assert format_affine(affine) == text
+    assert parse_affine(text) == affine
+
+
+@pytest.mark.parametrize("text, message", [
+    ("x = Tensor[1] name=x", r"line 1: unknown kind 'Tensor'"),
+    ("x = Input[1]", r"line 1: .*missing 1 required positional argument: 'name'"),
+    ("x = Input[1] name=x size=3", r"line 1: Input has no field 'size'"),
+    ("x = Input[1] name=x name=y", r"line 1: field 'name' given twice"),
+    ("x = Input[1] name=x\nx = Input[1] name=x", r"line 2: node 'x' defined twice"),
+    ("y = Output[1](src=x) name=y", r"line 1: operand 'x' is not a node"),
+    ("y = Output[1](x) name=y", r"line 1: bad operand 'x', expected port=source"),
+    ("x = Input[1x2] name=x {u=0:1 v=0:1 out=u lhs=u rhs=v}", r"line 1: Input has no loops"),
+    ("x = Input[1] name=x garbage", r"line 1: cannot read 'garbage'"),
+    ("input x", r"line 1: expected 'name = Kind\[shape\]"),
+    ("c = Contract[1x1x1] pattern=forward groups=1 {u=0:1 v=0:1 out=u lhs=u+ rhs=v}",
+     r"line 1: bad index map 'u\+'"),
+    ("c = Contract[1x1x1] pattern=forward groups=1 {u=0:1 v=0 out=u lhs=u rhs=v}",
+     r"line 1: bad range v='0'"),
+    ("c = Contract[1x1x1] pattern=forward groups=1 {u=0:1 out=u lhs=u rhs=v}",
+     r"line 1: an axis needs u, v, out, lhs, rhs"),
+])
+def test_from_text_names_the_bad_line(text, message):
+    with pytest.raises(ValueError, match=message):
+        from_text(text)
+
+
+def test_to_text_refuses_a_contract_name_on_another_node():
+    graph = frontend.lower(CONV)
+    graph = nx.relabel_nodes(graph, {"pad_input": "c3"})
+    with pytest.raises(ValueError, match=r"\['c3'\] are not Contracts"):
+        to_text(graph)
 
 
 # ------------------------------------------------------------------------------ robustness

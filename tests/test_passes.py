@@ -1,65 +1,21 @@
-"""Each pass, as a before/expected graph on a small layer, and as an exact rewrite: the
-reference executor gives the same result before and after every pass, equal to torch's op."""
+"""Each pass, as a before/expected graph on a small layer stated in the IR's text form
+(:mod:`zeroskip.codegen.text`), and as an exact rewrite: the reference executor gives the same
+result before and after every pass, equal to torch's op."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 
+from ir_helpers import assert_ir
 from oracle import random_inputs, torch_result
 from strategies import EXECUTABLE, specs
 from zeroskip import LayerSpec
 from zeroskip.codegen import frontend, pipeline, reference
-from zeroskip.codegen.ir import (Affine, Assemble, AxisLoop, Contract, Input, Output, Subsample,
-                                 ZeroInsert, add_node, new_graph, nodes_of, op, to_json, verify)
+from zeroskip.codegen.ir import Contract, nodes_of, op
 from zeroskip.codegen.passes import (choose_strategy, densify_zeros, skip_dilation,
                                      trim_padding)
 from zeroskip.codegen.passes.choose_strategy import decide
-
-
-def canonical(graph) -> set:
-    """The graph as a set of (node, payload) and edges, with Contract regions named by their
-    payload (region numbering is an implementation detail, the regions are not)."""
-    def key(node):
-        payload = op(graph, node)
-        if isinstance(payload, Contract):
-            return json.dumps(to_json_payload(payload), sort_keys=True)
-        return node
-
-    nodes = {(key(n), json.dumps(to_json_payload(op(graph, n)), sort_keys=True))
-             for n in graph}
-    edges = {(key(a), key(b), p) for a, b, p in graph.edges(data="port")}
-    return nodes | edges
-
-
-def to_json_payload(payload):
-    g = new_graph(LayerSpec.conv(1, 1, 1, input_size=(1,)))
-    g.add_node("x", op=payload)
-    return to_json(g)["nodes"][0]
-
-
-def assert_same_graph(actual, expected):
-    verify(expected)
-    assert canonical(actual) == canonical(expected)
-
-
-def loop(u, v, out, lhs, rhs):
-    return AxisLoop(u=u, v=v, out=Affine(*out), lhs=Affine(*lhs), rhs=Affine(*rhs))
-
-
-def graph_with(spec, inputs, contracts, lhs, rhs):
-    """A graph of ``inputs`` (name -> Input payload), the Contracts (name -> payload) reading
-    ``lhs`` and ``rhs``, the Assemble of their blocks and the Output."""
-    g = new_graph(spec)
-    for name, payload in inputs.items():
-        add_node(g, name, payload)
-    for name, payload in contracts.items():
-        add_node(g, name, payload, lhs=lhs, rhs=rhs)
-    add_node(g, "assemble", Assemble(spec.output_shape), part=list(contracts))
-    add_node(g, "output", Output("output", spec.output_shape), src="assemble")
-    return g
 
 
 # --------------------------------------------------------------------------- trim_padding
@@ -67,34 +23,55 @@ def test_trim_padding_conv1d_k3_p1():
     """conv1d k3 p1 on 5: output 0 loses tap 0, output 4 loses tap 2, 1..3 keep all."""
     spec = LayerSpec.conv(1, 2, 3, padding=1, input_size=(5,), bias=False)
     before = frontend.lower(spec)
-    assert [type(op(before, n)).__name__ for n in ("pad_input", "contract")] == ["Pad", "Contract"]
-    block = lambda n: (1, 2, n)  # noqa: E731
-    expected = graph_with(
-        spec,
-        {"input": Input("input", (1, 1, 5)), "weight": Input("weight", (2, 1, 3))},
-        {"left": Contract(block(1), "forward", 1,
-                          (loop((0, 1), (1, 3), (1, 0, 0), (1, 1, -1), (0, 1, 0)),), "border"),
-         "mid": Contract(block(3), "forward", 1,
-                         (loop((1, 4), (0, 3), (1, 0, 0), (1, 1, -1), (0, 1, 0)),), "interior"),
-         "right": Contract(block(1), "forward", 1,
-                           (loop((4, 5), (0, 2), (1, 0, 0), (1, 1, -1), (0, 1, 0)),), "border")},
-        lhs="input", rhs="weight")
-    assert_same_graph(trim_padding(before), expected)
+    assert_ir(before, """
+        input = Input[1x1x5] name=input
+        weight = Input[2x1x3] name=weight
+        pad_input = Pad[1x1x7](src=input) lo=1 hi=1
+        c0 = Contract[1x2x5](lhs=pad_input, rhs=weight) pattern=forward groups=1 {u=0:5 v=0:3 out=u lhs=u+v rhs=v}
+        assemble = Assemble[1x2x5](part=c0)
+        output = Output[1x2x5](src=assemble) name=output
+    """)
+    assert isinstance(op(before, "contract"), Contract)  # the text calls every region c<i>
+    assert_ir(trim_padding(before), """
+        input = Input[1x1x5] name=input
+        weight = Input[2x1x3] name=weight
+        c0 = Contract[1x2x1](lhs=input, rhs=weight) pattern=forward groups=1 region=border {u=0:1 v=1:3 out=u lhs=u+v-1 rhs=v}
+        c1 = Contract[1x2x3](lhs=input, rhs=weight) pattern=forward groups=1 region=interior {u=1:4 v=0:3 out=u lhs=u+v-1 rhs=v}
+        c2 = Contract[1x2x1](lhs=input, rhs=weight) pattern=forward groups=1 region=border {u=4:5 v=0:2 out=u lhs=u+v-1 rhs=v}
+        assemble = Assemble[1x2x5](part=c0, part=c1, part=c2)
+        output = Output[1x2x5](src=assemble) name=output
+    """)
 
 
 def test_trim_padding_leaves_reflect_padding():
     spec = LayerSpec.conv(1, 1, 3, padding=1, padding_mode="reflect", input_size=(5,))
     before = frontend.lower(spec)
-    assert canonical(trim_padding(before)) == canonical(before)
+    unchanged = """
+        bias = Input[1] name=bias
+        input = Input[1x1x5] name=input
+        weight = Input[1x1x3] name=weight
+        pad_input = Pad[1x1x7](src=input) lo=1 hi=1 mode=reflect
+        c0 = Contract[1x1x5](lhs=pad_input, rhs=weight) pattern=forward groups=1 {u=0:5 v=0:3 out=u lhs=u+v rhs=v}
+        assemble = Assemble[1x1x5](part=c0)
+        bias_add = BiasAdd[1x1x5](src=assemble, bias=bias)
+        output = Output[1x1x5](src=bias_add) name=output
+    """
+    assert_ir(before, unchanged)
+    assert_ir(trim_padding(before), unchanged)
 
 
 def test_trim_padding_empty_border_when_padding_exceeds_kernel():
     """k1 p1: the two border outputs read only padding; they become empty-tap regions."""
     spec = LayerSpec.conv(1, 1, 1, padding=1, input_size=(3,), bias=False)
-    after = trim_padding(frontend.lower(spec))
-    taps = sorted((op(after, n).loops[0].u, op(after, n).loops[0].v_len)
-                  for n in nodes_of(after, Contract))
-    assert taps == [((0, 1), 0), ((1, 4), 1), ((4, 5), 0)]
+    assert_ir(trim_padding(frontend.lower(spec)), """
+        input = Input[1x1x3] name=input
+        weight = Input[1x1x1] name=weight
+        c0 = Contract[1x1x1](lhs=input, rhs=weight) pattern=forward groups=1 region=border {u=0:1 v=0:0 out=u lhs=u+v-1 rhs=v}
+        c1 = Contract[1x1x3](lhs=input, rhs=weight) pattern=forward groups=1 region=interior {u=1:4 v=0:1 out=u lhs=u+v-1 rhs=v}
+        c2 = Contract[1x1x1](lhs=input, rhs=weight) pattern=forward groups=1 region=border {u=4:5 v=0:0 out=u lhs=u+v-1 rhs=v}
+        assemble = Assemble[1x1x5](part=c0, part=c1, part=c2)
+        output = Output[1x1x5](src=assemble) name=output
+    """)
 
 
 # --------------------------------------------------------------------------- densify_zeros
@@ -104,29 +81,43 @@ def test_densify_zeros_conv_transpose1d_k4_s2_p1():
     loses its input -1, output 5 its input 3: one border region per phase."""
     spec = LayerSpec.conv_transpose(1, 1, 4, 2, 1, input_size=(3,), bias=False)
     before = trim_padding(frontend.lower(spec))
-    even = ((2, 0, 0), (1, 1, -1), (0, -2, 3))
-    odd = ((2, 0, 1), (1, 1, 0), (0, -2, 2))
-    c = lambda n, u, v, maps, region: Contract((1, 1, n), "grad_input", 1,  # noqa: E731
-                                                (loop(u, v, *maps),), region)
-    expected = graph_with(
-        spec,
-        {"input": Input("input", (1, 1, 3)), "weight": Input("weight", (1, 1, 4))},
-        {"a": c(1, (0, 1), (1, 2), even, "border phase(0,)"),
-         "b": c(2, (1, 3), (0, 2), even, "interior phase(0,)"),
-         "c": c(2, (0, 2), (0, 2), odd, "interior phase(1,)"),
-         "d": c(1, (2, 3), (0, 1), odd, "border phase(1,)")},
-        lhs="input", rhs="weight")
-    assert_same_graph(densify_zeros(before), expected)
+    assert_ir(before, """
+        input = Input[1x1x3] name=input
+        weight = Input[1x1x4] name=weight
+        insert_zeros_input = ZeroInsert[1x1x5](src=input) factor=2 why=stride
+        c0 = Contract[1x1x1](lhs=insert_zeros_input, rhs=weight) pattern=grad_input groups=1 region=border {u=0:1 v=2:4 out=u lhs=u+v-2 rhs=-v+3}
+        c1 = Contract[1x1x1](lhs=insert_zeros_input, rhs=weight) pattern=grad_input groups=1 region=border {u=1:2 v=1:4 out=u lhs=u+v-2 rhs=-v+3}
+        c2 = Contract[1x1x2](lhs=insert_zeros_input, rhs=weight) pattern=grad_input groups=1 region=interior {u=2:4 v=0:4 out=u lhs=u+v-2 rhs=-v+3}
+        c3 = Contract[1x1x1](lhs=insert_zeros_input, rhs=weight) pattern=grad_input groups=1 region=border {u=4:5 v=0:3 out=u lhs=u+v-2 rhs=-v+3}
+        c4 = Contract[1x1x1](lhs=insert_zeros_input, rhs=weight) pattern=grad_input groups=1 region=border {u=5:6 v=0:2 out=u lhs=u+v-2 rhs=-v+3}
+        assemble = Assemble[1x1x6](part=c0, part=c1, part=c2, part=c3, part=c4)
+        output = Output[1x1x6](src=assemble) name=output
+    """)
+    assert_ir(densify_zeros(before), """
+        input = Input[1x1x3] name=input
+        weight = Input[1x1x4] name=weight
+        c0 = Contract[1x1x1](lhs=input, rhs=weight) pattern=grad_input groups=1 region="border phase(0,)" {u=0:1 v=1:2 out=2*u lhs=u+v-1 rhs=-2*v+3}
+        c1 = Contract[1x1x2](lhs=input, rhs=weight) pattern=grad_input groups=1 region="interior phase(0,)" {u=1:3 v=0:2 out=2*u lhs=u+v-1 rhs=-2*v+3}
+        c2 = Contract[1x1x2](lhs=input, rhs=weight) pattern=grad_input groups=1 region="interior phase(1,)" {u=0:2 v=0:2 out=2*u+1 lhs=u+v rhs=-2*v+2}
+        c3 = Contract[1x1x1](lhs=input, rhs=weight) pattern=grad_input groups=1 region="border phase(1,)" {u=2:3 v=0:1 out=2*u+1 lhs=u+v rhs=-2*v+2}
+        assemble = Assemble[1x1x6](part=c0, part=c1, part=c2, part=c3)
+        output = Output[1x1x6](src=assemble) name=output
+    """)
 
 
 def test_densify_zeros_empty_phase_when_kernel_smaller_than_stride():
-    """k1 s3: two of every three outputs receive no product at all."""
+    """k1 s3: two of every three outputs receive no product at all (phases 1 and 2 have no
+    taps, v=0:0), and no ZeroInsert is left."""
     spec = LayerSpec.conv_transpose(1, 1, 1, 3, input_size=(4,), bias=False)
-    after = pipeline.run(spec)[2][1]
-    regions = sorted((op(after, n).loops[0].out.c, op(after, n).loops[0].v_len)
-                     for n in nodes_of(after, Contract))
-    assert regions == [(0, 1), (1, 0), (2, 0)]
-    assert not list(nodes_of(after, ZeroInsert))
+    assert_ir(dict(pipeline.run(spec))["densify_zeros"], """
+        input = Input[1x1x4] name=input
+        weight = Input[1x1x1] name=weight
+        c0 = Contract[1x1x4](lhs=input, rhs=weight) pattern=grad_input groups=1 region="all phase(0,)" {u=0:4 v=0:1 out=3*u lhs=u+v rhs=-3*v}
+        c1 = Contract[1x1x3](lhs=input, rhs=weight) pattern=grad_input groups=1 region="all phase(1,)" {u=0:3 v=0:0 out=3*u+1 lhs=3*u+3*v+3 rhs=-3*v-2}
+        c2 = Contract[1x1x3](lhs=input, rhs=weight) pattern=grad_input groups=1 region="all phase(2,)" {u=0:3 v=0:0 out=3*u+2 lhs=3*u+3*v+3 rhs=-3*v-1}
+        assemble = Assemble[1x1x10](part=c0, part=c1, part=c2)
+        output = Output[1x1x10](src=assemble) name=output
+    """)
 
 
 # --------------------------------------------------------------------------- skip_dilation
@@ -134,14 +125,21 @@ def test_skip_dilation_conv1d_k2_d3():
     """conv1d k2 d3 on 5: y[u] = x[u] w[0] + x[u + 3] w[1]; the two holes are never read."""
     spec = LayerSpec.conv(1, 1, 2, dilation=3, input_size=(5,), bias=False)
     before = densify_zeros(trim_padding(frontend.lower(spec)))
-    assert isinstance(op(before, "dilate_weight"), ZeroInsert)
-    expected = graph_with(
-        spec,
-        {"input": Input("input", (1, 1, 5)), "weight": Input("weight", (1, 1, 2))},
-        {"c": Contract((1, 1, 2), "forward", 1,
-                       (loop((0, 2), (0, 2), (1, 0, 0), (1, 3, 0), (0, 1, 0)),), "all")},
-        lhs="input", rhs="weight")
-    assert_same_graph(skip_dilation(before), expected)
+    assert_ir(before, """
+        input = Input[1x1x5] name=input
+        weight = Input[1x1x2] name=weight
+        dilate_weight = ZeroInsert[1x1x4](src=weight) factor=3 why=dilation
+        c0 = Contract[1x1x2](lhs=input, rhs=dilate_weight) pattern=forward groups=1 {u=0:2 v=0:4 out=u lhs=u+v rhs=v}
+        assemble = Assemble[1x1x2](part=c0)
+        output = Output[1x1x2](src=assemble) name=output
+    """)
+    assert_ir(skip_dilation(before), """
+        input = Input[1x1x5] name=input
+        weight = Input[1x1x2] name=weight
+        c0 = Contract[1x1x2](lhs=input, rhs=weight) pattern=forward groups=1 {u=0:2 v=0:2 out=u lhs=u+3*v rhs=v}
+        assemble = Assemble[1x1x2](part=c0)
+        output = Output[1x1x2](src=assemble) name=output
+    """)
 
 
 def test_skip_dilation_grad_weight_of_strided_dilated_conv():
@@ -150,15 +148,22 @@ def test_skip_dilation_grad_weight_of_strided_dilated_conv():
     spec = LayerSpec.conv(1, 1, 2, stride=2, dilation=2, input_size=(6,), bias=False)
     spec = spec.grad_weight()
     before = densify_zeros(trim_padding(frontend.lower(spec)))
-    assert isinstance(op(before, "subsample"), Subsample)
-    expected = graph_with(
-        spec,
-        {"input": Input("input", (1, 1, 6)),
-         "grad_output": Input("grad_output", (1, 1, 2))},
-        {"c": Contract((1, 1, 2), "grad_weight", 1,
-                       (loop((0, 2), (0, 2), (1, 0, 0), (2, 2, 0), (0, 1, 0)),), "all")},
-        lhs="input", rhs="grad_output")
-    assert_same_graph(skip_dilation(before), expected)
+    assert_ir(before, """
+        grad_output = Input[1x1x2] name=grad_output
+        input = Input[1x1x6] name=input
+        insert_zeros_grad_output = ZeroInsert[1x1x3](src=grad_output) factor=2 why=stride
+        c0 = Contract[1x1x3](lhs=input, rhs=insert_zeros_grad_output) pattern=grad_weight groups=1 {u=0:3 v=0:3 out=u lhs=u+v rhs=v}
+        assemble = Assemble[1x1x3](part=c0)
+        subsample = Subsample[1x1x2](src=assemble) factor=2
+        output = Output[1x1x2](src=subsample) name=output
+    """)
+    assert_ir(skip_dilation(before), """
+        grad_output = Input[1x1x2] name=grad_output
+        input = Input[1x1x6] name=input
+        c0 = Contract[1x1x2](lhs=input, rhs=grad_output) pattern=grad_weight groups=1 {u=0:2 v=0:2 out=u lhs=2*u+2*v rhs=v}
+        assemble = Assemble[1x1x2](part=c0)
+        output = Output[1x1x2](src=assemble) name=output
+    """)
 
 
 # --------------------------------------------------------------------------- choose_strategy
