@@ -1,0 +1,126 @@
+"""The training-step runner (``zeroskip bench --backward``): each layer timed as forward with
+input, weight and bias requiring gradients, then ``backward`` of a fixed output gradient (the
+output and the three gradients checked against torch first); for strided convs, whose input
+gradient is a strided transposed convolution, that operator is also timed alone."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, TextIO
+
+import torch
+import torch.nn.functional as F
+
+from .. import functional as Z
+from ..codegen.macs import dense_macs, nonzero_macs
+from ..spec import LayerSpec
+from .common import (MIN_TIME_S, REPEATS, BenchError, _checked_call, _each_layer, busy,
+                     call_args, check, machine, ops, stats, steady_allocator, time_interleaved)
+from .reports import BackwardReport
+from .rows import BackwardRow
+from .suite import Layer, strided_conv
+
+GRADS = ("output", "input gradient", "weight gradient", "bias gradient")
+
+
+def train_operands(spec: LayerSpec, seed: int = 0) -> tuple:
+    """Random ``(input, weight, bias or None, grad_output)`` for one training step: the input
+    requires grad, the weight and bias are trainable ``nn.Parameter``s (zeroskip caches their
+    packing while they are unchanged), ``grad_output`` has the output's shape."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = spec.input_shapes
+    x = torch.randn(shapes["input"], generator=gen).requires_grad_()
+    w, b = (torch.nn.Parameter(torch.randn(shapes[n], generator=gen)) if n in shapes else None
+            for n in ("weight", "bias"))
+    return x, w, b, torch.randn(spec.output_shape, generator=gen)
+
+
+def _step(fn: Callable, kwargs: dict, x, w, b, g) -> Callable[[], tuple]:
+    """One training step of ``fn`` alone: forward, ``backward(g)``, then the gradients set to
+    None (as ``zero_grad`` does) so that the next step accumulates nothing. Returns the output
+    and the three gradients (the bias one None without a bias)."""
+    params = (x, w) if b is None else (x, w, b)
+
+    def step() -> tuple:
+        out = fn(x, w, b, **kwargs)
+        out.backward(g)
+        grads = tuple(p.grad for p in params)
+        for p in params:
+            p.grad = None
+        return (out.detach(), *grads, None)[:4]
+    return step
+
+
+def grad_input_calls(spec: LayerSpec, w: torch.Tensor, g: torch.Tensor) -> tuple:
+    """``(torch's call, zeroskip's call)`` of the input gradient alone:
+    ``torch.nn.grad.conv{N}d_input`` and the kernel of ``spec.grad_input()``."""
+    kwargs = call_args(spec)
+    torch_fn = getattr(torch.nn.grad, f"conv{spec.rank}d_input")
+    size, w_plain, grad_spec = spec.input_shapes["input"], w.detach(), spec.grad_input()
+    return ((lambda: torch_fn(size, w_plain, g, **kwargs)),
+            (lambda: ops.run_spec(grad_spec, {"grad_output": g, "weight": w})))
+
+
+def _checked_step(name: str, step: Callable[[], tuple], want: tuple) -> float:
+    """Run zeroskip's training ``step`` once: the output and every gradient must match torch's
+    ``want``, and the forward and both gradients must have run generated kernels."""
+    before = stats.stats()
+    got = step()
+    after = stats.stats()
+    errors = []
+    for what, a, b in zip(GRADS, got, want):
+        if (a is None) != (b is None):
+            raise BenchError(f"{name}: zeroskip returned {'no' if a is None else 'a'} {what}, "
+                             f"torch {'none' if b is None else 'one'}")
+        if a is not None:
+            errors.append(check(f"{name}: {what}", a, b))
+    if after["fallback_calls"] > before["fallback_calls"] or \
+            after["kernel_calls"] - before["kernel_calls"] < 3:
+        raise BenchError(f"{name}: zeroskip did not run generated kernels for the forward and "
+                         "both gradients (it fell back to torch's op)")
+    return max(errors)
+
+
+def bench_backward_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
+                         min_time: float = MIN_TIME_S) -> BackwardRow:
+    """Check, then time, one training step of the layer against torch; for strided convs also
+    the input gradient alone."""
+    spec = dataclasses.replace(layer.spec, batch=batch)
+    x, w, b, g = train_operands(spec)
+    kwargs = call_args(spec)
+    torch_step = _step(getattr(F, spec.torch_name), kwargs, x, w, b, g)
+    zs_step = _step(getattr(Z, spec.torch_name), kwargs, x, w, b, g)
+    error = _checked_step(layer.name, zs_step, torch_step())
+    timing = time_interleaved({"torch": torch_step, "zeroskip": zs_step}, repeats, min_time)
+    specs = (spec, spec.grad_input(), spec.grad_weight())
+    row = BackwardRow(layer.name, layer.family, layer.dense, spec.describe(),
+                      timing.seconds["torch"] * 1e3, timing.seconds["zeroskip"] * 1e3,
+                      sum(map(nonzero_macs, specs)), sum(map(dense_macs, specs)), error,
+                      timing.contention, nonzero_macs(specs[1]), dense_macs(specs[1]))
+    if strided_conv(spec):
+        torch_call, zs_call = grad_input_calls(spec, w, g)
+        row.error = max(error, _checked_call(f"{layer.name}: input gradient alone", zs_call,
+                                             torch_call()))
+        timing = time_interleaved({"torch": torch_call, "zeroskip": zs_call}, repeats, min_time)
+        row.grad_input_torch_ms = timing.seconds["torch"] * 1e3
+        row.grad_input_zeroskip_ms = timing.seconds["zeroskip"] * 1e3
+        row.grad_input_contention = timing.contention
+    return row
+
+
+def _backward_note(row: BackwardRow) -> str:
+    notes = [f"others took {c:.0%} of its CPUs" for c in
+             (row.contention, row.grad_input_contention) if busy(c)][:1]
+    if row.grad_input_ratio is not None:
+        notes.insert(0, f"grad_input {row.grad_input_ratio:.2f}x")
+    return f"fwd+bwd {row.ratio:.2f}x{''.join(', ' + n for n in notes)}"
+
+
+def run_backward(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
+                 min_time: float = MIN_TIME_S, log: TextIO | None = None) -> BackwardReport:
+    """Benchmark one training step of each of ``layers`` (with :func:`steady_allocator`);
+    ``log`` gets one line per layer."""
+    pinned = steady_allocator()
+    rows = _each_layer(layers,
+                       lambda layer: bench_backward_layer(layer, batch, repeats, min_time),
+                       _backward_note, log)
+    return BackwardReport(rows, {**machine(), "malloc_pinned": pinned}, batch, repeats)

@@ -1,0 +1,174 @@
+"""The CPU forward runner: each layer checked, then timed against torch (:func:`run`), at each
+input density (:func:`run_sweep`), and the per-call overhead of ``zeroskip.functional``."""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from typing import Callable, TextIO
+
+import torch
+import torch.nn.functional as F
+
+from .. import functional as Z
+from ..codegen.macs import dense_macs, nonzero_macs
+from ..spec import LayerSpec
+from .common import (MIN_TIME_S, REPEATS, BenchError, _cache_dir, _checked_call, _each_layer,
+                     _mark, _require_kernel, busy, call_args, check, machine, observe_dispatch,
+                     operands, ops, stats, steady_allocator, time_interleaved)
+from .reports import Report, SweepReport
+from .rows import Overhead, Row
+from .suite import TINY, Layer, wide_3x3
+
+SWEEP_DENSITIES = (1.0, 0.5, 0.3, 0.1, 0.05)    # input densities of ``--densities``
+
+
+def cold_compile_seconds(spec: LayerSpec) -> float:
+    """Seconds from a spec to a loaded kernel (passes, plan, C, compiler, dlopen) on an empty
+    cache; the process's kernel memo and the normal cache are left alone."""
+    spec = dataclasses.replace(spec, batch=1)
+    with tempfile.TemporaryDirectory(prefix="zeroskip-bench-") as tmp, _cache_dir(tmp):
+        start = time.perf_counter()
+        ops._compile(spec)
+        return time.perf_counter() - start
+
+
+def _checked_dispatch(name: str, fn: Callable[[], torch.Tensor],
+                      want: torch.Tensor) -> tuple[float, ops.Call]:
+    """Run zeroskip's ``fn`` once: its result must match ``want`` and come from its layer's
+    dispatch, which must have run a generated kernel, or torch's op where the tuning database
+    chose torch for this input (then zeroskip legitimately is torch). Returns the error and the
+    operator that ran, whose ``last`` says what it ran."""
+    with observe_dispatch() as ran:
+        before = stats.stats()
+        got = fn()
+        after = stats.stats()
+    error = check(name, got, want)
+    if not ran:
+        raise BenchError(f"{name}: zeroskip did not run a generated kernel (it fell back to "
+                         "torch's op)")
+    if ran[-1].last != "torch":
+        _require_kernel(name, before, after)
+    return error, ran[-1]
+
+
+def _calls(spec: LayerSpec, x, w, b) -> tuple[Callable[[], torch.Tensor], ...]:
+    """``(torch's call, zeroskip's call)`` of the spec's op on the operands."""
+    kwargs = call_args(spec)
+    torch_fn, zs_fn = getattr(F, spec.torch_name), getattr(Z, spec.torch_name)
+    return (lambda: torch_fn(x, w, b, **kwargs)), (lambda: zs_fn(x, w, b, **kwargs))
+
+
+def _dense_kernel_call(call: ops.Call, x, w, b) -> Callable[[], torch.Tensor]:
+    """The layer's generated dense kernel launched as ``Call.run`` launches it, the dispatch
+    bypassed: what the dense goal measures where the dispatch chose something else."""
+    return lambda: call.launch(call.forward, x, w, b)
+
+
+def _timed_row(layer: Layer, spec: LayerSpec, density: float, compile_s: float | None,
+               repeats: int, min_time: float) -> Row:
+    """Check, then time, the layer against torch on an input of ``density``; at density 1,
+    where the dispatch ran something other than the dense kernel, that kernel is timed too."""
+    x, w, b = operands(spec, density=density)
+    torch_call, zs_call = _calls(spec, x, w, b)
+    error, call = _checked_dispatch(layer.name, zs_call, torch_call())
+    strategy = call.last
+    fns = {"torch": torch_call, "zeroskip": zs_call}
+    if density == 1.0 and strategy != "dense":
+        fns["dense kernel"] = _dense_kernel_call(call, x, w, b)
+    timing = time_interleaved(fns, repeats, min_time)
+    times = timing.seconds
+    dense_s = times.get("dense kernel", times["zeroskip"]) if density == 1.0 else None
+    nonzero, dense = round(nonzero_macs(spec) * density), dense_macs(spec)
+    return Row(layer.name, layer.family, layer.dense, spec.describe(),
+               torch_ms=times["torch"] * 1e3, zeroskip_ms=times["zeroskip"] * 1e3,
+               gflops=2 * nonzero / times["zeroskip"] / 1e9, skipped=1 - nonzero / dense,
+               compile_s=compile_s, nonzero_macs=nonzero, dense_macs=dense, error=error,
+               contention=timing.contention, density=density, strategy=strategy,
+               dense_ms=None if dense_s is None else dense_s * 1e3,
+               wide_3x3=wide_3x3(spec))
+
+
+def bench_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
+                min_time: float = MIN_TIME_S, density: float = 1.0) -> Row:
+    """Check, then time, one layer against torch on an input of ``density``, with the cold
+    compile time of its kernel."""
+    spec = dataclasses.replace(layer.spec, batch=batch)
+    return _timed_row(layer, spec, density, cold_compile_seconds(spec), repeats, min_time)
+
+
+def sweep_layer(layer: Layer, densities: tuple[float, ...] = SWEEP_DENSITIES, batch: int = 1,
+                repeats: int = REPEATS, min_time: float = MIN_TIME_S) -> list[Row]:
+    """Check, then time, one layer against torch at each input density (no cold compile: that
+    is :func:`bench_layer`'s figure, the same at every density)."""
+    spec = dataclasses.replace(layer.spec, batch=batch)
+    return [_timed_row(layer, spec, density, None, repeats, min_time) for density in densities]
+
+
+def _launch_threads(kernel: ops.Kernel, call: Callable[[], object]) -> int:
+    """The thread count that ``call`` passes to ``kernel``'s entry point."""
+    seen = []
+    run = kernel.lib.run
+    kernel.lib.run = lambda *args: seen.append(args[1]) or run(*args)
+    try:
+        call()
+    finally:
+        kernel.lib.run = run
+    return seen[0]
+
+
+def measure_overhead(repeats: int = REPEATS, min_time: float = MIN_TIME_S,
+                     spec: LayerSpec = TINY) -> Overhead:
+    """Time ``zeroskip.functional`` against its bare kernel (run as ``functional`` runs it, on
+    preallocated tensors) and torch on ``spec``."""
+    x, w, b = operands(spec)
+    torch_call, zs_call = _calls(spec, x, w, b)
+    want = torch_call()
+    _checked_call("overhead layer", zs_call, want)
+    kernel = ops.kernel_for(spec)
+    packed, out = kernel.pack(w, b), torch.empty(spec.output_shape)
+    run = kernel.lib.run
+    args = (spec.batch, _launch_threads(kernel, zs_call), x.data_ptr(), packed.data_ptr(),
+            w.data_ptr(), out.data_ptr())
+    run(*args)
+    check("overhead layer (bare kernel)", out, want)
+    timing = time_interleaved({"functional": zs_call, "kernel": lambda: run(*args),
+                               "torch": torch_call}, repeats, min_time)
+    times = timing.seconds
+    return Overhead(spec.describe(), times["functional"] * 1e6, times["kernel"] * 1e6,
+                    times["torch"] * 1e6, args[1], timing.contention)
+
+
+def _forward_note(row: Row) -> str:
+    busy_note = f", others took {row.contention:.0%} of its CPUs" if busy(row.contention) else ""
+    return f"{row.ratio:.2f}x{busy_note}"
+
+
+def run(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
+        min_time: float = MIN_TIME_S, log: TextIO | None = None) -> Report:
+    """Benchmark ``layers`` and the per-call overhead (with :func:`steady_allocator`); ``log``
+    gets one line per layer."""
+    pinned = steady_allocator()
+    rows = _each_layer(layers, lambda layer: bench_layer(layer, batch, repeats, min_time),
+                       _forward_note, log)
+    overhead = measure_overhead(repeats, min_time)
+    return Report(rows, overhead, {**machine(), "malloc_pinned": pinned}, batch, repeats)
+
+
+def _sweep_note(rows: list[Row]) -> str:
+    notes = ", ".join(f"{r.density:g}: {r.ratio:.2f}x {r.strategy}{_mark(r.contention)}"
+                      for r in rows)
+    return notes + (" (*: others took its CPUs)" if any(busy(r.contention) for r in rows) else "")
+
+
+def run_sweep(layers: list[Layer], densities: tuple[float, ...] = SWEEP_DENSITIES,
+              batch: int = 1, repeats: int = REPEATS, min_time: float = MIN_TIME_S,
+              log: TextIO | None = None) -> SweepReport:
+    """Benchmark ``layers`` at each input density (with :func:`steady_allocator`); ``log``
+    gets one line per layer."""
+    pinned = steady_allocator()
+    per_layer = _each_layer(
+        layers, lambda layer: sweep_layer(layer, densities, batch, repeats, min_time),
+        _sweep_note, log)
+    return SweepReport([row for rows in per_layer for row in rows],
+                       {**machine(), "malloc_pinned": pinned}, batch, repeats)
