@@ -49,7 +49,7 @@ from train_dcgan import (  # noqa: E402
     CHANNELS, CURVE_TOLERANCE, EARLY_TOLERANCE, NGF, NZ, Trainer, compare,
     dcgan_generator, discriminator, init_weights, max_relative_difference, show,
     synthetic_images, verdict)
-from zeroskip.runtime import ops                             # noqa: E402
+from zeroskip.runtime import loader                          # noqa: E402
 from zeroskip.runtime.cache import cache_dir                 # noqa: E402
 
 GRADIENT_TOLERANCE = 1e-10    # float64 gradients after the all-reduce (measured: ~1e-16)
@@ -58,7 +58,7 @@ GRADIENT_TOLERANCE = 1e-10    # float64 gradients after the all-reduce (measured
 def kernels_loaded() -> list[str]:
     """The kernels this process has loaded (forward and gradient operators), each as its
     spec's JSON: the whole descriptor, dtype included."""
-    return sorted(json.dumps(spec.to_dict(), sort_keys=True) for spec in ops._kernels)
+    return sorted(json.dumps(k.spec.to_dict(), sort_keys=True) for k in loader.loaded())
 
 
 def first_gradients(disc: torch.nn.Module, real: torch.Tensor) -> list[torch.Tensor]:

@@ -29,14 +29,10 @@ os.environ.pop("ZEROSKIP_DUMP", None)
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     """An empty cache directory and an empty in-process memo, for tests of compiling."""
-    from zeroskip.runtime import ops
-    from zeroskip.runtime import triton as zt
+    from zeroskip.runtime import binding, loader
     monkeypatch.setenv("ZEROSKIP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(ops, "_kernels", {})
-    monkeypatch.setattr(zt, "_kernels", {})
-    monkeypatch.setattr(ops, "_calls", {})
-    ops._gradient_kernel.cache_clear()
-    ops._triton_gradient_kernel.cache_clear()
+    monkeypatch.setattr(loader, "_kernels", {})
+    monkeypatch.setattr(binding, "_calls", {})
+    binding._gradient_kernel.cache_clear()
     yield tmp_path / "cache"
-    ops._gradient_kernel.cache_clear()   # its kernels live in the directory just removed
-    ops._triton_gradient_kernel.cache_clear()
+    binding._gradient_kernel.cache_clear()   # its kernels live in the directory just removed

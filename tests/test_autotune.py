@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import zeroskip
 from zeroskip import LayerSpec
 from zeroskip import functional as zf
-from zeroskip.runtime import autotune, ops
+from zeroskip.runtime import autotune, binding, tuning
 
 SPEC = LayerSpec.conv(8, 16, 3, padding=1, input_size=(10, 10))
 OTHER = LayerSpec.conv(8, 16, 3, input_size=(10, 10))
@@ -29,9 +29,9 @@ def db_path(tmp_path, monkeypatch):
     """Every test gets its own tuning database, never the user's."""
     path = tmp_path / "tuning.json"
     monkeypatch.setenv("ZEROSKIP_TUNING_DB", str(path))
-    autotune.reset()
+    tuning.reset()
     yield path
-    autotune.reset()
+    tuning.reset()
 
 
 def _record(choice: str, date: str = "2024-01-01") -> dict:
@@ -39,8 +39,8 @@ def _record(choice: str, date: str = "2024-01-01") -> dict:
 
 
 def _foreign_machine() -> tuple[str, dict]:
-    machine = {**autotune.fingerprint(), "cpu": "some other cpu"}
-    return autotune.fingerprint_id(machine), machine
+    machine = {**tuning.fingerprint(), "cpu": "some other cpu"}
+    return tuning.fingerprint_id(machine), machine
 
 
 # --------------------------------------------------------------------------------- buckets, keys
@@ -48,61 +48,61 @@ def _foreign_machine() -> tuple[str, dict]:
     (0.0, 0.02), (0.01, 0.02), (0.02, 0.02), (0.021, 0.05), (0.1, 0.1), (0.1000000001, 0.1),
     (0.11, 0.2), (0.45, 0.5), (0.5, 0.5), (0.51, 0.7), (0.71, 1.0), (1.0, 1.0), (1.5, 1.0)])
 def test_bucket_edges(density, want):
-    assert autotune.bucket(density) == want
+    assert tuning.bucket(density) == want
 
 
 def test_every_bucket_is_its_own():
-    assert [autotune.bucket(b) for b in autotune.BUCKETS] == list(autotune.BUCKETS)
+    assert [tuning.bucket(b) for b in tuning.BUCKETS] == list(tuning.BUCKETS)
 
 
 def test_spec_key_ignores_batch_and_density():
-    key = autotune.spec_key(SPEC)
-    assert autotune.spec_key(dataclasses.replace(SPEC, batch=32, density=0.1)) == key
-    assert autotune.spec_key(OTHER) != key
-    assert autotune.spec_key(dataclasses.replace(SPEC, dtype="float64")) != key
+    key = tuning.spec_key(SPEC)
+    assert tuning.spec_key(dataclasses.replace(SPEC, batch=32, density=0.1)) == key
+    assert tuning.spec_key(OTHER) != key
+    assert tuning.spec_key(dataclasses.replace(SPEC, dtype="float64")) != key
     assert LayerSpec.from_dict(json.loads(key)) == SPEC   # batch 1 and density 1 by default
 
 
 # --------------------------------------------------------------------------------- database
 def test_record_save_and_load(db_path):
-    db = autotune.TuningDB(db_path)
+    db = tuning.TuningDB(db_path)
     generation = db.generation
     db.record(SPEC, 0.08, "sparse", {"torch": 1.0, "sparse": 0.25, "dense": math.inf})
     db.record(SPEC, 1.0, "dense/w6", {"torch": 1.0, "dense/w6": 0.5})
     assert db.generation != generation
     assert db.save() == db_path
-    assert json.loads(db_path.read_text())["format"] == autotune.FORMAT
+    assert json.loads(db_path.read_text())["format"] == tuning.FORMAT
 
-    loaded = autotune.TuningDB(db_path)
-    assert loaded.here == db.here and loaded.machines[loaded.here] == autotune.fingerprint()
+    loaded = tuning.TuningDB(db_path)
+    assert loaded.here == db.here and loaded.machines[loaded.here] == tuning.fingerprint()
     assert loaded.lookup(SPEC, 0.1) == loaded.lookup(SPEC, 0.06) == "sparse"
     assert loaded.lookup(dataclasses.replace(SPEC, batch=4, density=0.3), 0.1) == "sparse"
     assert loaded.lookup(SPEC, 0.8) == "dense/w6"
     assert loaded.lookup(OTHER, 0.1) is None
     # Untuned densities take the record tuned nearest by ratio (0.3 is 3x from 0.1, 3.3x from 1).
     assert loaded.lookup(SPEC, 0.3) == "sparse" and loaded.lookup(SPEC, 0.35) == "dense/w6"
-    record = loaded.records[loaded.here][autotune.spec_key(SPEC)]["0.1"]
+    record = loaded.records[loaded.here][tuning.spec_key(SPEC)]["0.1"]
     assert record["ms"] == {"torch": 1.0, "sparse": 0.25, "dense": None}   # failed: null
     assert loaded.crossover(SPEC) == 0.1 and loaded.crossover(OTHER) is None
 
 
 def test_crossover_zero_when_sparse_never_won(tmp_path):
-    db = autotune.TuningDB(tmp_path / "db.json")
+    db = tuning.TuningDB(tmp_path / "db.json")
     db.record(SPEC, 0.1, "dense", {})
     db.record(SPEC, 0.5, "torch", {})
     assert db.crossover(SPEC) == 0.0
 
 
 def test_database_is_located_by_the_environment(db_path, tmp_path, monkeypatch):
-    db = autotune.database()
-    assert db.path == db_path and autotune.database() is db
+    db = tuning.database()
+    assert db.path == db_path and tuning.database() is db
     monkeypatch.setenv("ZEROSKIP_TUNING_DB", str(tmp_path / "elsewhere.json"))
-    assert autotune.database().path == tmp_path / "elsewhere.json"
+    assert tuning.database().path == tmp_path / "elsewhere.json"
 
 
 def test_merge_newer_record_wins(tmp_path):
-    mine, theirs = autotune.TuningDB(tmp_path / "a.json"), autotune.TuningDB(tmp_path / "b.json")
-    key = autotune.spec_key(SPEC)
+    mine, theirs = tuning.TuningDB(tmp_path / "a.json"), tuning.TuningDB(tmp_path / "b.json")
+    key = tuning.spec_key(SPEC)
     mine.record(SPEC, 0.1, "sparse", {})
     mine.record(SPEC, 0.5, "dense", {})
     mine.records[mine.here][key]["0.5"]["date"] = "2000-01-01"
@@ -113,30 +113,30 @@ def test_merge_newer_record_wins(tmp_path):
     assert (mine.lookup(SPEC, 0.1), mine.lookup(SPEC, 0.5), mine.lookup(OTHER, 1.0)) == \
         ("sparse", "torch", "dense/w6")
 
-    older = autotune.TuningDB(tmp_path / "c.json")
+    older = tuning.TuningDB(tmp_path / "c.json")
     older.record(SPEC, 0.1, "dense", {})
     older.records[older.here][key]["0.1"]["date"] = "2000-01-01"
     assert mine.merge(older) == 0 and mine.lookup(SPEC, 0.1) == "sparse"
 
 
 def test_save_merges_what_another_process_saved(db_path):
-    first, second = autotune.TuningDB(db_path), autotune.TuningDB(db_path)
+    first, second = tuning.TuningDB(db_path), tuning.TuningDB(db_path)
     first.record(SPEC, 0.1, "sparse", {})
     first.save()
     second.record(SPEC, 1.0, "dense", {})
     second.save()
-    final = autotune.TuningDB(db_path)
+    final = tuning.TuningDB(db_path)
     assert (final.lookup(SPEC, 0.1), final.lookup(SPEC, 1.0)) == ("sparse", "dense")
 
 
 def test_other_machine_is_kept_but_not_used(db_path, tmp_path):
     fp, machine = _foreign_machine()
     db_path.write_text(json.dumps({
-        "format": autotune.FORMAT, "machines": {fp: machine},
-        "records": {fp: {autotune.spec_key(SPEC): {"0.1": _record("torch", "2999-01-01")}}}}))
+        "format": tuning.FORMAT, "machines": {fp: machine},
+        "records": {fp: {tuning.spec_key(SPEC): {"0.1": _record("torch", "2999-01-01")}}}}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        db = autotune.TuningDB(db_path)
+        db = tuning.TuningDB(db_path)
     assert fp != db.here and fp in db.records
     assert db.lookup(SPEC, 0.1) is None and db.crossover(SPEC) is None
 
@@ -145,22 +145,22 @@ def test_other_machine_is_kept_but_not_used(db_path, tmp_path):
     saved = json.loads(db_path.read_text())
     assert set(saved["machines"]) == set(saved["records"]) == {fp, db.here}
     assert saved["machines"][fp] == machine
-    assert autotune.TuningDB(db_path).lookup(SPEC, 0.1) == "sparse"
+    assert tuning.TuningDB(db_path).lookup(SPEC, 0.1) == "sparse"
 
-    merged = autotune.TuningDB(tmp_path / "merged.json")
-    assert merged.merge(autotune.TuningDB(db_path)) == 2
+    merged = tuning.TuningDB(tmp_path / "merged.json")
+    assert merged.merge(tuning.TuningDB(db_path)) == 2
     assert set(merged.records) == {fp, merged.here} and merged.machines[fp] == machine
     assert merged.lookup(SPEC, 0.1) == "sparse"
 
 
 def _valid_text() -> str:
     fp, machine = _foreign_machine()
-    return json.dumps({"format": autotune.FORMAT, "machines": {fp: machine},
-                       "records": {fp: {autotune.spec_key(SPEC): {"0.1": _record("sparse")}}}})
+    return json.dumps({"format": tuning.FORMAT, "machines": {fp: machine},
+                       "records": {fp: {tuning.spec_key(SPEC): {"0.1": _record("sparse")}}}})
 
 
 def _corrupt(kind: str) -> bytes:
-    key = autotune.spec_key(SPEC)
+    key = tuning.spec_key(SPEC)
     data = {
         "garbage bytes": lambda: b"\x80\x9c\xff garbage \x00\x01",
         "empty": lambda: b"",
@@ -169,13 +169,13 @@ def _corrupt(kind: str) -> bytes:
                                             "records": {}}).encode(),
         "not an object": lambda: b"[1, 2, 3]",
         "unknown machine": lambda: json.dumps({
-            "format": autotune.FORMAT, "machines": {},
+            "format": tuning.FORMAT, "machines": {},
             "records": {"0123456789abcdef": {key: {"0.1": _record("dense")}}}}).encode(),
         "record not an object": lambda: json.dumps({
-            "format": autotune.FORMAT, "machines": {"f": {}},
+            "format": tuning.FORMAT, "machines": {"f": {}},
             "records": {"f": {key: {"0.1": "dense"}}}}).encode(),
         "bad layer": lambda: json.dumps({
-            "format": autotune.FORMAT, "machines": {"f": {}},
+            "format": tuning.FORMAT, "machines": {"f": {}},
             "records": {"f": {'{"op": "conv"}': {"0.1": _record("dense")}}}}).encode(),
     }
     return data[kind]()
@@ -187,8 +187,8 @@ def _corrupt(kind: str) -> bytes:
 def test_corrupt_database_is_set_aside(db_path, kind):
     content = _corrupt(kind)
     db_path.write_bytes(content)
-    with pytest.warns(autotune.ZeroskipTuningWarning, match="corrupt"):
-        db = autotune.database()
+    with pytest.warns(tuning.ZeroskipTuningWarning, match="corrupt"):
+        db = tuning.database()
     aside = db_path.with_name(db_path.name + ".corrupt")
     assert aside.read_bytes() == content and not db_path.exists()
     assert db.records == {} and db.lookup(SPEC, 0.1) is None
@@ -197,16 +197,16 @@ def test_corrupt_database_is_set_aside(db_path, kind):
     db.save()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert autotune.TuningDB(db_path).lookup(SPEC, 0.1) == "sparse"
+        assert tuning.TuningDB(db_path).lookup(SPEC, 0.1) == "sparse"
 
 
 def test_strict_read_raises_and_leaves_the_file(tmp_path):
     path = tmp_path / "theirs.json"
     with pytest.raises(FileNotFoundError):
-        autotune.TuningDB(path, strict=True)
+        tuning.TuningDB(path, strict=True)
     path.write_bytes(_corrupt("truncated"))
     with pytest.raises(ValueError, match="not a zeroskip tuning database"):
-        autotune.TuningDB(path, strict=True)
+        tuning.TuningDB(path, strict=True)
     assert path.read_bytes() == _corrupt("truncated")
 
 
@@ -231,23 +231,24 @@ def test_dense_input_has_no_sparse_candidates():
 
 
 def test_failing_candidates_score_inf(monkeypatch):
-    candidates, runner = autotune.candidates, autotune._runner
+    candidates, call = autotune._candidates, autotune.call
     broken = [autotune.Candidate(n) for n in ("raises", "crashes", "wrong")]
-    monkeypatch.setattr(autotune, "candidates", lambda spec, d: [*candidates(spec, d), *broken])
+    monkeypatch.setattr(autotune, "_candidates", lambda *args: (
+        [*candidates(*args)[0], *broken], {}))
 
-    def failing_runner(spec, candidate, x, w, b):
-        if candidate.name == "raises":
+    def failing_call(spec, name, t, backend):
+        if name == "raises":
             raise RuntimeError("cannot build")
-        if candidate.name == "crashes":
+        if name == "crashes":
             def crash():
                 raise MemoryError("out of scratch memory")
-            return crash
-        if candidate.name == "wrong":
-            right = runner(spec, autotune.Candidate("torch"), x, w, b)
-            return lambda: right() + 1
-        return runner(spec, candidate, x, w, b)
+            return None, crash
+        if name == "wrong":
+            _, right = call(spec, "torch", t, backend)
+            return None, lambda: right() + 1
+        return call(spec, name, t, backend)
 
-    monkeypatch.setattr(autotune, "_runner", failing_runner)
+    monkeypatch.setattr(autotune, "call", failing_call)
     before = zeroskip.stats()["tune_failures"]
     result = autotune.tune(SPEC, 0.3, **FAST)
     assert set(result.errors) == {"raises", "crashes", "wrong"}
@@ -268,10 +269,10 @@ def test_tune_rejects_gradient_ops():
 def test_tune_all_records_every_case(db_path):
     results = autotune.tune_all([SPEC], [1.0, 0.1], progress=False, **FAST)
     assert [r.density for r in results] == [1.0, 0.1]
-    saved = autotune.TuningDB(db_path)
+    saved = tuning.TuningDB(db_path)
     for r in results:
         assert saved.lookup(SPEC, r.density) == r.choice
-        record = saved.records[saved.here][autotune.spec_key(SPEC)][f"{r.density:g}"]
+        record = saved.records[saved.here][tuning.spec_key(SPEC)][f"{r.density:g}"]
         assert record["ms"]["torch"] == pytest.approx(r.ms["torch"], abs=1e-5)
 
 
@@ -279,13 +280,13 @@ def test_tune_all_records_every_case(db_path):
 @pytest.fixture
 def call(monkeypatch):
     """The Call of SPEC with fresh per-call state, and its weights: ``(call, weight, bias)``."""
-    monkeypatch.setattr(ops, "_calls", {})
+    monkeypatch.setattr(binding, "_calls", {})
     monkeypatch.delenv("ZEROSKIP_SPARSE", raising=False)
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(16, 8, 3, 3, generator=gen)
     bias = torch.randn(16, generator=gen)
     zf.conv2d(torch.randn(SHAPE), weight, bias, padding=1)
-    (found,) = ops._calls.values()
+    (found,) = binding._calls.values()
     assert found.spec == SPEC
     return found, weight, bias
 
@@ -321,7 +322,7 @@ def test_no_crossover_means_always_dense(call, monkeypatch):
 def test_tuned_choice_wins_over_the_cost_model(call, monkeypatch):
     found, weight, bias = call
     monkeypatch.setattr(found.forward, "crossover", 0.5)
-    db = autotune.database()
+    db = tuning.database()
     db.record(SPEC, 0.3, "torch", {"torch": 1.0})
     db.record(SPEC, 0.7, "sparse", {"sparse": 1.0})
     db.record(SPEC, 0.1, "dense/w6", {"dense/w6": 1.0})
@@ -345,8 +346,8 @@ def test_one_tuned_choice_needs_no_density(call, monkeypatch):
     """A layer tuned alike at every density runs that choice without sampling its input."""
     found, weight, bias = call
     monkeypatch.setattr(found.forward, "crossover", 0.5)
-    autotune.database().record(SPEC, 0.1, "dense", {})
-    autotune.database().record(SPEC, 1.0, "dense", {})
+    tuning.database().record(SPEC, 0.1, "dense", {})
+    tuning.database().record(SPEC, 1.0, "dense", {})
     _run(call, weight, bias, 0.05)
     assert found.last == "dense" and found.last_density == 1.0
 
@@ -357,7 +358,7 @@ def test_dispatch_follows_records_added_later(call, monkeypatch):
     monkeypatch.setattr(found.forward, "crossover", 0.5)
     _run(call, weight, bias, 0.25)
     assert found.last == "sparse"
-    autotune.database().record(SPEC, 0.3, "torch", {})
+    tuning.database().record(SPEC, 0.3, "torch", {})
     _run(call, weight, bias, 0.25)
     assert found.last == "torch"
 
@@ -365,7 +366,7 @@ def test_dispatch_follows_records_added_later(call, monkeypatch):
 def test_sparse_off_forces_dense(call, monkeypatch):
     found, weight, bias = call
     monkeypatch.setattr(found.forward, "crossover", 0.5)
-    autotune.database().record(SPEC, 0.3, "torch", {})
+    tuning.database().record(SPEC, 0.3, "torch", {})
     monkeypatch.setenv("ZEROSKIP_SPARSE", "0")
     for density in (0.05, 0.25):
         _run(call, weight, bias, density)

@@ -14,7 +14,7 @@ from zeroskip import LayerSpec, bench
 from zeroskip.codegen import lower
 from zeroskip.cli import main
 from zeroskip.codegen.macs import dense_macs, nonzero_macs
-from zeroskip.runtime import ops
+from zeroskip.runtime import binding, dispatch, loader, reference, stats
 
 TINY_LAYERS = [
     bench.Layer("tiny.conv", "tiny", LayerSpec.conv(8, 8, 3, 1, 1, input_size=(12, 12)),
@@ -134,7 +134,7 @@ def test_cold_compile_leaves_the_cache_alone():
     before = os.environ["ZEROSKIP_CACHE_DIR"]
     assert bench.cold_compile_seconds(spec) > 0
     assert os.environ["ZEROSKIP_CACHE_DIR"] == before
-    assert (spec, lower.DEFAULT) not in ops._kernels
+    assert (spec, lower.DEFAULT) not in loader._kernels
 
 
 def test_cli_quick(tmp_path, capsys):
@@ -226,7 +226,7 @@ def test_backward_summary(backward_report):
 
 
 def _scaled_gradient(which: str, factor: float):
-    gradient = ops._gradient
+    gradient = binding._gradient
 
     def scaled(kind, *args):
         result = gradient(kind, *args)
@@ -236,25 +236,25 @@ def _scaled_gradient(which: str, factor: float):
 
 @pytest.mark.parametrize("which", ["input", "weight"])
 def test_backward_wrong_gradient_raises(monkeypatch, which):
-    monkeypatch.setattr(ops, "_gradient", _scaled_gradient(which, 1.01))
+    monkeypatch.setattr(binding, "_gradient", _scaled_gradient(which, 1.01))
     with pytest.raises(bench.BenchError,
                        match=f"tiny.conv-s2: {which} gradient: zeroskip differs from torch"):
         bench.bench_backward_layer(BACKWARD_LAYERS[0], repeats=1, min_time=0.001)
 
 
 def test_backward_wrong_grad_input_alone_raises(monkeypatch):
-    run_spec = ops.run_spec
-    monkeypatch.setattr(ops, "run_spec", lambda spec, tensors: run_spec(spec, tensors) * 1.01)
+    run_spec = loader.run_spec
+    monkeypatch.setattr(loader, "run_spec", lambda spec, tensors: run_spec(spec, tensors) * 1.01)
     with pytest.raises(bench.BenchError, match="input gradient alone: zeroskip differs"):
         bench.bench_backward_layer(BACKWARD_LAYERS[0], repeats=1, min_time=0.001)
 
 
 def test_backward_fallback_raises(monkeypatch):
     def fallback(which, grad, other, size, config):
-        ops.stats.fallback("test: no gradient kernel")
-        return ops._torch_gradient(which, grad, other, size, config)
-    monkeypatch.setattr(ops, "_gradient", fallback)
-    with pytest.warns(ops.stats.ZeroskipFallbackWarning), \
+        stats.fallback("test: no gradient kernel")
+        return reference.gradient(which, grad, other, size, config)
+    monkeypatch.setattr(binding, "_gradient", fallback)
+    with pytest.warns(stats.ZeroskipFallbackWarning), \
             pytest.raises(bench.BenchError, match="did not run generated kernels"):
         bench.bench_backward_layer(BACKWARD_LAYERS[1], repeats=1, min_time=0.001)
 
@@ -334,7 +334,7 @@ def test_sweep_markdown_json_and_plot(sweep, tmp_path):
 def test_tuned_torch_choice_is_reported(monkeypatch):
     """Where the tuning database chose torch, zeroskip runs torch's op: allowed, and reported
     as strategy torch; at density 1 the dense kernel is then timed apart for its goal."""
-    monkeypatch.setattr(ops.Call, "choose", lambda call, x: "torch")
+    monkeypatch.setattr(dispatch.Operator, "choose", lambda call, x: "torch")
     rows = bench.sweep_layer(SWEEP_LAYERS[0], (1.0, 0.3), repeats=1, min_time=0.001)
     assert [r.strategy for r in rows] == ["torch", "torch"]
     assert rows[0].dense_ms > 0 and rows[0].dense_ms != rows[0].zeroskip_ms
@@ -342,9 +342,9 @@ def test_tuned_torch_choice_is_reported(monkeypatch):
 
 
 def test_torch_choice_still_checked(monkeypatch):
-    monkeypatch.setattr(ops.Call, "choose", lambda call, x: "torch")
-    convolution = ops._torch_convolution
-    monkeypatch.setattr(ops, "_torch_convolution", lambda *args: convolution(*args) * 1.01)
+    monkeypatch.setattr(dispatch.Operator, "choose", lambda call, x: "torch")
+    convolution = reference.convolution
+    monkeypatch.setattr(reference, "convolution", lambda *args: convolution(*args) * 1.01)
     with pytest.raises(bench.BenchError, match="zeroskip differs from torch"):
         bench.sweep_layer(SWEEP_LAYERS[0], (0.3,), repeats=1, min_time=0.001)
 

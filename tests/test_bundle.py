@@ -18,7 +18,7 @@ import torch
 import zeroskip
 import zeroskip.functional as ZF
 from zeroskip import LayerSpec, generate
-from zeroskip.runtime import autotune, bundle, cc, ops, stats
+from zeroskip.runtime import autotune, binding, bundle, cc, dispatch, loader, stats, tuning
 
 NET = textwrap.dedent("""
     import torch
@@ -308,13 +308,13 @@ def test_tuned_bundle_decides_dispatch(tmp_path, fresh_cache, served, monkeypatc
 
     def no_database():
         raise AssertionError("the tuning database was read for a bundled layer")
-    monkeypatch.setattr(autotune, "database", no_database)
+    monkeypatch.setattr(tuning, "database", no_database)
     x = autotune.sparse_input((2, 16, 8, 8), 0.2)
     w, b = torch.randn(16, 16, 3, 3), torch.randn(16)
     torch.testing.assert_close(ZF.conv2d(x, w, b, padding=1),
                                torch.nn.functional.conv2d(x, w, b, padding=1),
                                rtol=1e-4, atol=1e-4)
-    (call,) = [c for c in ops._calls.values() if isinstance(c, ops.Call)]
+    (call,) = [c for c in binding._calls.values() if isinstance(c, dispatch.Operator)]
     assert call.last == ("dense" if choice.startswith("dense") and "/" not in choice
                          else choice)
 
@@ -323,12 +323,12 @@ def test_tuned_bundle_decides_dispatch(tmp_path, fresh_cache, served, monkeypatc
 def test_triton_kernels_served_from_bundle(tmp_path, fresh_cache, served, monkeypatch):
     """--backend c,triton: the Triton sources are bundled (with PTX and cubin for the target)
     and, under Triton's interpreter here, imported from the bundle."""
-    from zeroskip.runtime import triton as zt
+    from zeroskip.runtime import tritonenv
     spec = LayerSpec.conv(16, 16, 3, padding=1, input_size=(6, 6))
     manifest = generate.make_bundle([("layer", spec)], tmp_path / "both",
                                     backends=("c", "triton"), targets=("sm_90",),
                                     include_grads=False, progress=False)
-    assert manifest["machine"]["triton"] == zt.triton_version()
+    assert manifest["machine"]["triton"] == tritonenv.triton_version()
     triton = [k for k in manifest["kernels"] if k["backend"] == "triton"]
     assert {k["variant"] for k in triton} == {"direct", "block_sparse"}
     assert all(any(f.endswith(".cubin") for f in k["files"]) for k in triton)
@@ -342,7 +342,7 @@ def test_triton_kernels_served_from_bundle(tmp_path, fresh_cache, served, monkey
     after = stats.stats()
     assert after["bundle_hits"] - before["bundle_hits"] == 1
     assert after["compiles"] == before["compiles"]
-    kernel = next(iter(zt._kernels.values()))
+    kernel = next(k for k in loader.loaded() if k.backend == "triton")
     assert (tmp_path / "both") in kernel.source.parents
 
 

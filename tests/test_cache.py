@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from oracle import random_inputs, torch_result
+from zeroskip.codegen import emit
 from zeroskip import LayerSpec
-from zeroskip.runtime import cache, cc, ops, stats
+from zeroskip.runtime import cache, cc, loader, stats
 
 SPEC = LayerSpec.conv(4, 8, 3, padding=1, input_size=(10, 10), batch=2)
 TESTS = Path(__file__).parent
@@ -34,7 +35,7 @@ def counts_since(before: dict) -> dict:
 def assert_correct(spec: LayerSpec) -> None:
     arrays = random_inputs(spec)
     want = torch_result(spec, arrays)
-    got = ops.run_spec(spec, {k: torch.tensor(v, dtype=torch.float32)
+    got = loader.run_spec(spec, {k: torch.tensor(v, dtype=torch.float32)
                               for k, v in arrays.items()}).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -47,7 +48,7 @@ def entries(root: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- layout
 def test_layout_meta_and_memo(fresh_cache, monkeypatch):
     before = stats.stats()
-    kernel = ops.kernel_for(SPEC)
+    kernel = loader.kernel_for(SPEC)
     key = kernel.folder.name
     assert counts_since(before) == {"compiles": 1, "cache_hits": 0, "memo_hits": 0}
 
@@ -68,13 +69,13 @@ def test_layout_meta_and_memo(fresh_cache, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(cache, "lookup", no_disk)
         before = stats.stats()
-        assert ops.kernel_for(SPEC) is kernel
+        assert loader.kernel_for(SPEC) is kernel
         assert counts_since(before) == {"compiles": 0, "cache_hits": 0, "memo_hits": 1}
 
     # An empty memo: found on disk, not compiled.
-    monkeypatch.setattr(ops, "_kernels", {})
+    monkeypatch.setattr(loader, "_kernels", {})
     before = stats.stats()
-    again = ops.kernel_for(SPEC)
+    again = loader.kernel_for(SPEC)
     assert counts_since(before) == {"compiles": 0, "cache_hits": 1, "memo_hits": 0}
     assert again is not kernel and again.folder == kernel.folder
     assert_correct(SPEC)
@@ -90,7 +91,7 @@ CHILD = textwrap.dedent("""
     import zeroskip
     from oracle import random_inputs, torch_result
     from zeroskip import LayerSpec
-    from zeroskip.runtime.ops import run_spec
+    from zeroskip.runtime.loader import run_spec
     spec = LayerSpec.from_dict({spec!r})
     arrays = random_inputs(spec)
     want = torch_result(spec, arrays)
@@ -123,7 +124,7 @@ def results(children: list[subprocess.Popen]) -> list[dict]:
 
 
 def test_second_process_hits_cache(fresh_cache, tmp_path):
-    key = ops.kernel_for(SPEC).folder.name
+    key = loader.kernel_for(SPEC).folder.name
     (child,) = results(start_children(fresh_cache, 1, tmp_path / "barrier"))
     assert child["stats"]["compiles"] == 0 and child["stats"]["cache_hits"] == 1
     assert child["error"] < 1e-4
@@ -185,15 +186,15 @@ def test_corrupt_entry_is_rebuilt(fresh_cache, monkeypatch, corrupt):
     # truncate it in place (SIGBUS), and dlopen would return that stale handle for the path.
     with monkeypatch.context() as m:
         m.setattr(cc, "Library", lambda path: None)
-        key = ops.kernel_for(SPEC).folder.name
+        key = loader.kernel_for(SPEC).folder.name
     entry = fresh_cache / key[:2] / key
     assert cache.lookup(key) is not None
     corrupt(entry)
     assert cache.lookup(key) is None
 
-    ops._kernels.clear()                           # a fresh memo
+    loader._kernels.clear()                           # a fresh memo
     before = stats.stats()
-    kernel = ops.kernel_for(SPEC)
+    kernel = loader.kernel_for(SPEC)
     assert counts_since(before) == {"compiles": 1, "cache_hits": 0, "memo_hits": 0}
     assert kernel.folder == entry and cache.lookup(key) is not None
     assert not list(entry.parent.glob(".tmp-*"))   # a dead builder's directory is cleared too
@@ -202,19 +203,19 @@ def test_corrupt_entry_is_rebuilt(fresh_cache, monkeypatch, corrupt):
 
 # ----------------------------------------------------------------------------- keys
 def test_key_depends_on_flags_and_source_not_batch(fresh_cache, monkeypatch):
-    base = ops.kernel_for(SPEC)
+    base = loader.kernel_for(SPEC)
 
     # The same spec at another batch size: the same entry, found on disk.
-    monkeypatch.setattr(ops, "_kernels", {})
+    monkeypatch.setattr(loader, "_kernels", {})
     before = stats.stats()
-    assert ops.kernel_for(dataclasses.replace(SPEC, batch=8)).folder == base.folder
+    assert loader.kernel_for(dataclasses.replace(SPEC, batch=8)).folder == base.folder
     assert counts_since(before)["cache_hits"] == 1
 
     # Other compiler flags, same source: another key.
     flags = cc.compiler()[1]
     monkeypatch.setenv("ZEROSKIP_CFLAGS", shlex.join((*flags, "-DZEROSKIP_TEST_FLAG=1")))
-    monkeypatch.setattr(ops, "_kernels", {})
-    flagged = ops.kernel_for(SPEC)
+    monkeypatch.setattr(loader, "_kernels", {})
+    flagged = loader.kernel_for(SPEC)
     assert flagged.source.read_text() == base.source.read_text()
     assert flagged.folder.name != base.folder.name
     assert "-DZEROSKIP_TEST_FLAG=1" in json.loads((flagged.folder / "meta.json").read_text())[
@@ -222,10 +223,10 @@ def test_key_depends_on_flags_and_source_not_batch(fresh_cache, monkeypatch):
     monkeypatch.delenv("ZEROSKIP_CFLAGS")
 
     # Other source, same flags: another key.
-    render = ops.emit.render
-    monkeypatch.setattr(ops.emit, "render", lambda plan: render(plan) + "/* variant */\n")
-    monkeypatch.setattr(ops, "_kernels", {})
-    variant = ops.kernel_for(SPEC)
+    render = emit.render
+    monkeypatch.setattr(emit, "render", lambda plan: render(plan) + "/* variant */\n")
+    monkeypatch.setattr(loader, "_kernels", {})
+    variant = loader.kernel_for(SPEC)
     assert variant.source.read_text() == base.source.read_text() + "/* variant */\n"
     assert len({base.folder.name, flagged.folder.name, variant.folder.name}) == 3
     assert len(entries(fresh_cache)) == 3
@@ -235,10 +236,10 @@ def test_key_depends_on_flags_and_source_not_batch(fresh_cache, monkeypatch):
 def test_cache_dir_created_private(tmp_path, monkeypatch):
     root = tmp_path / "not" / "yet" / "cache"
     monkeypatch.setenv("ZEROSKIP_CACHE_DIR", str(root))
-    monkeypatch.setattr(ops, "_kernels", {})
+    monkeypatch.setattr(loader, "_kernels", {})
     assert cache.cache_dir() == root
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
     # Every folder the cache makes for an entry is private too.
-    ops.kernel_for(SPEC)
+    loader.kernel_for(SPEC)
     folders = [p for p in root.rglob("*") if p.is_dir()]
     assert folders and all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in folders)

@@ -18,7 +18,7 @@ import torch
 
 import zeroskip.functional as ZF
 from test_cache import SPEC, assert_correct
-from zeroskip.runtime import cache, cc, ops
+from zeroskip.runtime import cache, cc, loader
 
 OTHER_UID = 65534        # nobody
 
@@ -48,8 +48,8 @@ def built_entry(fresh_cache, monkeypatch) -> Path:
     """The entry of SPEC, built without loading it (so it can be altered and reloaded)."""
     with monkeypatch.context() as m:
         m.setattr(cc, "Library", lambda path: None)
-        key = ops.kernel_for(SPEC).folder.name
-    ops._kernels.clear()
+        key = loader.kernel_for(SPEC).folder.name
+    loader._kernels.clear()
     return fresh_cache / key[:2] / key
 
 
@@ -94,7 +94,7 @@ def check_refused(fresh_cache, monkeypatch, loads, tamper, says) -> None:
         assert cache.lookup(entry.name) is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cache.ZeroskipCacheWarning)
-        kernel = ops.kernel_for(SPEC)
+        kernel = loader.kernel_for(SPEC)
     assert kernel.folder == entry and cache.lookup(entry.name) is not None
     # What ctypes was given is this user's, writable by no one else, and not a link.
     (path, uid, mode), = loads
@@ -108,9 +108,9 @@ def test_untrusted_cache_dir_is_not_used(tmp_path, fresh_state, monkeypatch, loa
     root.mkdir(mode=0o777)
     root.chmod(0o777)
     monkeypatch.setenv("ZEROSKIP_CACHE_DIR", str(root))
-    monkeypatch.setattr(ops, "_kernels", {})
+    monkeypatch.setattr(loader, "_kernels", {})
     with pytest.warns(cache.ZeroskipCacheWarning, match="cannot be used .*writable by others"):
-        kernel = ops.kernel_for(SPEC)
+        kernel = loader.kernel_for(SPEC)
     assert not any(root.iterdir())                     # nothing written into it
     assert root not in kernel.folder.parents
     assert stat.S_IMODE(kernel.folder.parents[1].stat().st_mode) == 0o700
@@ -139,7 +139,7 @@ def test_full_disk_simulated_falls_back_to_temp(fresh_cache, fresh_state, monkey
         return real(key, meta, make)
     monkeypatch.setattr(cache, "build", full)
     with pytest.warns(cache.ZeroskipCacheWarning, match="No space left on device"):
-        kernel = ops.kernel_for(SPEC)
+        kernel = loader.kernel_for(SPEC)
     assert calls[0] == fresh_cache and calls[1] != fresh_cache
     assert fresh_cache not in kernel.folder.parents
     assert_correct(SPEC)
@@ -187,10 +187,10 @@ def run_mounted(tmp_path: Path, mount: str, cache_dir: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# A read-only file system (the cache folder cannot even be created), and a full one: 64 KiB
+# A read-only file system (the cache folder cannot even be created), and a full one: 32 KiB
 # hold the cache's folders but not a kernel library.
 UNWRITABLE = {"read-only": ("ro,size=1m", "cache", "Read-only file system"),
-              "full": ("size=64k,mode=0700", "", "No space left on device")}
+              "full": ("size=32k,mode=0700", "", "No space left on device")}
 
 
 @needs_mounts

@@ -17,6 +17,7 @@ from zeroskip.cli import main
 from zeroskip.codegen import pipeline
 from zeroskip.codegen.ir import from_json, to_dot, verify
 from zeroskip.codegen.macs import dense_macs, nonzero_macs
+from zeroskip.runtime import tuning
 
 STEPS = ["frontend", *(name for name, _ in pipeline.PIPELINE)]
 
@@ -263,14 +264,13 @@ def torch_threads():
 
 
 def test_tune_spec_file(capsys, tmp_path, torch_threads):
-    from zeroskip.runtime import autotune
     specs = _spec_file(tmp_path, [TUNE_SPEC.to_dict()])
     db_path = tmp_path / "db" / "tuning.json"
     assert main(["tune", "--specs", str(specs), "--densities", "1,0.1", "--repeats", "1",
                  "--threads", "1", "--no-progress", "--db", str(db_path)]) == 0
     out, err = capsys.readouterr()
     assert "tuning:" not in err          # no progress bar
-    db = autotune.TuningDB(db_path)
+    db = tuning.TuningDB(db_path)
     assert db.machines[db.here]["threads"] == 1     # --threads applies before the database
     rows = _tune_rows(out)
     name = TUNE_SPEC.describe()
@@ -316,13 +316,12 @@ def test_tune_suite_selection(capsys, tmp_path, monkeypatch):
     assert rows[(layers[0].name, "0.3")] == ["sparse", "2", "0.5", "4.00x"]
     assert rows[(layers[0].name, "1")] == ["dense", "2", "1", "2.00x"]
     assert f"| {layers[-1].name} | 0.3 |" in out.splitlines()     # the crossover
-    assert autotune.TuningDB(db_path).lookup(layers[-1].spec, 0.05) == "sparse"
+    assert tuning.TuningDB(db_path).lookup(layers[-1].spec, 0.05) == "sparse"
 
 
 def test_tune_merge_only(capsys, tmp_path):
-    from zeroskip.runtime import autotune
     other = LayerSpec.conv(8, 16, 1, input_size=(10, 10))
-    first, second = autotune.TuningDB(tmp_path / "a.json"), autotune.TuningDB(tmp_path / "b.json")
+    first, second = tuning.TuningDB(tmp_path / "a.json"), tuning.TuningDB(tmp_path / "b.json")
     first.record(TUNE_SPEC, 0.1, "sparse", {"sparse": 1.0})
     first.record(TUNE_SPEC, 1.0, "dense", {"dense": 1.0})
     second.record(other, 0.3, "torch", {"torch": 1.0})
@@ -334,7 +333,7 @@ def test_tune_merge_only(capsys, tmp_path):
                            "--db", str(target)])
     assert "merged 3 records from 2 file(s)" in out and "| layer |" not in out
     assert out.rstrip().endswith(f"tuning database: {target}")
-    merged = autotune.TuningDB(target)
+    merged = tuning.TuningDB(target)
     assert (merged.lookup(TUNE_SPEC, 0.1), merged.lookup(TUNE_SPEC, 1.0),
             merged.lookup(other, 0.3)) == ("sparse", "dense", "torch")
     assert [p.read_text() for p in (first.path, second.path)] == before
@@ -380,10 +379,9 @@ def test_tune_bad_flags_exit_2(capsys, tmp_path, argv, message):
 def test_tune_foreign_file_is_reported_not_set_aside(capsys, tmp_path, flag):
     """A file named on the command line that is no tuning database (a mistyped name) exits 2
     and stays where it is; only the database found by default is set aside and rebuilt."""
-    from zeroskip.runtime import autotune
     foreign = tmp_path / "results.json"
     foreign.write_text('{"rows": []}')
-    ok = autotune.TuningDB(tmp_path / "ok.json")
+    ok = tuning.TuningDB(tmp_path / "ok.json")
     ok.record(TUNE_SPEC, 0.1, "sparse", {})
     ok.save()
     argv = ["--merge", str(foreign), "--db", str(ok.path)] if flag == "--merge" else \

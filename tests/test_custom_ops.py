@@ -12,7 +12,8 @@ from strategies import EXECUTABLE, specs
 
 import zeroskip
 from zeroskip.models import dcgan_generator, resnet_stage
-from zeroskip.runtime.ops import config_of, convolution
+from zeroskip.runtime.arguments import config_of
+from zeroskip.runtime.binding import convolution
 
 # (input shape, weight shape, bias, config arguments after op and rank)
 CASES = [

@@ -260,7 +260,7 @@ def _update_in_place(p):
 def _update_data(p):
     # .data edits do not bump the tensor's version counter, so they are announced (README).
     p.data.mul_(-2).add_(0.5)
-    zeroskip.runtime.ops.forget_packed()
+    zeroskip.runtime.loader.forget_packed()
 
 
 def _update_copy(p):

@@ -32,9 +32,8 @@ from hypothesis import strategies as st
 import zeroskip.functional as zf
 from strategies import specs
 from zeroskip import LayerSpec
-from zeroskip.codegen import lower
-from zeroskip.runtime import ops, stats
-from zeroskip.runtime import triton as zt
+from zeroskip.codegen.variant import Variant
+from zeroskip.runtime import reference, stats
 from zeroskip.spec import LimitError
 
 DOCUMENTED = (TypeError, ValueError, RuntimeError)
@@ -114,7 +113,7 @@ def _check_valid(spec: LayerSpec) -> None:
         # torch's own shape function (meta tensors: nothing is allocated).
         meta = {name: torch.empty(s, device="meta") for name, s in spec.input_shapes.items()}
         try:
-            out = ops.torch_reference(spec, meta["input"], meta["weight"], meta.get("bias"))
+            out = reference.forward(spec, meta["input"], meta["weight"], meta.get("bias"))
         except RuntimeError as exc:   # torch refusing what the spec accepted: a bug
             raise AssertionError(f"torch refuses {spec.describe()}: {exc}") from exc
         assert tuple(out.shape) == shape, (spec.describe(), tuple(out.shape), shape)
@@ -243,16 +242,15 @@ tuning_names = st.one_of(
 @given(name=tuning_names)
 def test_fuzz_tuning_names(name):
     """Choice names from a tuning database: a variant or config of plain ints, or ValueError."""
-    for parse in (lower.Variant.parse, zt.parse_choice):
-        try:
-            parsed = parse(name)
-        except ValueError:
-            event(f"{parse.__qualname__}: ValueError")
-            continue
-        event(f"{parse.__qualname__}: parsed")
-        items = dataclasses.astuple(parsed) if dataclasses.is_dataclass(parsed) else \
-            (parsed[0], *dataclasses.astuple(parsed[1]))
-        assert all(v is None or type(v) in (int, str) for v in items), items
+    try:
+        parsed = Variant.parse(name)
+    except ValueError:
+        event("ValueError")
+        return
+    event("parsed")
+    config = dataclasses.astuple(parsed.config) if parsed.config is not None else ()
+    items = (parsed.strategy, parsed.tile_width, parsed.sparse_vectors, *config)
+    assert all(v is None or type(v) in (int, str) for v in items), items
 
 
 # ------------------------------------------------------------------------------ (b) functional

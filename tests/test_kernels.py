@@ -17,7 +17,7 @@ from strategies import EXECUTABLE, specs
 from zeroskip import LayerSpec
 from zeroskip.codegen import emit, lower, pipeline
 from zeroskip.runtime import cc
-from zeroskip.runtime.ops import kernel_for, run_spec
+from zeroskip.runtime.loader import kernel_for, run_spec
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 

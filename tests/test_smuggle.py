@@ -18,9 +18,10 @@ import zeroskip.functional as zf
 from zeroskip import LayerSpec
 from zeroskip.codegen import emit, lower, pipeline
 from zeroskip.codegen.ir import IRError
+from zeroskip.codegen.targets import TritonTarget
+from zeroskip.codegen.variant import Config, Variant
 from zeroskip.generate import _folders, plan as generate_plan, slug
-from zeroskip.runtime import autotune, ops
-from zeroskip.runtime import triton as zt
+from zeroskip.runtime import arguments, binding, tuning
 
 MARKER_C = '*/ system("touch /tmp/pwned"); /*'
 MARKER_PY = "__import__('os').system('touch /tmp/pwned')"
@@ -106,6 +107,13 @@ CLEAN = {
 }
 
 
+def triton_source(spec: LayerSpec, family: str) -> str:
+    """The Triton module of ``spec`` in ``family`` (rendered from the dense graph)."""
+    target = TritonTarget()
+    plan = target.plan(pipeline.run(spec, strategy="dense")[-1][1], Variant("dense"))
+    return target.render(plan, family)
+
+
 def sources(spec: LayerSpec) -> dict[str, str]:
     """The C source (dense and sparse variants) and the Triton source of ``spec``, or the name
     of the error that stops one (the same for a clean spec and a smuggled one)."""
@@ -119,7 +127,7 @@ def sources(spec: LayerSpec) -> dict[str, str]:
             out[kind] = f"IRError: {exc}"
     for family in ("direct", "block_sparse", "weight_grad"):
         try:
-            out[f"triton-{family}"] = zt.render(spec, family)[1]
+            out[f"triton-{family}"] = triton_source(spec, family)
         except (IRError, ValueError) as exc:
             out[f"triton-{family}"] = f"{type(exc).__name__}: {exc}"
     return out
@@ -329,15 +337,17 @@ def test_variant_and_choice_names(name):
         source = emit.render(lower.plan(graph, variant=variant))
         assert not any(m in source for m in MARKERS)
     try:
-        strategy, config = zt.parse_choice(name)
+        parsed = Variant.parse(name)
+        strategy, config = parsed.strategy, parsed.config
     except ValueError:
         pass
     else:
-        assert strategy in ("dense", "sparse") and type(strategy) is str
-        assert _plain(dataclasses.astuple(config))
+        assert strategy in ("auto", "dense", "sparse") and type(strategy) is str
+        assert config is None or type(config) is Config
+        assert config is None or _plain(dataclasses.astuple(config))
         # A Triton module does not depend on the config (launch-time constexprs) at all.
-        plan, source = zt.render(CLEAN["conv_transpose"], zt.family_of(CLEAN["conv_transpose"],
-                                                                       strategy))
+        source = triton_source(CLEAN["conv_transpose"],
+                               "block_sparse" if strategy == "sparse" else "direct")
         assert not any(m in source for m in MARKERS)
 
 
@@ -349,16 +359,16 @@ def test_tampered_tuning_database_end_to_end(fresh_cache, monkeypatch, tmp_path)
     x = torch.randn(2, 4, 9)
     x[x < 0.5] = 0                       # sparse enough for the cost model to consider sparse
     w, b = torch.randn(6, 2, 3), torch.randn(6)
-    spec = ops._build_spec("conv", 1, x.shape, w.shape, True, x.dtype,
+    spec = arguments.spec_of_call("conv", 1, x.shape, w.shape, True, x.dtype,
                            ((2,), (1,), (1,), 2, 0, "zeros", "none"))
     want = torch.nn.functional.conv1d(x, w, b, 2, 1, 1, 2)
     for name in HOSTILE_NAMES[:8] + ["dense", "sparse/w4"]:
-        db = autotune.TuningDB(path)
+        db = tuning.TuningDB(path)
         for density in (0.1, 0.3, 0.5, 0.7, 1.0):
             db.record(spec, density, str(name), {"dense": 1.0})
         db.save()
-        autotune.reset()
-        monkeypatch.setattr(ops, "_calls", {})
+        tuning.reset()
+        monkeypatch.setattr(binding, "_calls", {})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             got = zf.conv1d(x, w, b, 2, 1, 1, 2)
@@ -383,7 +393,7 @@ def test_layer_names_never_reach_source(name):
                              dtypes=["float32"])
     assert tasks
     for task in tasks:
-        source = zt.render(task.spec, task.family)[1]
+        source = triton_source(task.spec, task.family)
         assert not any(m in source for m in MARKERS)
         if len(name) >= 3:
             assert str.__str__(name) not in source

@@ -130,7 +130,7 @@ def asked(monkeypatch) -> list[LayerSpec]:
     """The specs (batch and density 1) that converted modules ask zeroskip's kernels for, in
     call order, recorded where they call them; torch computes instead (nothing compiles)."""
     from zeroskip import nn as znn
-    from zeroskip.runtime.ops import _build_spec
+    from zeroskip.runtime.arguments import spec_of_call as _build_spec
     seen = []
 
     def record(op, rank, input, weight, bias, stride, padding, dilation, groups,

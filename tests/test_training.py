@@ -94,7 +94,7 @@ def ddp_worker(rank: int, world: int, port: int, out: Path) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from zeroskip.runtime import ops
+    from zeroskip.runtime import loader
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -110,7 +110,8 @@ def ddp_worker(rank: int, world: int, port: int, out: Path) -> None:
         nn.functional.mse_loss(wrapped(x), target).backward()
         grads[name] = [p.grad for p in twin.parameters()]
     torch.save({"grads": grads, "stats": zeroskip.stats(),
-                "kernels": sorted(json.dumps(s.to_dict(), sort_keys=True) for s, _ in ops._kernels)},
+                "kernels": sorted(json.dumps(k.spec.to_dict(), sort_keys=True)
+                                  for k in loader.loaded())},
                out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

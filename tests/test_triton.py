@@ -16,8 +16,8 @@ pytest.importorskip("triton")
 import zeroskip  # noqa: E402
 from zeroskip import functional as zf  # noqa: E402
 from zeroskip.codegen import emit, lower, pipeline  # noqa: E402
-from zeroskip.runtime import ops, stats  # noqa: E402
-from zeroskip.runtime import triton as zt  # noqa: E402
+from zeroskip.codegen.variant import Config, Variant  # noqa: E402
+from zeroskip.runtime import binding, dispatch, loader, stats, triton_kernel, tritonenv  # noqa: E402,E501
 from zeroskip.spec import LayerSpec  # noqa: E402
 
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -28,7 +28,7 @@ def interpreter(monkeypatch):
     """CPU tensors run the Triton kernels under Triton's interpreter."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("ZEROSKIP_BACKEND", "triton")
-    monkeypatch.setattr(ops, "_calls", {})
+    monkeypatch.setattr(binding, "_calls", {})
     stats.stats(reset=True)
     yield
 
@@ -92,7 +92,7 @@ def test_families_match_torch_forward_and_backward(interpreter, name, fn, xs, ws
     torch_fn = getattr(F, fn)
     run_both(lambda x, w, b: zs_fn(x, w, b, **kwargs), lambda x, w, b: torch_fn(x, w, b, **kwargs),
              x, w, b)
-    (call,) = [c for c in ops._calls.values() if isinstance(c, ops.TritonCall)]
+    (call,) = [c for c in binding._calls.values() if isinstance(c, dispatch.Operator)]
     assert call.last.startswith("dense/")
 
 
@@ -138,10 +138,10 @@ def test_block_sparse_matches_torch(interpreter, pattern):
     elif pattern == "zero":
         x.zero_()
     b = torch.randn(16)
-    kernel = zt.kernel_for(spec, "sparse")
+    kernel = loader.kernel_for(spec, "triton", Variant("sparse"))
     assert kernel.family == "block_sparse"
     out = torch.empty(spec.output_shape)
-    kernel.launch(x, kernel.pack(w), out, b, zt.Config(16, 16, 16, 4, 1))
+    kernel.launch(x, kernel.pack(w), out, b, Config(16, 16, 16, 4, 1))
     close(out, F.conv2d(x, w, b, padding=1))
 
 
@@ -154,17 +154,17 @@ def test_weight_gradient_split_k(interpreter):
     y = F.conv2d(x, w, None, stride=2, padding=1)
     grad = torch.randn_like(y)
     (want,) = torch.autograd.grad(y, (w,), grad)
-    kernel = zt.kernel_for(spec.grad_weight())
+    kernel = loader.kernel_for(spec.grad_weight(), "triton", Variant("dense"))
     assert kernel.family == "weight_grad"
     for split in (1, 3):
         out = torch.empty(w.shape)
-        kernel.launch(x.detach(), grad, out, None, zt.Config(16, 16, 16, 4, 1, split))
+        kernel.launch(x.detach(), grad, out, None, Config(16, 16, 16, 4, 1, split))
         close(out, want)
 
 
 def test_generated_source_is_a_real_imported_file(interpreter):
     spec = LayerSpec.conv(8, 8, (3, 3), padding=1, input_size=(5, 5))
-    kernel = zt.kernel_for(spec)
+    kernel = loader.kernel_for(spec, "triton", Variant("dense"))
     text = kernel.source.read_text()
     assert kernel.module.__file__ == str(kernel.source)
     assert text.startswith("# zeroskip generated Triton kernels")
@@ -190,18 +190,18 @@ def test_cuda_tensors_dispatch_to_triton(interpreter, monkeypatch):
     monkeypatch.delenv("ZEROSKIP_BACKEND")
     x, w = torch.randn(1, 16, 5, 5), torch.randn(16, 16, 3, 3)
     zf.conv2d(x, w, None, padding=1)
-    assert [type(c) for c in ops._calls.values()] == [ops.Call]
-    monkeypatch.setattr(ops, "_calls", {})
-    monkeypatch.setattr(ops, "_device_type", lambda t: "cuda")
+    assert [type(c) for c in binding._calls.values()] == [dispatch.Operator]
+    monkeypatch.setattr(binding, "_calls", {})
+    monkeypatch.setattr(binding, "_device_type", lambda t: "cuda")
     out = zf.conv2d(x, w, None, padding=1)
-    assert [type(c) for c in ops._calls.values()] == [ops.TritonCall]
+    assert [type(c) for c in binding._calls.values()] == [dispatch.Operator]
     close(out, F.conv2d(x, w, None, padding=1))
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("ZEROSKIP_BACKEND", "triton")
-    monkeypatch.setattr(zt, "interpreting", lambda: False)
-    monkeypatch.setattr(ops, "_calls", {})
+    monkeypatch.setattr(tritonenv, "interpreting", lambda: False)
+    monkeypatch.setattr(binding, "_calls", {})
     monkeypatch.setattr(stats, "_warned", set())
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
     with pytest.warns(stats.ZeroskipFallbackWarning, match="TRITON_INTERPRET=1"):
@@ -211,7 +211,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 
 def test_unknown_backend_is_named(monkeypatch):
     monkeypatch.setenv("ZEROSKIP_BACKEND", "cuda-graphs")
-    monkeypatch.setattr(ops, "_calls", {})
+    monkeypatch.setattr(binding, "_calls", {})
     monkeypatch.setattr(stats, "_warned", set())
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
     with pytest.warns(stats.ZeroskipFallbackWarning, match="ZEROSKIP_BACKEND"):
@@ -236,7 +236,7 @@ def test_kernel_failing_at_first_launch_falls_back_once(interpreter, monkeypatch
     def broken(self, *args, **kwargs):
         raise RuntimeError("PassManager::run failed")
 
-    monkeypatch.setattr(zt.Kernel, "launch", broken)
+    monkeypatch.setattr(triton_kernel.Kernel, "launch", broken)
     x, w = torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3)
     with pytest.warns(stats.ZeroskipFallbackWarning, match="failed to compile or launch"):
         out = zf.conv2d(x, w, padding=1)
@@ -244,21 +244,22 @@ def test_kernel_failing_at_first_launch_falls_back_once(interpreter, monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         zf.conv2d(x, w, padding=1)          # no second warning
-    monkeypatch.setattr(ops, "_calls", {})
+    monkeypatch.setattr(binding, "_calls", {})
     monkeypatch.setenv("ZEROSKIP_STRICT", "1")
     with pytest.raises(stats.FallbackError, match="PassManager"):
         zf.conv2d(x, w, padding=1)
 
 
 def test_config_names_round_trip_and_validate():
-    config = zt.Config(64, 32, 16, 4, 3, 2)
-    assert zt.Config.parse(config.name) == config
-    assert zt.parse_choice(zt.choice_name("sparse", config)) == ("sparse", config)
+    config = Config(64, 32, 16, 4, 3, 2)
+    assert Config.parse(config.name) == config
+    parsed = Variant.parse(Variant("sparse", config=config).name)
+    assert (parsed.strategy, parsed.config) == ("sparse", config)
     for bad in (dict(block_m=48), dict(warps=3), dict(stages=0), dict(split=-1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            zt.Config(**bad)
-    with pytest.raises(ValueError, match="not a Triton"):
-        zt.parse_choice("dense/w6")
+            Config(**bad)
+    with pytest.raises(ValueError, match="not a kernel variant"):
+        Variant.parse("dense/m48n64k32w4s3")
 
 
 def test_plan_rejects_dtypes_and_pad_modes_triton_lacks():

@@ -14,7 +14,8 @@ pytest.importorskip("triton")
 
 from zeroskip import LayerSpec, bench, generate  # noqa: E402
 from zeroskip.cli import main  # noqa: E402
-from zeroskip.runtime import triton as zt  # noqa: E402
+from zeroskip.codegen.variant import Variant
+from zeroskip.runtime import loader, triton_kernel, tritonenv  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*TRITON_DEFAULT_FP_FUSION")
 
@@ -47,7 +48,7 @@ def check_compiled(done: dict, target: str, family: str) -> None:
     assert META_KEYS <= set(meta)
     assert meta["target"] == target and meta["family"] == family
     assert meta["registers"] > 0 and meta["spill_bytes"] >= 0 and meta["shared_bytes"] >= 0
-    assert meta["shared_limit"] == zt.SHARED_LIMIT[int(target[3:])]
+    assert meta["shared_limit"] == triton_kernel.SHARED_LIMIT[int(target[3:])]
     assert meta["fits"] == (meta["spill_bytes"] == 0
                             and meta["shared_bytes"] <= meta["shared_limit"])
 
@@ -64,7 +65,7 @@ def test_every_suite_forward_kernel_compiles_for_sm80_and_sm90():
     print(f"\n{len(tasks)} suite kernels compiled in {seconds:.0f} s")
     for task, done in zip(tasks, results):
         check_compiled(done, task.target, "direct")
-        assert done["meta"]["config"] == zt.kernel_for(task.spec).default.name
+        assert done["meta"]["config"] == loader.kernel_for(task.spec, "triton", Variant("dense")).default.config.name
 
 
 SMALL = LayerSpec.conv(32, 32, 3, input_size=(10, 10))      # one region: quick to compile
@@ -120,7 +121,7 @@ def test_generate_cli_writes_kernels_and_meta(tmp_path, capsys):
     written = set()
     for k in kernels:
         assert k["status"] == "ok" and k["target"] == "sm_80" and k["registers"] > 0
-        assert k["triton"] == zt.triton_version() and k["zeroskip"] == meta["zeroskip"]
+        assert k["triton"] == tritonenv.triton_version() and k["zeroskip"] == meta["zeroskip"]
         assert LayerSpec.from_dict(k["spec_fields"]).describe() == k["spec"]
         assert set(k["files"]) == {"source", "ptx", "cubin"}
         for entry in k["files"].values():
@@ -169,7 +170,7 @@ def fake_compile_all(fail: bool):
             if fail and task.family == "block_sparse":
                 results.append({"error": "CompilationError: PassManager::run failed\nmore"})
                 continue
-            limit = zt.SHARED_LIMIT[int(task.target[3:])]
+            limit = triton_kernel.SHARED_LIMIT[int(task.target[3:])]
             meta = {"config": "m64n64k32w4s3", "layout": task.layout, "registers": 96,
                     "spill_bytes": 32 if task.family == "weight_grad" else 0,
                     "shared_bytes": limit + 1 if task.role == "grad_input" else 1024,

@@ -12,10 +12,13 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from zeroskip import LayerSpec, bench
 from zeroskip.cli import build_parser, main
-from zeroskip.runtime import autotune
+from zeroskip.codegen.variant import Variant
+from zeroskip.codegen.targets import TritonTarget
+from zeroskip.runtime import autotune, loader, reference, tuning
 
 SPEC = LayerSpec.conv(4, 8, 3, 1, 1, input_size=(4, 4))
 STRIDED = LayerSpec.conv(4, 4, 3, 2, 1, bias=False, input_size=(6, 6))
@@ -34,38 +37,37 @@ def tuning_db(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("ZEROSKIP_CACHE_DIR", str(cache_dir))
     monkeypatch.setenv("ZEROSKIP_TUNING_DB", str(tmp_path / "tuning.json"))
-    from zeroskip.runtime import triton as zt
-    if not zt.available():
+    from zeroskip.runtime import tritonenv
+    if not tritonenv.available():
         pytest.skip("Triton is not installed")
-    if not zt.interpreting():
+    if not tritonenv.interpreting():
         pytest.skip("Triton was imported without TRITON_INTERPRET=1 in this process")
-    autotune.reset()
+    tuning.reset()
     yield tmp_path / "tuning.json"
-    autotune.reset()
+    tuning.reset()
 
 
 def _one_config(monkeypatch):
     """Each family tunes its default config only (the interpreter is slow)."""
-    from zeroskip.runtime import triton as zt
-    monkeypatch.setattr(zt, "configs", lambda plan: [zt.default_config(plan)])
+    monkeypatch.setattr(TritonTarget, "configs", staticmethod(lambda plan: [TritonTarget.default_config(plan)]))
 
 
 # --------------------------------------------------------------------------------- fingerprints
 def test_gpu_fingerprint_of_the_interpreter():
-    print_ = autotune.gpu_fingerprint("cpu")
-    assert print_["gpu"] == autotune.INTERPRETER == "triton-interpreter"
+    print_ = tuning.gpu_fingerprint("cpu")
+    assert print_["gpu"] == tuning.INTERPRETER == "triton-interpreter"
     assert {"gpu", "capability", "sms", "triton", "torch", "zeroskip", "cuda"} <= set(print_)
     assert print_["torch"] == torch.__version__ and print_["triton"]
-    ident = autotune.gpu_fingerprint_id("cpu")
-    assert ident == autotune.gpu_fingerprint_id(torch.device("cpu")) == \
-        autotune.fingerprint_id(print_)
-    assert ident != autotune.fingerprint_id(autotune.fingerprint())
+    ident = tuning.gpu_fingerprint_id("cpu")
+    assert ident == tuning.gpu_fingerprint_id(torch.device("cpu")) == \
+        tuning.fingerprint_id(print_)
+    assert ident != tuning.fingerprint_id(tuning.fingerprint())
     with pytest.raises(ValueError, match="not on 'meta'"):
-        autotune.gpu_fingerprint("meta")
+        tuning.gpu_fingerprint("meta")
 
 
 def test_records_under_another_machine(tmp_path):
-    db = autotune.TuningDB(tmp_path / "db.json")
+    db = tuning.TuningDB(tmp_path / "db.json")
     gpu, print_ = "0123456789abcdef", {"gpu": "Some GPU", "capability": "9.0"}
     with pytest.raises(ValueError, match="pass its fingerprint"):
         db.record(SPEC, 1.0, "dense/m64n64k32w4s3", {}, machine=gpu)
@@ -74,9 +76,9 @@ def test_records_under_another_machine(tmp_path):
     db.record(SPEC, 0.1, "torch", {"torch": 1.0}, machine=gpu)      # known now: no print_
     db.record(SPEC, 1.0, "dense", {"dense": 1.0})                     # the CPU, as before
     db.save()
-    loaded = autotune.TuningDB(tmp_path / "db.json")
+    loaded = tuning.TuningDB(tmp_path / "db.json")
     assert loaded.machines[gpu] == print_ and loaded.machines[loaded.here] == \
-        autotune.fingerprint()
+        tuning.fingerprint()
     assert loaded.lookup(SPEC, 1.0) == "dense" and loaded.lookup(SPEC, 0.1) == "dense"
     assert loaded.lookup(SPEC, 1.0, machine=gpu) == "dense/m64n64k32w4s3"
     assert loaded.lookup(SPEC, 0.1, machine=gpu) == "torch"
@@ -87,24 +89,22 @@ def test_records_under_another_machine(tmp_path):
 
 # --------------------------------------------------------------------------------- candidates
 def test_triton_candidates():
-    from zeroskip.runtime import triton as zt
-    plan = zt.kernel_for(SPEC).plan
-    configs = [c.name for c in zt.configs(plan)]
-    dense = [c.name for c in autotune.triton_candidates(SPEC, 1.0)]
+    plan = loader.kernel_for(SPEC, "triton", Variant("dense")).plan
+    configs = [c.name for c in TritonTarget.configs(plan)]
+    dense = [c.name for c in autotune.candidates(SPEC, 1.0, "triton")]
     assert dense == ["torch"] + [f"dense/{c}" for c in configs]
-    sparse = [c.name for c in autotune.triton_candidates(SPEC, 0.3)]
+    sparse = [c.name for c in autotune.candidates(SPEC, 0.3, "triton")]
     assert sparse == dense + [f"sparse/{c}" for c in configs]
     for name in sparse[1:]:
-        assert zt.choice_name(*zt.parse_choice(name)) == name
-    weight = [c.name for c in autotune.triton_candidates(STRIDED.grad_weight(), 0.3)]
+        assert Variant.parse(name).name == name
+    weight = [c.name for c in autotune.candidates(STRIDED.grad_weight(), 0.3, "triton")]
     assert weight[0] == "torch" and all(n.startswith("dense/") for n in weight[1:])
-    grad_input = [c.name for c in autotune.triton_candidates(STRIDED.grad_input(), 0.3)]
+    grad_input = [c.name for c in autotune.candidates(STRIDED.grad_input(), 0.3, "triton")]
     assert any(n.startswith("sparse/") for n in grad_input)
 
 
 def test_configs_that_do_not_fit_the_target_are_dropped(monkeypatch):
-    from zeroskip.runtime import triton as zt
-    configs = zt.configs(zt.kernel_for(SPEC).plan)
+    configs = TritonTarget.configs(loader.kernel_for(SPEC, "triton", Variant("dense")).plan)
     fits = {"spill_bytes": 0, "shared_bytes": 1024, "shared_limit": 232448, "registers": 40}
     metas = {f"dense/{configs[0].name}": fits,
              f"dense/{configs[1].name}": {**fits, "spill_bytes": 456, "registers": 255},
@@ -115,13 +115,13 @@ def test_configs_that_do_not_fit_the_target_are_dropped(monkeypatch):
         asked.append((spec, choices, target))
         return {name: metas.get(name, "CompilationError: out of resources") for name in choices}
     monkeypatch.setattr(autotune, "target_usage", usage)
-    kept, dropped = autotune._triton_candidates(SPEC, 1.0, "sm_90")
+    kept, dropped = autotune._candidates(SPEC, 1.0, "triton", "sm_90")
     assert asked == [(SPEC, [f"dense/{c.name}" for c in configs], "sm_90")]
     assert [c.name for c in kept] == ["torch", f"dense/{configs[0].name}"]
     assert "spills 456 bytes" in dropped[f"dense/{configs[1].name}"]
     assert "300000 bytes of shared memory" in dropped[f"dense/{configs[2].name}"]
     assert all(reason.startswith("does not fit sm_90") for reason in dropped.values())
-    assert [c.name for c in autotune.triton_candidates(SPEC, 1.0, "sm_90")] == \
+    assert [c.name for c in autotune.candidates(SPEC, 1.0, "triton", "sm_90")] == \
         [c.name for c in kept]
 
 
@@ -157,21 +157,20 @@ def test_launch_compiled_keeps_what_launches_return():
 def test_tune_triton_on_the_interpreter(monkeypatch, tuning_db):
     """Every candidate is verified; a wrong one and a dropped one score inf with the reason;
     the choice is filed under the interpreter's fingerprint, where gpu_records finds it."""
-    from zeroskip.runtime import triton as zt
     _one_config(monkeypatch)
-    config = zt.default_config(zt.kernel_for(SPEC).plan)
-    dense, sparse = zt.choice_name("dense", config), zt.choice_name("sparse", config)
-    checked, call = [], autotune.triton_call
+    config = TritonTarget.default_config(loader.kernel_for(SPEC, "triton", Variant("dense")).plan)
+    dense, sparse = Variant("dense", config=config).name, Variant("sparse", config=config).name
+    checked, call = [], autotune.call
 
-    def wrong_sparse(spec, name, t):
-        kernel, run = call(spec, name, t)
+    def wrong_sparse(spec, name, t, backend):
+        kernel, run = call(spec, name, t, backend)
         return kernel, (lambda: run() * 2) if name == sparse else run
 
     def counted(got, want):
         checked.append(got.shape)
         return error(got, want)
     error = autotune.relative_error
-    monkeypatch.setattr(autotune, "triton_call", wrong_sparse)
+    monkeypatch.setattr(autotune, "call", wrong_sparse)
     monkeypatch.setattr(autotune, "relative_error", counted)
     result = autotune.tune_triton(SPEC, 0.5, "cpu", **FAST)
 
@@ -183,44 +182,43 @@ def test_tune_triton_on_the_interpreter(monkeypatch, tuning_db):
     assert set(result.errors) == {sparse}
     assert result.choice in ("torch", dense) and result.density == 0.5
 
-    records = autotune.gpu_records(SPEC, "cpu")
+    records = tuning.records(SPEC, "triton", "cpu")
     assert records is not None and set(records) == {"0.5"}
     record = records["0.5"]
     assert record["choice"] == result.choice and record["ms"][sparse] is None
     assert record["date"] == datetime.date.today().isoformat()
-    assert autotune.nearest(records, 0.4)["choice"] == result.choice
+    assert tuning.nearest(records, 0.4)["choice"] == result.choice
     # batch and density are run-time properties: the same record
-    assert autotune.gpu_records(dataclasses.replace(SPEC, batch=8), "cpu") == \
+    assert tuning.records(dataclasses.replace(SPEC, batch=8), "triton", "cpu") == \
         records
     # filed under the interpreter's fingerprint, in the one database file, not the CPU's
     saved = json.loads(tuning_db.read_text())
-    gpu = autotune.gpu_fingerprint_id("cpu")
+    gpu = tuning.gpu_fingerprint_id("cpu")
     assert saved["machines"][gpu]["gpu"] == "triton-interpreter"
     assert set(saved["records"]) == {gpu}
-    assert autotune.database().lookup(SPEC, 0.5) is None
-    assert autotune.database().lookup(SPEC, 0.5, machine=gpu) == result.choice
-    assert autotune.gpu_records(STRIDED, "cpu") is None
+    assert tuning.database().lookup(SPEC, 0.5) is None
+    assert tuning.database().lookup(SPEC, 0.5, machine=gpu) == result.choice
+    assert tuning.records(STRIDED, "triton", "cpu") is None
 
 
 def test_tune_triton_drops_what_does_not_fit(monkeypatch):
-    from zeroskip.runtime import triton as zt
     _one_config(monkeypatch)
     spec = STRIDED.grad_weight()
-    name = zt.choice_name("dense", zt.default_config(zt.kernel_for(spec).plan))
+    name = Variant("dense", config=TritonTarget.default_config(loader.kernel_for(spec, "triton", Variant("dense")).plan)).name
     monkeypatch.setattr(autotune, "target_usage", lambda s, choices, target: {
         n: {"spill_bytes": 64, "registers": 255} for n in choices})
-    db = autotune.TuningDB()
+    db = tuning.TuningDB()
     result = autotune.tune_triton(spec, 1.0, "cpu", target="sm_80", db=db, save=False, **FAST)
     assert result.ms[name] == math.inf and result.choice == "torch"
     assert result.errors == {name: "does not fit sm_80: it spills 64 bytes of registers "
                                    "(255 registers)"}
-    assert db.lookup(spec, 1.0, machine=autotune.gpu_fingerprint_id("cpu")) == "torch"
+    assert db.lookup(spec, 1.0, machine=tuning.gpu_fingerprint_id("cpu")) == "torch"
     assert not db.path.exists()               # save=False
 
 
 def test_tune_triton_refuses_what_cannot_run():
-    from zeroskip.runtime import triton as zt
-    with pytest.raises(zt.TritonUnavailable, match="no CUDA GPU|TRITON_INTERPRET"):
+    from zeroskip.runtime import tritonenv
+    with pytest.raises(tritonenv.TritonUnavailable, match="no CUDA GPU|TRITON_INTERPRET"):
         autotune.tune_triton(SPEC, 1.0, "cuda")
     with pytest.raises(ValueError, match="float64"):
         autotune.tune_triton(dataclasses.replace(SPEC, dtype="float64"), 1.0,
@@ -228,13 +226,13 @@ def test_tune_triton_refuses_what_cannot_run():
 
 
 def test_tolerances(monkeypatch):
-    assert autotune.triton_tolerance("float32", "cpu") == 1e-4
-    assert autotune.triton_tolerance("float16", "cpu") == 1e-2
-    assert autotune.triton_tolerance("bfloat16", "cuda") == 2e-2
+    assert reference.tolerance("float32", "cpu") == 1e-4
+    assert reference.tolerance("float16", "cpu") == 1e-2
+    assert reference.tolerance("bfloat16", "cuda") == 2e-2
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert autotune.triton_tolerance("float32", "cuda") == 1e-2
+    assert reference.tolerance("float32", "cuda") == 1e-2
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    assert autotune.triton_tolerance("float32", "cuda") == 1e-4
+    assert reference.tolerance("float32", "cuda") == 1e-4
 
 
 def test_block_sparse_input_zeroes_whole_blocks():
@@ -343,14 +341,13 @@ def test_gpu_goals_from_rows():
 def test_bench_gpu_layer_on_the_interpreter(monkeypatch):
     """Each kind of row runs its Triton kernel checked against torch, then times both; a wrong
     kernel fails its row only; a tuned config is used where the database has one."""
-    from zeroskip.runtime import triton as zt
     layer = bench.Layer("tiny.down", "tiny", STRIDED, dense=True)
-    call = autotune.triton_call
+    call = autotune.call
 
-    def wrong_weight_grad(spec, name, t):
-        kernel, run = call(spec, name, t)
+    def wrong_weight_grad(spec, name, t, backend):
+        kernel, run = call(spec, name, t, backend)
         return kernel, (lambda: run() + 1) if spec.op == "conv_grad_weight" else run
-    monkeypatch.setattr(autotune, "triton_call", wrong_weight_grad)
+    monkeypatch.setattr(autotune, "call", wrong_weight_grad)
     rows = bench.bench_gpu_layer(layer, "float32", batch=2, device="cpu", **FAST)
     assert [r.kind for r in rows] == list(bench.GPU_KINDS)
     by_kind = {r.kind: r for r in rows}
@@ -359,19 +356,54 @@ def test_bench_gpu_layer_on_the_interpreter(monkeypatch):
     for kind in ("forward", "grad_input", "sparse-blocks", "sparse-random"):
         row = by_kind[kind]
         assert row.failure is None and row.error <= 1e-4 and row.ratio > 0, row
-        assert not row.tuned and row.config == zt.choice_name(
-            "sparse" if kind.startswith("sparse") else "dense",
-            zt.kernel_for(STRIDED.grad_input() if kind == "grad_input" else STRIDED).default)
+        layer = STRIDED.grad_input() if kind == "grad_input" else STRIDED
+        config = loader.kernel_for(layer, "triton", Variant("dense")).default.config
+        strategy = "sparse" if kind.startswith("sparse") else "dense"
+        assert not row.tuned and row.config == Variant(strategy, config=config).name
     assert by_kind["grad_input"].shape == \
         dataclasses.replace(STRIDED, batch=2).grad_input().describe()
 
     # a tuned record: its fastest dense candidate is timed (even where torch won overall)
     spec = dataclasses.replace(STRIDED, batch=2)
-    other = zt.configs(zt.kernel_for(spec).plan)[1]
-    db = autotune.database()
-    db.record(spec, 1.0, "torch", {"torch": 0.5, zt.choice_name("dense", other): 1.0},
-              machine=autotune.gpu_fingerprint_id("cpu"), print_=autotune.gpu_fingerprint("cpu"))
+    other = TritonTarget.configs(loader.kernel_for(spec, "triton", Variant("dense")).plan)[1]
+    db = tuning.database()
+    db.record(spec, 1.0, "torch", {"torch": 0.5, Variant("dense", config=other).name: 1.0},
+              machine=tuning.gpu_fingerprint_id("cpu"), print_=tuning.gpu_fingerprint("cpu"))
     assert bench.gpu_choice(spec, 1.0, "cpu", "dense") == \
-        (zt.choice_name("dense", other), True)
+        (Variant("dense", config=other).name, True)
     assert bench.gpu_choice(spec, 0.1, "cpu", "sparse") == \
-        (zt.choice_name("sparse", zt.kernel_for(spec, "sparse").default), False)
+        (loader.kernel_for(spec, "triton", Variant("sparse")).default.name, False)
+
+
+def test_triton_dispatch_decides_on_a_real_density(monkeypatch):
+    """On the Triton backend the dispatch picks the record tuned nearest the input's density:
+    measured on the first call (reading a GPU tensor back synchronizes, so not on every call),
+    or declared for the layer; never the spec's default of 1."""
+    from zeroskip import functional as zf
+    from zeroskip.runtime import binding, dispatch
+    monkeypatch.setenv("ZEROSKIP_BACKEND", "triton")
+    monkeypatch.setattr(binding, "_calls", {})
+    monkeypatch.setattr(dispatch, "_declared", {})
+    machine, print_ = tuning.machine_of("triton", "cpu")
+    default = loader.kernel_for(SPEC, "triton", Variant("dense")).default.name
+    db = tuning.database()
+    db.record(SPEC, 0.1, "torch", {"torch": 0.1}, machine=machine, print_=print_)
+    db.record(SPEC, 1.0, default, {default: 0.1}, machine=machine, print_=print_)
+    w, b = torch.randn(8, 4, 3, 3), torch.randn(8)
+    x = autotune.sparse_input((2, 4, 4, 4), 0.05)
+    with dispatch.observe() as ran:
+        out = zf.conv2d(x, w, b, padding=1)
+    assert [(d.backend, d.choice) for d in ran] == [("triton", "torch")]
+    assert ran[0].density == pytest.approx(0.05, abs=0.01)
+    assert reference.relative_error(out, F.conv2d(x, w, b, padding=1)) <= 1e-5
+    dispatch.declare_density(SPEC, 1.0)
+    with dispatch.observe() as ran:
+        out = zf.conv2d(x, w, b, padding=1)
+    assert [(d.choice, d.density) for d in ran] == [(default, 1.0)]
+    assert reference.relative_error(out, F.conv2d(x, w, b, padding=1)) <= 1e-4
+    dispatch.declare_density(SPEC, None)
+    with dispatch.observe() as ran:
+        zf.conv2d(torch.randn(2, 4, 4, 4), w, b, padding=1)
+    assert ran[0].choice == "torch"          # the density measured on the first call holds
+    with pytest.raises(ValueError, match="density"):
+        dispatch.declare_density(SPEC, 1.5)

@@ -37,7 +37,7 @@ def layer_rows(reference, converted, sample) -> list[dict]:
     """Per conv layer of ``reference`` (torch) and its ``converted`` twin: spec, report, times."""
     import torch
 
-    from .bench import time_interleaved
+    from .runtime.timing import time_interleaved
     from .trace import CONV_TYPES, spec_of
 
     seen: dict[str, torch.Tensor] = {}
@@ -99,7 +99,8 @@ def sweep_layers(named_specs: list[tuple[str, str, LayerSpec]],
 def density_table(rows: list) -> str:
     """One line per layer and density of a sweep (``bench.Row``); ratios timed while other
     processes took the CPUs are marked, as in ``zeroskip bench``."""
-    from .bench import BUSY, _mark, busy
+    from .bench import _mark
+    from .runtime.timing import BUSY, busy
 
     lines = ["| layer | operator | density | torch ms | zeroskip ms | ratio | strategy |",
              "|" + "---|" * 7]

@@ -1,8 +1,8 @@
 """Drop-ins for ``torch.nn.functional``'s convolutions, with the same signatures, running on
-generated kernels (see :func:`zeroskip.runtime.ops.convolution`)."""
+generated kernels (see :func:`zeroskip.runtime.binding.convolution`)."""
 from __future__ import annotations
 
-from .runtime.ops import convolution
+from .runtime.binding import convolution
 
 
 def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):

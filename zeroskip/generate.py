@@ -5,7 +5,7 @@ machine, and Triton kernels for GPU targets written out with what they use (:fun
 For every layer, dtype and target, :func:`generate` builds the layer's Triton kernels (the
 dense ``direct`` family and the ``block_sparse`` one for a forward conv or transposed conv,
 and with ``include_grads`` the input- and weight-gradient kernels), compiles each with its
-default config for the target (no GPU needed, :func:`zeroskip.runtime.triton.compile_for_target`)
+default config for the target (no GPU needed, :func:`zeroskip.runtime.triton_kernel.compile_for_target`)
 and writes::
 
     <out>/<target>/<layer>/<kernel>.py       the generated Triton module
@@ -60,8 +60,9 @@ class Task:
 
     @property
     def family(self) -> str:
-        from .runtime.triton import family_of
-        return family_of(self.spec, self.strategy)
+        if self.spec.op == "conv_grad_weight":
+            return "weight_grad"
+        return "block_sparse" if self.strategy == "sparse" else "direct"
 
     @property
     def name(self) -> str:
@@ -96,7 +97,7 @@ def plan(layers: Iterable[tuple[str, LayerSpec]], targets: Iterable[str] = ("sm_
     """The kernels to compile, in the order meta.json lists them, and the kernels skipped
     (a gradient no spec can state, a dtype Triton has no kernels for) with the reason.
     ``dtypes`` None: each layer's own."""
-    from .runtime.triton import TORCH_DTYPES
+    from .runtime.triton_kernel import TORCH_DTYPES
     layers = list(layers)
     targets, layouts = list(targets), list(layouts)
     tasks: list[Task] = []
@@ -142,13 +143,14 @@ _QUIET = ".*TRITON_DEFAULT_FP_FUSION.*"
 def compile_task(task: Task) -> dict[str, Any]:
     """Build and compile one kernel (in a worker process or in this one): ``ptx``, ``cubin``,
     ``source`` and ``meta``, or ``error`` where building or compiling it failed."""
-    from .runtime import triton as zt
+    from .codegen.variant import Variant
+    from .runtime import loader, triton_kernel
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_QUIET)
         start = time.perf_counter()
         try:
-            kernel = zt.kernel_for(task.spec, task.strategy)
-            done = zt.compile_for_target(kernel, task.target,
+            kernel = loader.kernel_for(task.spec, "triton", Variant(task.strategy))
+            done = triton_kernel.compile_for_target(kernel, task.target,
                                          channels_last=task.layout == "channels_last")
             done["source"] = kernel.source.read_text()
             done["seconds"] = time.perf_counter() - start
@@ -182,7 +184,7 @@ def compile_all(tasks: list[Task], jobs: int = 2, progress: bool = False) -> lis
     Triton here is not the interpreter's (else on one worker)."""
     from tqdm import tqdm
 
-    from .runtime import triton as zt
+    from .runtime import tritonenv
     results: list[dict | None] = [None] * len(tasks)
     bar = tqdm(total=len(tasks), desc="compiling", unit="kernel", disable=not progress,
                file=sys.stderr)
@@ -194,7 +196,7 @@ def compile_all(tasks: list[Task], jobs: int = 2, progress: bool = False) -> lis
         bar.update()
 
     with bar:
-        if jobs <= 1 and not zt.interpreting():
+        if jobs <= 1 and not tritonenv.interpreting():
             for i, task in enumerate(tasks):
                 done(i, compile_task(task))
             return results
@@ -252,25 +254,26 @@ def generate(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
     ``meta["failed"]`` counts those that did not compile, ``meta["reported"]`` names those that
     spill or exceed shared memory, ``meta["skipped"]`` the gradients no spec can state.
     Raises ValueError for an unknown backend, target, dtype or layout (before compiling), or
-    :class:`~zeroskip.runtime.triton.TritonUnavailable`.
+    :class:`~zeroskip.runtime.tritonenv.TritonUnavailable`.
     """
-    from .runtime import triton as zt
+    from .runtime import tritonenv
+    from .runtime.triton_kernel import TARGETS, TORCH_DTYPES
     from .spec import DTYPES
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     targets = list(dict.fromkeys(targets))
     dtypes = None if dtypes is None else list(dict.fromkeys(dtypes))
     for target in targets:
-        if target not in zt.TARGETS:
-            raise ValueError(f"target must be one of {sorted(zt.TARGETS)}, got {target!r}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
     for dtype in dtypes or ():
-        if dtype not in zt.TORCH_DTYPES or dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(zt.TORCH_DTYPES)}, got {dtype!r}")
+        if dtype not in TORCH_DTYPES or dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
     layouts = list(dict.fromkeys(layouts))
     for layout in layouts:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
-    triton_version = zt.triton_version()
+    triton_version = tritonenv.triton_version()
     out_dir = Path(out_dir)
     layers = list(layers)
     tasks, skipped = plan(layers, targets, dtypes, include_grads, layouts)
@@ -334,12 +337,12 @@ def c_kernels(spec: LayerSpec, choices: Iterable[str] = (), include_grads: bool 
     dense kernel, its sparse variant where the cost model may pick it, the tuned ``choices``,
     and the input and weight gradients; and the gradients no spec can state, with the reason."""
     from .codegen import lower
-    from .runtime import ops
+    from .runtime import loader
     served = served_spec(spec)
     if served.op not in FORWARD:
         role = {"conv_grad_input": "grad_input", "conv_grad_weight": "grad_weight"}[served.op]
         return [(role, lower.DEFAULT.name, served)], []
-    names = {"sparse"} if ops.kernel_for(served).crossover > 0 else set()
+    names = {"sparse"} if loader.kernel_for(served).crossover > 0 else set()
     names |= {c for c in choices if c not in ("torch", lower.DEFAULT.name, "dense")}
     kernels = [("forward", lower.DEFAULT.name, served)]
     kernels += [("forward", name, served) for name in sorted(names)]
@@ -372,7 +375,7 @@ def make_bundle(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
 
     The bundle is written beside ``out_dir`` and moved into place when complete; an existing
     ``out_dir`` is replaced only if it is an empty folder or a bundle. A C kernel that fails to
-    build raises (:data:`zeroskip.runtime.ops.BUILD_ERRORS`); Triton kernels that fail to
+    build raises (:data:`zeroskip.runtime.loader.BUILD_ERRORS`); Triton kernels that fail to
     compile for a target are listed in ``triton/meta.json`` as ``generate`` does. ``dtypes``:
     the Triton kernels' (None: each layer's own); C kernels cover float32 and float64 layers
     (others are listed as skipped)."""
@@ -433,17 +436,18 @@ def _bundle_c(tmp: Path, layers: list[tuple[str, LayerSpec]], manifest: dict, tu
 
     from tqdm import tqdm
 
-    from .codegen import lower
-    from .runtime import autotune, bundle, cc, ops
+    from .codegen.variant import Variant
+    from .runtime import autotune, bundle, cc, loader, tuning
+    from .runtime.arguments import COVERED_DTYPES
     command, flags = cc.compiler()
     manifest["machine"].update(compiler=cc.identity(command), flags=list(flags))
-    db = autotune.TuningDB(tmp / "tuning.json") if tune else None
+    db = tuning.TuningDB(tmp / "tuning.json") if tune else None
     for name, spec in tqdm(layers, desc="C kernels", unit="layer", disable=not progress,
                            file=sys.stderr):
-        if spec.dtype not in ops.DTYPES.values():
+        if spec.dtype not in COVERED_DTYPES['c'].values():
             manifest["skipped"].append({
                 "layer": name, "role": "every", "spec": spec.describe(),
-                "reason": f"C kernels cover {', '.join(ops.DTYPES.values())}"})
+                "reason": f"C kernels cover {', '.join(COVERED_DTYPES['c'].values())}"})
             continue
         choices: set[str] = set()
         if db is not None and spec.op in FORWARD:   # at the batch and density traced
@@ -454,7 +458,7 @@ def _bundle_c(tmp: Path, layers: list[tuple[str, LayerSpec]], manifest: dict, tu
         kernels, skipped = c_kernels(spec, choices, include_grads)
         manifest["skipped"] += [{"layer": name, **s} for s in skipped]
         for role, variant, kspec in kernels:
-            kernel = ops.kernel_for(kspec, lower.Variant.parse(variant))
+            kernel = loader.kernel_for(kspec, "c", Variant.parse(variant))
             source = kernel.source.read_text()
             key = bundle.kernel_key("c", source)
             folder = tmp / "c" / key
@@ -478,9 +482,8 @@ def _bundle_triton(tmp: Path, layers: list[tuple[str, LayerSpec]], manifest: dic
                    progress: bool, jobs: int, layouts: list[str]) -> None:
     """Compile every Triton kernel of ``layers`` for ``targets`` into ``tmp/triton/``
     (:func:`generate`), each indexed by the key of its source."""
-    from .runtime import bundle
-    from .runtime import triton as zt
-    manifest["machine"]["triton"] = zt.triton_version()
+    from .runtime import bundle, tritonenv
+    manifest["machine"]["triton"] = tritonenv.triton_version()
     manifest["targets"] = targets
     meta = generate([(name, served_spec(spec)) for name, spec in layers], tmp / "triton",
                     targets=targets, dtypes=dtypes, include_grads=include_grads,

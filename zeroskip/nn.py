@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .runtime.ops import convolution
+from .runtime.binding import convolution
 
 
 class _Conv:

@@ -39,9 +39,8 @@ from __future__ import annotations
 
 from .backward import (GRADS, bench_backward_layer, grad_input_calls, run_backward,
                        train_operands)
-from .common import (BUSY, MIN_TIME_S, REPEATS, RTOL, BenchError, _cache_dir, _mark,
-                     busy, call_args, check, geomean, machine, observe_dispatch, operands,
-                     sparse_input, steady_allocator, time_interleaved)
+from .common import (RTOL, BenchError, _cache_dir, _mark, call_args, check, geomean, machine,
+                     operands)
 from .cpu import (SWEEP_DENSITIES, bench_layer, cold_compile_seconds, measure_overhead, run,
                   run_sweep, sweep_layer)
 from .gpu import (GPU_BATCH, GPU_DTYPES, GpuUnavailable, bench_gpu_layer, gpu_choice,
@@ -56,9 +55,8 @@ __all__ = [
     # the suite
     "SUITE", "TINY", "Layer", "select", "strided_conv", "wide_3x3",
     # shared by the runners
-    "BUSY", "MIN_TIME_S", "REPEATS", "RTOL", "BenchError", "_cache_dir", "_mark",
-    "busy", "call_args", "check", "geomean", "machine", "observe_dispatch", "operands",
-    "sparse_input", "steady_allocator", "time_interleaved",
+    "RTOL", "BenchError", "_cache_dir", "_mark", "call_args", "check", "geomean", "machine",
+    "operands",
     # the runners
     "SWEEP_DENSITIES", "bench_layer", "cold_compile_seconds", "measure_overhead", "run",
     "run_sweep", "sweep_layer",

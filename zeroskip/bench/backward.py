@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from .. import functional as Z
 from ..codegen.macs import dense_macs, nonzero_macs
 from ..spec import LayerSpec
-from .common import (MIN_TIME_S, REPEATS, BenchError, _checked_call, _each_layer, busy,
-                     call_args, check, machine, ops, stats, steady_allocator, time_interleaved)
+from ..runtime import loader, stats
+from ..runtime.timing import MIN_TIME_S, REPEATS, busy, steady_allocator, time_interleaved
+from .common import (BenchError, _checked_call, _each_layer, call_args, check, machine)
 from .reports import BackwardReport
 from .rows import BackwardRow
 from .suite import Layer, strided_conv
@@ -57,7 +58,7 @@ def grad_input_calls(spec: LayerSpec, w: torch.Tensor, g: torch.Tensor) -> tuple
     torch_fn = getattr(torch.nn.grad, f"conv{spec.rank}d_input")
     size, w_plain, grad_spec = spec.input_shapes["input"], w.detach(), spec.grad_input()
     return ((lambda: torch_fn(size, w_plain, g, **kwargs)),
-            (lambda: ops.run_spec(grad_spec, {"grad_output": g, "weight": w})))
+            (lambda: loader.run_spec(grad_spec, {"grad_output": g, "weight": w})))
 
 
 def _checked_step(name: str, step: Callable[[], tuple], want: tuple) -> float:

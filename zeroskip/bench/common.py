@@ -14,15 +14,12 @@ from typing import Callable, Iterator, TextIO
 import torch
 
 from .. import __version__
-# The runtime modules the bench drives are imported here only, and the runners take them (and
-# the timing helpers) from this module, so that a change to their interfaces is met here.
-from ..runtime import autotune, cc, ops, stats  # noqa: F401  (autotune: the GPU runner's)
-from ..runtime import triton as zt  # noqa: F401  (the GPU runner's)
-from ..runtime.autotune import (BUSY, MIN_TIME_S, REPEATS, busy,  # noqa: F401  (the runners')
-                                sparse_input, steady_allocator, time_interleaved)
+from ..runtime import cc, reference, stats
+from ..runtime.autotune import sparse_input
+from ..runtime.timing import busy
 from ..spec import LayerSpec
 
-RTOL = 1e-4            # max |zeroskip - torch| allowed, relative to max |torch|
+RTOL = reference.TOLERANCE   # max |zeroskip - torch| allowed, relative to max |torch|
 
 
 class BenchError(RuntimeError):
@@ -75,7 +72,7 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     if got.shape != want.shape:
         raise BenchError(f"{name}: zeroskip returned shape {tuple(got.shape)}, torch "
                          f"{tuple(want.shape)}")
-    error = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
+    error = reference.relative_error(got, want)
     if not error <= RTOL:
         raise BenchError(f"{name}: zeroskip differs from torch by {error:.3g} of the largest "
                          f"magnitude (tolerance {RTOL:g})")
@@ -96,25 +93,6 @@ def _checked_call(name: str, fn: Callable[[], torch.Tensor], want: torch.Tensor)
     error = check(name, fn(), want)
     _require_kernel(name, before, stats.stats())
     return error
-
-
-@contextlib.contextmanager
-def observe_dispatch() -> Iterator[list[ops.Call]]:
-    """Collect the prepared operators (``ops.Call``) that run meanwhile. The one a call ran
-    through says in ``last`` what its dispatch chose; spying finds that operator exactly, where
-    matching the entries of ``ops._calls`` by spec could find several. The one place the bench
-    watches the dispatch (by wrapping ``ops.Call.run``)."""
-    ran: list[ops.Call] = []
-    run = ops.Call.run
-
-    def spy(call: ops.Call, *args):
-        ran.append(call)
-        return run(call, *args)
-    ops.Call.run = spy
-    try:
-        yield ran
-    finally:
-        ops.Call.run = run
 
 
 # --------------------------------------------------------------------------------- figures

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from .. import functional as Z
 from ..codegen.macs import dense_macs, nonzero_macs
 from ..spec import LayerSpec
-from .common import (MIN_TIME_S, REPEATS, BenchError, _cache_dir, _checked_call, _each_layer,
-                     _mark, _require_kernel, busy, call_args, check, machine, observe_dispatch,
-                     operands, ops, stats, steady_allocator, time_interleaved)
+from ..runtime import c_kernel, dispatch, loader, stats
+from ..runtime.timing import MIN_TIME_S, REPEATS, busy, steady_allocator, time_interleaved
+from .common import (BenchError, _cache_dir, _checked_call, _each_layer, _mark, _require_kernel,
+                     call_args, check, machine, operands)
 from .reports import Report, SweepReport
 from .rows import Overhead, Row
 from .suite import TINY, Layer, wide_3x3
@@ -29,17 +30,17 @@ def cold_compile_seconds(spec: LayerSpec) -> float:
     spec = dataclasses.replace(spec, batch=1)
     with tempfile.TemporaryDirectory(prefix="zeroskip-bench-") as tmp, _cache_dir(tmp):
         start = time.perf_counter()
-        ops._compile(spec)
+        loader.load(spec)
         return time.perf_counter() - start
 
 
 def _checked_dispatch(name: str, fn: Callable[[], torch.Tensor],
-                      want: torch.Tensor) -> tuple[float, ops.Call]:
+                      want: torch.Tensor) -> tuple[float, dispatch.Operator]:
     """Run zeroskip's ``fn`` once: its result must match ``want`` and come from its layer's
     dispatch, which must have run a generated kernel, or torch's op where the tuning database
     chose torch for this input (then zeroskip legitimately is torch). Returns the error and the
     operator that ran, whose ``last`` says what it ran."""
-    with observe_dispatch() as ran:
+    with dispatch.observe() as ran:
         before = stats.stats()
         got = fn()
         after = stats.stats()
@@ -47,9 +48,9 @@ def _checked_dispatch(name: str, fn: Callable[[], torch.Tensor],
     if not ran:
         raise BenchError(f"{name}: zeroskip did not run a generated kernel (it fell back to "
                          "torch's op)")
-    if ran[-1].last != "torch":
+    if ran[-1].choice != "torch":
         _require_kernel(name, before, after)
-    return error, ran[-1]
+    return error, ran[-1].operator
 
 
 def _calls(spec: LayerSpec, x, w, b) -> tuple[Callable[[], torch.Tensor], ...]:
@@ -59,8 +60,8 @@ def _calls(spec: LayerSpec, x, w, b) -> tuple[Callable[[], torch.Tensor], ...]:
     return (lambda: torch_fn(x, w, b, **kwargs)), (lambda: zs_fn(x, w, b, **kwargs))
 
 
-def _dense_kernel_call(call: ops.Call, x, w, b) -> Callable[[], torch.Tensor]:
-    """The layer's generated dense kernel launched as ``Call.run`` launches it, the dispatch
+def _dense_kernel_call(call: dispatch.Operator, x, w, b) -> Callable[[], torch.Tensor]:
+    """The layer's generated dense kernel launched as ``Operator.run`` launches it, the dispatch
     bypassed: what the dense goal measures where the dispatch chose something else."""
     return lambda: call.launch(call.forward, x, w, b)
 
@@ -105,7 +106,7 @@ def sweep_layer(layer: Layer, densities: tuple[float, ...] = SWEEP_DENSITIES, ba
     return [_timed_row(layer, spec, density, None, repeats, min_time) for density in densities]
 
 
-def _launch_threads(kernel: ops.Kernel, call: Callable[[], object]) -> int:
+def _launch_threads(kernel: c_kernel.Kernel, call: Callable[[], object]) -> int:
     """The thread count that ``call`` passes to ``kernel``'s entry point."""
     seen = []
     run = kernel.lib.run
@@ -125,7 +126,7 @@ def measure_overhead(repeats: int = REPEATS, min_time: float = MIN_TIME_S,
     torch_call, zs_call = _calls(spec, x, w, b)
     want = torch_call()
     _checked_call("overhead layer", zs_call, want)
-    kernel = ops.kernel_for(spec)
+    kernel = loader.kernel_for(spec)
     packed, out = kernel.pack(w, b), torch.empty(spec.output_shape)
     run = kernel.lib.run
     args = (spec.batch, _launch_threads(kernel, zs_call), x.data_ptr(), packed.data_ptr(),

@@ -13,8 +13,11 @@ from typing import Callable, TextIO
 
 import torch
 
+from ..codegen.variant import Variant
 from ..spec import LayerSpec
-from .common import MIN_TIME_S, REPEATS, BenchError, _each_layer, autotune, zt
+from ..runtime import autotune, loader, reference, timing, tritonenv, tuning
+from ..runtime.timing import MIN_TIME_S, REPEATS
+from .common import (BenchError, _each_layer)
 from .reports import GpuReport
 from .rows import SPARSE_DENSITY, GpuRow
 from .suite import Layer
@@ -29,13 +32,13 @@ class GpuUnavailable(BenchError):
 
 def gpu_problem(device: str = "cuda") -> str | None:
     """Why the GPU bench cannot run on ``device`` here, or None."""
-    return autotune._triton_problem(torch.device(device))
+    return tritonenv.problem(torch.device(device))
 
 
 def gpu_machine(device: str = "cuda") -> dict:
     """Where the GPU figures were taken: the device's tuning fingerprint, cuDNN, the date."""
     cudnn = torch.backends.cudnn.version() if torch.device(device).type == "cuda" else None
-    return {**autotune.gpu_fingerprint(device), "cudnn": cudnn,
+    return {**tuning.gpu_fingerprint(device), "cudnn": cudnn,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version()}
 
@@ -44,13 +47,13 @@ def gpu_choice(spec: LayerSpec, density: float, device, strategy: str) -> tuple[
     """``(Triton choice, tuned)``: of the record tuned for ``spec`` on this GPU nearest
     ``density``, the fastest candidate of ``strategy`` ('dense' or 'sparse'); else that
     family's default config."""
-    record = autotune.nearest(autotune.gpu_records(spec, device), density)
+    record = tuning.nearest(tuning.records(spec, "triton", device), density)
     if record:
         ms = {name: v for name, v in record.get("ms", {}).items()
               if name.startswith(strategy + "/") and v is not None and math.isfinite(v)}
         if ms:
             return min(ms, key=ms.get), True
-    return zt.choice_name(strategy, zt.kernel_for(spec, strategy).default), False
+    return loader.kernel_for(spec, "triton", Variant(strategy)).default.name, False
 
 
 def _gpu_jobs(spec: LayerSpec) -> list[tuple[str, Callable[[], LayerSpec], float, str, str]]:
@@ -66,7 +69,7 @@ def bench_gpu_layer(layer: Layer, dtype: str = "float32", batch: int = GPU_BATCH
                     repeats: int = REPEATS, device: str = "cuda", tune: bool = False,
                     min_time: float = MIN_TIME_S) -> list[GpuRow]:
     """Every :data:`GPU_KINDS` row of one layer in one dtype: each Triton kernel checked
-    against torch's op, then both timed (:func:`autotune.time_device`: ``do_bench`` on a GPU;
+    against torch's op, then both timed (:func:`timing.time_device`: ``do_bench`` on a GPU;
     ``device`` 'cpu' runs Triton's interpreter, for tests). With ``tune``, each kernel is
     tuned for this GPU first (:func:`autotune.tune_triton`, recorded in the database). A row
     that fails keeps the reason in ``failure``; the others still run."""
@@ -82,16 +85,16 @@ def bench_gpu_layer(layer: Layer, dtype: str = "float32", batch: int = GPU_BATCH
             if tune and kind != "sparse-random":     # sparse-random reuses the blocks tuning
                 autotune.tune_triton(spec, density, device, repeats, min_time=min_time,
                                      pattern=pattern)
-            t = autotune.triton_operands(spec, density, device, pattern)
-            torch_call = autotune.torch_op(spec, t)
+            t = autotune.operands(spec, density, device, pattern)
+            torch_call = reference.op(spec, t)
             row.config, row.tuned = gpu_choice(spec, density, device, strategy)
-            _, zs_call = autotune.triton_call(spec, row.config, t)
-            row.error = autotune.relative_error(zs_call(), torch_call())
-            tolerance = autotune.triton_tolerance(dtype, device)
+            _, zs_call = autotune.call(spec, row.config, t, "triton")
+            row.error = reference.relative_error(zs_call(), torch_call())
+            tolerance = reference.tolerance(dtype, device)
             if not row.error <= tolerance:
                 raise BenchError(f"zeroskip differs from torch by {row.error:.3g} of the "
                                  f"largest magnitude (tolerance {tolerance:g})")
-            times, _ = autotune.time_device({"torch": torch_call, "zeroskip": zs_call}, device,
+            times, _ = timing.time_device({"torch": torch_call, "zeroskip": zs_call}, device,
                                             repeats, min_time)
             row.torch_ms, row.zeroskip_ms = times["torch"], times["zeroskip"]
         except Exception as exc:     # build, compile, launch or check: the row says why

@@ -81,18 +81,18 @@ def _generate_layers(args: argparse.Namespace, parser: argparse.ArgumentParser
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .. import generate
-    from ..runtime import bundle
-    from ..runtime import triton as zt
+    from ..runtime import bundle, tritonenv
+    from ..runtime.triton_kernel import TARGETS, TORCH_DTYPES
     for backend in args.backend:
         if backend not in bundle.BACKENDS:
             parser.error(f"--backend: expected c and/or triton, got {backend!r}")
     triton = "triton" in args.backend
     if triton:
         for target in args.target:
-            if target not in zt.TARGETS:
+            if target not in TARGETS:
                 parser.error(f"--target: expected targets among "
-                             f"{', '.join(sorted(zt.TARGETS))}, got {target!r}")
-        if not zt.available():
+                             f"{', '.join(sorted(TARGETS))}, got {target!r}")
+        if not tritonenv.available():
             parser.error("the triton backend needs Triton (pip install triton)")
     elif args.dtype or args.layout != ["contiguous"]:
         parser.error("--dtype and --layout choose Triton kernels: add --backend triton")
@@ -100,15 +100,15 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("--tune tunes the C kernels on this machine (Triton kernels are tuned on "
                      "a GPU: zeroskip bench --device cuda --tune)")
     for dtype in args.dtype or ():
-        if dtype not in zt.TORCH_DTYPES:
-            parser.error(f"--dtype: expected dtypes among {', '.join(zt.TORCH_DTYPES)}, "
+        if dtype not in TORCH_DTYPES:
+            parser.error(f"--dtype: expected dtypes among {', '.join(TORCH_DTYPES)}, "
                          f"got {dtype!r}")
     for layout in args.layout:
         if layout not in generate.LAYOUTS:
             parser.error(f"--layout: expected layouts among {', '.join(generate.LAYOUTS)}, "
                          f"got {layout!r}")
     layers = _generate_layers(args, parser)
-    from ..runtime.ops import BUILD_ERRORS
+    from ..runtime.loader import BUILD_ERRORS
     try:
         manifest = generate.make_bundle(
             layers, args.out, backends=args.backend, targets=args.target, tune=args.tune,

@@ -62,9 +62,9 @@ def _tune_layers(args: argparse.Namespace, parser: argparse.ArgumentParser
 def _read_db(path: Path, flag: str, parser: argparse.ArgumentParser):
     """A tuning database named on the command line, read strictly: a file that is not one (a
     mistyped name, someone else's file) is reported, never set aside and rebuilt."""
-    from ..runtime import autotune
+    from ..runtime import tuning
     try:
-        return autotune.TuningDB(path, strict=True)
+        return tuning.TuningDB(path, strict=True)
     except OSError as exc:
         parser.error(f"{flag}: cannot read {path}: {exc.strerror}")
     except ValueError as exc:
@@ -95,13 +95,13 @@ def _tune_report(layers: list[tuple[str, LayerSpec]], results: list, db) -> str:
 
 def _tune_notes(layers: list[tuple[str, LayerSpec]], results: list) -> None:
     """Failed candidates and contended timings, on stderr: they question the choices made."""
-    from ..runtime import autotune
+    from ..runtime import timing
     for name, r in _named(layers, results):
         for candidate, error in r.errors.items():
             print(f"note: {name} @ {r.density:g}: {candidate} failed: {error}", file=sys.stderr)
-    contended = sum(autotune.busy(r.contention) for r in results)
+    contended = sum(timing.busy(r.contention) for r in results)
     if contended:
-        print(f"note: other processes took over {autotune.BUSY:.0%} of the CPUs during "
+        print(f"note: other processes took over {timing.BUSY:.0%} of the CPUs during "
               f"{contended} of {len(results)} timings; tune on an idle machine",
               file=sys.stderr)
 
@@ -109,13 +109,13 @@ def _tune_notes(layers: list[tuple[str, LayerSpec]], results: list) -> None:
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    from ..runtime import autotune
-    tuning = not args.merge or args.specs or args.quick or args.layers
-    layers = _tune_layers(args, parser) if tuning else []
+    from ..runtime import autotune, tuning
+    wanted = not args.merge or args.specs or args.quick or args.layers
+    layers = _tune_layers(args, parser) if wanted else []
     if args.threads:
         torch.set_num_threads(args.threads)   # first: the database files choices by threads
     db = _read_db(args.db, "--db", parser) if args.db and args.db.exists() else \
-        autotune.TuningDB(args.db)
+        tuning.TuningDB(args.db)
     if args.merge:
         taken = sum(db.merge(_read_db(path, "--merge", parser)) for path in args.merge)
         print(f"merged {taken} records from {len(args.merge)} file(s)")

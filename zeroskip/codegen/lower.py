@@ -16,7 +16,7 @@ One plan is one C translation unit, whose entry point runs every region of the l
   :class:`~.ir.Relu` into their stores.
 
 The batch size is not part of a plan: kernels take it at run time. A :class:`Variant` holds
-the knobs the autotuner turns (register tile shape); ``None`` keeps the heuristic's choice.
+the knobs the autotuner turns (:mod:`.variant`); ``None`` keeps the heuristic's choice.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from .ir import (Assemble, BiasAdd, Contract, Input, IRError, Output, Pad, PadAd
                  contract_channels, nodes_of, op, operand, parts)
 from .macs import contract_macs
 from .reference import pad_index
+from .variant import DEFAULT, Variant
 
 FAMILIES = ("direct", "sparse_gather", "weight_grad")
 CTYPES = {"float32": "float", "float64": "double"}
@@ -38,62 +39,6 @@ CTYPES = {"float32": "float", "float64": "double"}
 TRITON_DTYPES = ("float32", "float16", "bfloat16")
 MAX_RANK = 3
 L2_WEIGHT_BYTES = 384 * 1024
-
-
-@dataclass(frozen=True)
-class Variant:
-    """Code-generation knobs of one kernel: the strategy forced on its regions ('auto': the cost
-    model's), and register tile shapes (None: the heuristic's)."""
-
-    strategy: str = "auto"            # auto | dense | sparse
-    tile_width: int | None = None     # dense channel tiles: output positions per tile
-    sparse_vectors: int | None = None  # sparse tiles: vectors of output channels per tile
-
-    def __post_init__(self):
-        # Plain values only (the tile width is rendered into the C source): the strategy
-        # becomes its constant, a tile size a plain int (never a bool or an int subclass).
-        strategy = str.__str__(self.strategy) if isinstance(self.strategy, str) else None
-        if strategy not in ("auto", "dense", "sparse"):
-            raise ValueError(f"strategy must be 'auto', 'dense' or 'sparse', got "
-                             f"{strategy if strategy is not None else type(self.strategy)!r}")
-        object.__setattr__(self, "strategy", {"auto": "auto", "dense": "dense",
-                                              "sparse": "sparse"}[strategy])
-        for name in ("tile_width", "sparse_vectors"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or \
-                    not 1 <= int.__index__(value) <= 16:
-                shown = type(value).__name__ if isinstance(value, bool) or \
-                    not isinstance(value, int) else int.__repr__(value)
-                raise ValueError(f"{name} must be None or an int in [1, 16], got {shown}")
-            object.__setattr__(self, name, int.__index__(value))
-
-    @property
-    def name(self) -> str:
-        """A short, stable name: 'sparse', 'dense/w6', 'sparse/v8'."""
-        parts = [self.strategy]
-        if self.tile_width is not None:
-            parts.append(f"w{self.tile_width}")
-        if self.sparse_vectors is not None:
-            parts.append(f"v{self.sparse_vectors}")
-        return "/".join(parts)
-
-    @classmethod
-    def parse(cls, name: str) -> "Variant":
-        """The variant a :attr:`name` names; ValueError for anything else (names come from the
-        tuning database, a user-writable file)."""
-        if not isinstance(name, str):
-            raise ValueError(f"not a kernel variant: a {type(name).__name__}")
-        strategy, *knobs = str.__str__(name).split("/")
-        fields = {"w": "tile_width", "v": "sparse_vectors"}
-        try:
-            return cls(strategy, **{fields[k[0]]: int(k[1:]) for k in knobs})
-        except (KeyError, ValueError, IndexError) as exc:
-            raise ValueError(f"not a kernel variant: {name!r}") from exc
-
-
-DEFAULT = Variant()
 
 
 @dataclass(frozen=True)

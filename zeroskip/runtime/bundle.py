@@ -31,8 +31,8 @@ from typing import Any
 
 from .. import __version__
 from ..spec import LayerSpec
-from . import cache, cc
-from .autotune import TuningDB, spec_key
+from . import cache, cc, tritonenv
+from .tuning import TuningDB, spec_key
 
 FORMAT = "zeroskip-bundle"
 VERSION = 1
@@ -76,9 +76,9 @@ class Bundle:
                                   "not list")
             self.kernels[kernel["backend"], kernel["key"]] = kernel
         try:
-            self.layers = {spec_key(LayerSpec.from_dict(layer["spec"]))
+            self.layers = {spec_key(LayerSpec.from_dict(layer["spec"])): layer.get("density")
                            for layer in self.manifest["layers"]}
-        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
             raise BundleError(f"{self.path / MANIFEST}: a layer's spec is malformed: "
                               f"{exc}") from exc
         self.tuning = self._read_tuning()
@@ -105,6 +105,13 @@ class Bundle:
 
     def covers(self, spec: LayerSpec) -> bool:
         return spec_key(spec) in self.layers
+
+    def density(self, spec: LayerSpec) -> float | None:
+        """The input density traced for a layer the bundle was generated for, or None."""
+        density = self.layers.get(spec_key(spec))
+        ok = isinstance(density, (int, float)) and not isinstance(density, bool) and \
+            0.0 <= density <= 1.0
+        return float(density) if ok else None
 
     def records(self, spec: LayerSpec) -> dict[str, dict] | None:
         """The bundle's tuned records of a layer (by density bucket), or None."""
@@ -174,8 +181,8 @@ def _check_machine(path: Path, manifest: dict) -> None:
     backends = {k.get("backend") for k in manifest["kernels"] if isinstance(k, dict)}
     wanted = dict(here) if "c" in backends else {"zeroskip": here["zeroskip"]}
     if "triton" in backends:
-        from . import triton as zt
-        wanted["triton"] = zt.triton_version() if zt.available() else "not installed"
+        wanted["triton"] = tritonenv.triton_version() if tritonenv.available() else \
+            "not installed"
     differ = [f"{field}: bundle {built.get(field)!r}, this machine {value!r}"
               for field, value in wanted.items() if built.get(field) != value]
     if differ:

@@ -5,6 +5,7 @@ Fallbacks go through :func:`fallback`, which warns once per reason (or raises un
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import warnings
@@ -16,6 +17,14 @@ COUNTERS = ("kernel_calls", "fallback_calls", "compiles", "cache_hits", "memo_hi
 _counts: Counter = Counter()
 _lock = threading.Lock()
 _warned: set[str] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class Fallback:
+    """Why a call runs on torch's op (``reason``: short and stable, one warning per reason)."""
+
+    reason: str
+    detail: str = ""
 
 
 class ZeroskipFallbackWarning(RuntimeWarning):

@@ -1,27 +1,23 @@
-"""Triton kernels: rendered source written as real files in the cache, imported, launched.
+"""The Triton target's runtime half: write a kernel module, import it, pack weights, launch.
 
 A layer's Triton module (``templates/triton/layer.py.jinja``) is rendered from the same
-optimized graph as its C kernel, lowered with ``backend='triton'``. The source is stored in the
-kernel cache as ``kernel.py`` (keyed by the source, the templates and Triton's version) and
-imported from there, so tracebacks and profilers point into it. Triton compiles it per device
-on first launch and keeps its own binary cache.
+optimized graph as its C kernel. The loader (:mod:`.loader`) stores it as ``kernel.py`` in the
+kernel cache (keyed by the source, the templates and Triton's version) and :func:`load` imports
+it from there, so tracebacks and profilers point into it. Triton compiles it per device on
+first launch and keeps its own binary cache; a failure there is a :class:`TritonLaunchError`.
 
-A :class:`Config` holds the launch-time knobs (block sizes, warps, stages, split-K): they are
-constexprs of the generated kernels, so one file serves every config, and the autotuner's
-candidates are (family, config) pairs. Without a GPU the kernels run under Triton's
-interpreter (``TRITON_INTERPRET=1``) on CPU tensors, and :func:`compile_for_target` builds PTX
-and cubin for a GPU target with no GPU present.
+Launch-time knobs (block sizes, warps, stages, split-K) are a variant's :class:`Config`:
+constexprs of the generated kernels, so one file serves every config. Without a GPU the
+kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors, and
+:func:`compile_for_target` builds PTX and cubin for a GPU target with no GPU present.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
+import hashlib
 import importlib.util
 import math
-import os
 import re
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -29,185 +25,71 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..codegen import emit, lower, pipeline
+from ..codegen import emit, targets
+from ..codegen.targets import Compiled
+from ..codegen.variant import Config, Variant
 from ..spec import LayerSpec
-from . import bundle, cache, stats
+from . import stats
+from .tritonenv import TritonUnavailable, interpreting, triton_version
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 POINTER_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 # Shared memory a kernel may use per block (opt-in maximum), by compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 MAX_GRID_YZ = 65535
-
-
-class TritonUnavailable(RuntimeError):
-    """Triton is not installed, or cannot run here (no GPU and no interpreter)."""
+TARGET = targets.TritonTarget()
+ERRORS = (TritonUnavailable,)   # what building a Triton kernel raises besides the loader's own
 
 
 class TritonLaunchError(RuntimeError):
     """A Triton kernel failed on its first launch (where Triton compiles it)."""
 
 
-def available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def target() -> targets.TritonTarget:
+    return TARGET
 
 
-def unavailable_reason(device: torch.device) -> str | None:
-    """Why Triton kernels cannot run on ``device`` here, or None if they can."""
-    if not available():
-        return "Triton is not installed (pip install triton), so CUDA tensors run torch's op"
-    if device.type == "cpu" and not interpreting():
-        if _interpret_requested():
-            return ("TRITON_INTERPRET=1 was set after Triton was imported, which is too late: "
-                    "set it before the process imports triton")
-        return ("ZEROSKIP_BACKEND=triton runs CPU tensors under Triton's interpreter: set "
-                "TRITON_INTERPRET=1 too")
-    if device.type == "cuda" and interpreting():
-        return "Triton was imported with TRITON_INTERPRET=1, so it cannot run CUDA kernels"
-    return None
+def cache_parts() -> dict:
+    return {"triton": triton_version(), "backend": "triton"}
 
 
-def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def build(tmp: Path, compiled: Compiled) -> list[str]:
+    (tmp / "kernel.py").write_text(compiled.source)
+    stats.add("compiles")
+    return ["kernel.py"]
 
 
-def interpreting() -> bool:
-    """Whether Triton kernels run under Triton's interpreter (on CPU tensors). Triton fixes
-    this when it is first imported (its own library functions are made then), so once it is
-    imported the answer is what it was imported as, whatever TRITON_INTERPRET says now."""
-    if "triton.language" not in sys.modules:
-        return _interpret_requested()
-    import triton.language as tl
-    return type(tl.zeros).__name__ == "InterpretedFunction"
+def load(compiled: Compiled, path: Path) -> "Kernel":
+    """The kernel of the module in ``path`` (a cache entry's folder, or a bundle's file)."""
+    file = path / "kernel.py" if path.is_dir() else path
+    key = hashlib.sha256(compiled.source.encode()).hexdigest()[:16]
+    return Kernel(compiled, file, _import(file, f"zeroskip_triton_{key}"))
 
 
-@functools.lru_cache(maxsize=1)
-def triton_version() -> str:
-    if not available():
-        raise TritonUnavailable("Triton is not installed (pip install triton)")
-    import triton
-    return triton.__version__
-
-
-# --------------------------------------------------------------------------------- configs
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Launch-time knobs of a Triton kernel. Forward/input-gradient families: BLOCK_M output
-    rows x BLOCK_N output channels, BLOCK_K contracted channels per MMA step. Weight gradient:
-    BLOCK_M output channels x BLOCK_N contracted channels, BLOCK_K positions per step, and
-    ``split`` programs per tile splitting the positions (0: chosen per launch)."""
-
-    block_m: int = 64
-    block_n: int = 64
-    block_k: int = 32
-    warps: int = 4
-    stages: int = 3
-    split: int = 0
-
-    def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1 or value > 256 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two in [1, 256], got {value!r}")
-        if self.warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"warps must be 1, 2, 4, 8 or 16, got {self.warps!r}")
-        if not isinstance(self.stages, int) or not 1 <= self.stages <= 8:
-            raise ValueError(f"stages must be an int in [1, 8], got {self.stages!r}")
-        if not isinstance(self.split, int) or not 0 <= self.split <= 1024:
-            raise ValueError(f"split must be an int in [0, 1024], got {self.split!r}")
-
-    @property
-    def name(self) -> str:
-        """'m64n64k32w4s3' (and '/split4' where split is fixed)."""
-        text = (f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.warps}s{self.stages}")
-        return text + (f"x{self.split}" if self.split else "")
-
-    @classmethod
-    def parse(cls, name: str) -> "Config":
-        match = re.fullmatch(r"m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)(?:x(\d+))?", name)
-        if not match:
-            raise ValueError(f"not a Triton config: {name!r}")
-        m, n, k, w, s, x = match.groups()
-        return cls(int(m), int(n), int(k), int(w), int(s), int(x or 0))
-
-
-def _pow2(n: int, low: int, high: int) -> int:
-    return max(low, min(high, 1 << max(0, n - 1).bit_length()))
-
-
-def default_config(plan: lower.KernelPlan) -> Config:
-    """A config sized to the layer: MMA tiles of at least 16 where channels allow (BLOCK_K 32
-    for 4-byte types, 64 for 2-byte ones: 64 bytes of a row per step), CUDA-core tiles
-    (BLOCK_N the channel count) for few channels."""
-    if plan.pattern == "grad_weight":
-        return Config(_pow2(plan.c_out, 16, 64), _pow2(plan.c_red, 16, 64), 32, 4, 3)
-    if plan.c_red < 16:
-        n = _pow2(plan.c_out, 1, 64)
-        return Config(64, n, 16, 8 if 64 * n >= 4096 else 4, 2)
-    k = 32 if plan.ctype == "float32" else 64
-    n = _pow2(plan.c_out, 16, 128)
-    # 64x128 float32 accumulators take 64 registers a thread at 4 warps, and the region
-    # address arithmetic on top spilled on sm_90 (ptxas: up to 328 bytes); 8 warps do not.
-    return Config(64, n, _pow2(plan.c_red, 16, k), 8 if 64 * n >= 8192 else 4, 3)
-
-
-def configs(plan: lower.KernelPlan) -> list[Config]:
-    """The tuner's configs for a layer: the default and a few tile shapes around it."""
-    base = default_config(plan)
-    found = [base]
-    if plan.pattern == "grad_weight":
-        shapes = [(64, 64, 64, 4, 3), (32, 32, 64, 4, 4), (128, 64, 32, 8, 3)]
-    elif plan.c_red < 16:
-        shapes = [(128, base.block_n, 16, 8, 2), (32, base.block_n, 16, 2, 2)]
-    else:
-        shapes = [(128, 128, 32, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
-                  (32, 64, 32, 4, 5), (64, 128, 32, 4, 4)]
-    for shape in shapes:
-        config = Config(*shape)
-        if config not in found:
-            found.append(config)
-    return found
-
-
-def choice_name(strategy: str, config: Config) -> str:
-    """A tuning-database choice naming a Triton candidate: 'dense/m64n64k32w4s3',
-    'sparse/m64n64k32w4s3' (block-sparse)."""
-    return f"{strategy}/{config.name}"
-
-
-def parse_choice(name: str) -> tuple[str, Config]:
-    """``(strategy, config)`` of a :func:`choice_name`; ValueError for anything else."""
-    strategy, _, config = name.partition("/")
-    if strategy not in ("dense", "sparse") or not config:
-        raise ValueError(f"not a Triton choice: {name!r}")
-    return strategy, Config.parse(config)
-
-
-def uses_dot(plan: lower.KernelPlan, config: Config) -> bool:
-    """Whether the tiles run on tensor cores (tl.dot needs every block dim >= 16)."""
-    small = plan.c_red if plan.pattern != "grad_weight" else min(plan.c_red, plan.c_out)
-    return small >= 16 and min(config.block_m, config.block_n, config.block_k) >= 16
-
-
-# --------------------------------------------------------------------------------- kernels
-def family_of(spec: LayerSpec, strategy: str = "dense") -> str:
-    if spec.op == "conv_grad_weight":
-        return "weight_grad"
-    return "block_sparse" if strategy == "sparse" else "direct"
+def _import(path: Path, name: str):
+    """Import a generated module from its file (a real file: Triton reads its source)."""
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 class Kernel:
     """One layer's Triton module, imported from the cache."""
 
-    def __init__(self, spec: LayerSpec, plan: lower.KernelPlan, family: str, path: Path,
-                 module: Any):
-        self.spec, self.plan, self.family, self.source, self.module = \
-            spec, plan, family, path, module
-        self.default = default_config(plan)
+    backend = "triton"
+
+    def __init__(self, compiled: Compiled, path: Path, module: Any):
+        self.compiled, self.spec, self.plan = compiled, compiled.spec, compiled.plan
+        self.family, self.crossover = compiled.family, compiled.crossover
+        self.source, self.module = path, module
+        self.variant = compiled.variant
+        self.default = Variant("sparse" if self.family == "block_sparse" else "dense",
+                               config=TARGET.default_config(compiled.plan))
         self._packs: dict = {}
         self._lock = threading.Lock()
         self._launch_args: dict = {}
+        self._launched: set = set()      # configs launched once (Triton compiled them)
 
     # The packed weight layout is [group][tap][c_red][c_out]: a k-block's rows are contiguous
     # along output channels.
@@ -230,11 +112,57 @@ class Kernel:
                 self._packs[key] = (packed, weight)
         return packed
 
+    def forget_packed(self) -> None:
+        with self._lock:
+            self._packs.clear()
+
+    @staticmethod
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        """The data operand as the kernel reads it: as it is if contiguous or channels_last
+        (the output follows its layout), else a contiguous copy."""
+        return normalize_layout(x)
+
+    @staticmethod
+    def new_output(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        memory_format = torch.contiguous_format
+        if like.dim() in (4, 5) and like.dim() == len(shape) and not like.is_contiguous():
+            memory_format = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
+        return torch.empty(shape, dtype=like.dtype, device=like.device,
+                           memory_format=memory_format)
+
+    @staticmethod
+    def density(x: torch.Tensor) -> float:
+        """The share of non-zeros in ``x`` (this synchronizes with the GPU: the dispatch asks
+        rarely)."""
+        return float(torch.count_nonzero(x)) / max(1, x.numel())
+
+    def run(self, lhs: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor,
+            bias: torch.Tensor | None = None, variant: Variant | None = None) -> torch.Tensor:
+        """Run on ``lhs`` and ``rhs`` (the weight, packed here; for the weight gradient the
+        second operand) with ``variant``'s config (None: the default), writing ``out``.
+        Triton compiles a config on its first launch: an error there is a
+        :class:`TritonLaunchError` (the caller falls back), later errors propagate."""
+        config = (variant.config if variant is not None else None) or self.default.config
+        if self.family != "weight_grad":
+            rhs = self.pack(rhs)
+        bias = None if bias is None else bias.detach().contiguous()
+        if config in self._launched:
+            return self.launch(lhs, rhs, out, bias, config)
+        try:
+            result = self.launch(lhs, rhs, out, bias, config)
+        except (ValueError, TypeError, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:      # triton.CompilationError and what its backends raise
+            raise TritonLaunchError(f"the Triton kernel {self.source} ({config.name}) failed: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        self._launched.add(config)
+        return result
+
     def launch(self, lhs: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor,
                bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
         """Run on ``lhs`` (N, C, *size) and ``rhs`` (the packed weight, or for the weight
         gradient the second operand), writing ``out``: contiguous or channels_last tensors."""
-        config = config or self.default
+        config = config or self.default.config
         if out.numel() == 0:
             return out
         if self.family == "weight_grad":
@@ -255,7 +183,7 @@ class Kernel:
             # magnitude 1e10); under it, bfloat16 tiles are widened first. GPUs multiply bf16.
             found = self._launch_args[key] = dict(
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                USE_DOT=uses_dot(self.plan, config), PRECISION="tf32" if tf32 else "ieee",
+                USE_DOT=TARGET.uses_dot(self.plan, config), PRECISION="tf32" if tf32 else "ieee",
                 DOT_F32=interpreting() and dtype == torch.bfloat16,
                 num_warps=config.warps, num_stages=config.stages)
         return found
@@ -337,73 +265,7 @@ def _check_grid(grid: tuple[int, ...], spec: LayerSpec) -> None:
         raise ValueError(f"{spec.describe()}: launch grid {grid} exceeds the GPU's limits")
 
 
-_kernels: dict[tuple[LayerSpec, str], Kernel] = {}
-_kernels_lock = threading.Lock()
 
-
-def kernel_for(spec: LayerSpec, strategy: str = "dense") -> Kernel:
-    """The Triton kernel of ``spec`` (batch ignored): ``strategy`` 'dense' or 'sparse' (the
-    block-sparse family). Raises :class:`IRError` for what no template covers,
-    :class:`TemplateError`, or :class:`TritonUnavailable`."""
-    family = family_of(spec, strategy)
-    key = (dataclasses.replace(spec, batch=1), family, interpreting())
-    kernel = _kernels.get(key)
-    if kernel is not None:
-        stats.add("memo_hits")
-        return kernel
-    with _kernels_lock:
-        kernel = _kernels.get(key)
-        if kernel is None:
-            kernel = _kernels[key] = _build(key[0], family)
-        else:
-            stats.add("memo_hits")
-    return kernel
-
-
-def render(spec: LayerSpec, family: str) -> tuple[lower.KernelPlan, str]:
-    steps = pipeline.run(spec, dump_dir=os.environ.get("ZEROSKIP_DUMP"), strategy="dense")
-    plan = lower.plan(steps[-1][1], backend="triton")
-    return plan, emit.render_triton(plan, family)
-
-
-def _build(spec: LayerSpec, family: str) -> Kernel:
-    version = triton_version()
-    plan, source = render(spec, family)
-    dump = os.environ.get("ZEROSKIP_DUMP")
-    if dump:
-        folder = pipeline.dump_folder(spec, Path(dump))
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"kernel-triton-{family}.py").write_text(source)
-    served = bundle.find("triton", source)
-    if served is not None:
-        stats.add("bundle_hits")
-        name = f"zeroskip_triton_{bundle.kernel_key('triton', source)[:16]}"
-        return Kernel(spec, plan, family, served, _import(served, name))
-    key = cache.make_key(version=__version__, templates=emit.template_hash("triton"),
-                         source=source, triton=version, backend="triton")
-
-    def make(tmp: Path) -> list[str]:
-        (tmp / "kernel.py").write_text(source)
-        stats.add("compiles")
-        return ["kernel.py"]
-    folder, built = cache.fetch(key, {"spec": spec.to_dict(), "family": family,
-                                      "backend": "triton", "version": __version__,
-                                      "triton": version}, make)
-    if not built:
-        stats.add("cache_hits")
-    path = folder / "kernel.py"
-    return Kernel(spec, plan, family, path, _import(path, f"zeroskip_triton_{key[:16]}"))
-
-
-def _import(path: Path, name: str):
-    """Import a generated module from its file (a real file: Triton reads its source)."""
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-# --------------------------------------------------------------------------------- ahead of time
 TARGETS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 
 
@@ -420,7 +282,7 @@ def compile_for_target(kernel: Kernel, target: str = "sm_90", config: Config | N
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    config = config or kernel.default
+    config = config or kernel.default.config
     p = kernel.plan
     ptr = POINTER_TYPES[kernel.spec.dtype]
     common = dict(kernel._common(config, TORCH_DTYPES[kernel.spec.dtype]))

@@ -1,0 +1,418 @@
+"""The torch binding: ``convolution`` (what ``zeroskip.functional`` and ``zeroskip.nn`` call),
+the custom ops with their fake kernels and autograd formulas, and the per-call lookup.
+
+The fast path of a call is one dict lookup keyed by everything but the batch size; the slow
+path (first call of a shape) validates the arguments exactly as torch does
+(:mod:`.arguments`) and prepares a :class:`~.dispatch.Operator` on the tensors' backend: CPU
+tensors run the C kernels, CUDA tensors the Triton kernels, and ``ZEROSKIP_BACKEND=triton``
+with ``TRITON_INTERPRET=1`` runs CPU tensors through the Triton kernels under Triton's
+interpreter (how they are tested without a GPU). Gradient kernels are loaded on the first
+backward. What no kernel covers runs on torch's op (:mod:`.reference`) through
+:func:`stats.fallback`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, List, Optional
+
+import torch
+
+from ..spec import LimitError
+from . import loader, reference, stats, tritonenv
+from .arguments import (COVERED_DTYPES, check_arguments, check_shapes, config_of, key_of,
+                        overflows_int64, parse_config, scalar_name, spec_from_config,
+                        spec_of_call)
+from .dispatch import Operator
+from .stats import Fallback
+from .triton_kernel import TritonLaunchError
+
+BACKENDS = tuple(COVERED_DTYPES)
+_calls: dict[tuple, Operator | Fallback] = {}
+
+
+def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilation, groups,
+                output_padding=0, padding_mode: str = "zeros",
+                activation: str = "none") -> torch.Tensor:
+    """``torch.nn.functional.conv{rank}d`` (op ``conv``) or ``conv_transpose{rank}d``, plus a
+    ``padding_mode`` as ``torch.nn.Conv{rank}d`` applies it and an optional fused ReLU
+    (``activation='relu'``), on generated kernels.
+
+    Under ``torch.compile``, and when a covered call needs gradients, this is the custom op
+    ``zeroskip::convolution`` (shape function and autograd formula registered); otherwise the
+    kernel is called directly, which saves the dispatcher's few microseconds."""
+    args = (stride, padding, dilation, groups, output_padding, padding_mode, activation)
+    if torch.compiler.is_compiling():
+        # The config is parsed back with ast.literal_eval: only plain values go into it.
+        checked = check_arguments(op, rank, *args[:5])
+        if isinstance(checked, Fallback):
+            stats.fallback(checked.reason, checked.detail)
+            return reference.convolution(op, rank, input, weight, bias, *args)
+        return torch.ops.zeroskip.convolution(input, weight, bias,
+                                              config_of(op, rank, *checked, *args[5:]))
+    if _needs_autograd(input, weight, bias):
+        # A call torch's op serves runs it with torch's autograd: the custom op's backward
+        # needs the spec (and kernels) such a call does not have. A prepared call holds its
+        # arguments checked and written as the custom op's config.
+        _, call, torch_op = _lookup(op, rank, input, weight, bias, args)
+        if isinstance(call, Fallback):
+            return _fall_back(call, torch_op, input, weight, bias)
+        return torch.ops.zeroskip.convolution(input, weight, bias, call.config)
+    return _forward(op, rank, input, weight, bias, args)
+
+
+def _device_type(t: torch.Tensor) -> str:
+    """The device type that picks the backend (a seam for tests: no GPU is on CI)."""
+    return t.device.type
+
+
+def backend_for(t: torch.Tensor) -> str | None:
+    """'c' or 'triton' for a tensor on this device (``ZEROSKIP_BACKEND`` picks for CPU
+    tensors: 'c', the default, or 'triton' under Triton's interpreter), None where no backend
+    runs. ValueError for an unknown ``ZEROSKIP_BACKEND``."""
+    device = _device_type(t)
+    if device == "cuda":
+        return "triton"
+    if device != "cpu":
+        return None
+    wanted = os.environ.get("ZEROSKIP_BACKEND", "") or "c"
+    if wanted not in BACKENDS:
+        raise ValueError(f"ZEROSKIP_BACKEND must be one of {BACKENDS}, got {wanted!r}")
+    return wanted
+
+
+def _covered_dtypes(backend: str | None) -> dict:
+    return COVERED_DTYPES.get(backend, {})
+
+
+def _needs_autograd(input, weight, bias) -> bool:
+    """A call whose result needs a gradient, on tensors a backend covers (other calls run
+    torch's op with torch's own autograd)."""
+    tensors = (input, weight) if bias is None else (input, weight, bias)
+    if not (torch.is_grad_enabled()
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+            and any(t.requires_grad for t in tensors)):
+        return False
+    try:
+        return input.dtype in _covered_dtypes(backend_for(input))
+    except ValueError:      # a bad ZEROSKIP_BACKEND: the forward call reports it
+        return False
+
+
+def _lookup(op: str, rank: int, input, weight, bias, args: tuple
+            ) -> tuple[tuple | None, Operator | Fallback, Any]:
+    """The key, the prepared :class:`Operator` (or :class:`Fallback`) and torch's op of a call:
+    one dict lookup keyed by everything but the batch size, else :func:`_prepare` (which
+    raises what torch raises). The key is None where the arguments are not hashable."""
+    def torch_op(x, w, b):
+        return reference.convolution(op, rank, x, w, b, *args)
+
+    stride, padding, dilation, groups, output_padding, padding_mode, activation = args
+    try:
+        key = (op, rank, input.dtype, input.device, os.environ.get("ZEROSKIP_BACKEND"),
+               input.dim(), tuple(input.shape[1:]),
+               weight.dtype, weight.device, tuple(weight.shape),
+               None if bias is None else (bias.dtype, bias.device, tuple(bias.shape)),
+               key_of(stride), key_of(padding), key_of(dilation), key_of(groups),
+               key_of(output_padding), padding_mode, activation)
+        call = _calls.get(key)
+    except (AttributeError, TypeError):   # not tensors, unhashable arguments: torch says why
+        key, call = None, None
+    if call is None:
+        call = _prepare(op, rank, input, weight, bias, args, torch_op)
+        if key is not None:
+            _calls[key] = call
+    return key, call, torch_op
+
+
+def _fall_back(why: Fallback, torch_op, input, weight, bias) -> torch.Tensor:
+    stats.fallback(why.reason, why.detail)
+    return torch_op(input, weight, bias)
+
+
+def _forward(op: str, rank: int, input, weight, bias, args: tuple) -> torch.Tensor:
+    key, call, torch_op = _lookup(op, rank, input, weight, bias, args)
+    if isinstance(call, Fallback):
+        return _fall_back(call, torch_op, input, weight, bias)
+    batched = input.dim() == rank + 2
+    x = input if batched else input.unsqueeze(0)
+    try:
+        out = call.run(call.prepare(x), weight, bias)
+    except TritonLaunchError as exc:
+        failed = Fallback(f"the Triton kernel of {call.spec.describe()} failed to compile or "
+                          "launch", str(exc))
+        if key is not None:       # from now on this layer runs torch's op
+            _calls[key] = failed
+        stats.fallback(failed.reason, failed.detail)
+        return torch_op(input, weight, bias)
+    if not batched:
+        return out.squeeze(0)
+    if call.backend == "c" and _channels_last(input, rank):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _channels_last(input: torch.Tensor, rank: int) -> bool:
+    """torch returns channels_last results for channels_last 4-D inputs; so do we."""
+    return rank == 2 and input.dim() == 4 and not input.is_contiguous() and \
+        input.is_contiguous(memory_format=torch.channels_last)
+
+
+
+@torch.library.custom_op("zeroskip::convolution", mutates_args=())
+def _convolution_op(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    config: str) -> torch.Tensor:
+    op, rank, *args = parse_config(config)
+    return _forward(op, rank, input, weight, bias, tuple(args))
+
+
+@_convolution_op.register_fake
+def _convolution_fake(input, weight, bias, config):
+    rank = parse_config(config)[1]
+    spec = spec_from_config(config, input.shape, weight.shape, bias is not None, input.dtype)
+    batched = input.dim() == rank + 2
+    shape = ((input.shape[0],) if batched else ()) + tuple(spec.output_shape[1:])
+    memory_format = torch.channels_last if _channels_last(input, rank) else torch.contiguous_format
+    return torch.empty(shape, dtype=input.dtype, device=input.device,
+                       memory_format=memory_format)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, config = inputs
+    relu = parse_config(config)[-1] == "relu"
+    ctx.save_for_backward(input, weight, output if relu else None)
+    ctx.config, ctx.has_bias = config, bias is not None
+
+
+def _backward(ctx, grad):
+    input, weight, output = ctx.saved_tensors
+    if output is not None:           # the fused ReLU passes gradients where it passed values
+        grad = grad * (output > 0)
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.zeroskip.convolution_grad_input(grad, weight, list(input.shape),
+                                                       ctx.config)
+    if ctx.needs_input_grad[1]:
+        gw = torch.ops.zeroskip.convolution_grad_weight(input, grad, list(weight.shape),
+                                                        ctx.config)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        rank = parse_config(ctx.config)[1]
+        gb = grad.sum(dim=tuple(range(grad.dim() - rank - 1)) + tuple(range(-rank, 0)))
+    return gx, gw, gb, None
+
+
+_convolution_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("zeroskip::convolution_grad_input", mutates_args=())
+def _grad_input_op(grad: torch.Tensor, weight: torch.Tensor, input_size: List[int],
+                   config: str) -> torch.Tensor:
+    return _gradient("input", grad, weight, tuple(input_size), config)
+
+
+@_grad_input_op.register_fake
+def _grad_input_fake(grad, weight, input_size, config):
+    return grad.new_empty(input_size)
+
+
+@torch.library.custom_op("zeroskip::convolution_grad_weight", mutates_args=())
+def _grad_weight_op(input: torch.Tensor, grad: torch.Tensor, weight_size: List[int],
+                    config: str) -> torch.Tensor:
+    return _gradient("weight", grad, input, tuple(weight_size), config)
+
+
+@_grad_weight_op.register_fake
+def _grad_weight_fake(input, grad, weight_size, config):
+    return input.new_empty(weight_size)
+
+
+# Double backward. With F(x, w) the convolution without bias, the gradient ops are
+# GI(g, w) = (dF/dx)^T g and GW(x, g) = (dF/dw)^T g, both bilinear, so by <u, GI(g, w)> =
+# <F(u, w), g> and <U, GW(x, g)> = <F(x, U), g> their gradients are the three ops again.
+def _linear(config: str) -> str:
+    """The config without its activation: the gradient ops are linear in each operand."""
+    return config.rsplit(";", 1)[0] + ";none"
+
+
+def _setup_grad_input(ctx, inputs, output):
+    grad, weight, _, config = inputs
+    ctx.save_for_backward(grad, weight)
+    ctx.config = config
+
+
+def _backward_grad_input(ctx, upstream):
+    grad, weight = ctx.saved_tensors
+    d_grad = d_weight = None
+    if ctx.needs_input_grad[0]:
+        d_grad = torch.ops.zeroskip.convolution(upstream, weight, None, _linear(ctx.config))
+    if ctx.needs_input_grad[1]:
+        d_weight = torch.ops.zeroskip.convolution_grad_weight(upstream, grad, list(weight.shape),
+                                                              ctx.config)
+    return d_grad, d_weight, None, None
+
+
+def _setup_grad_weight(ctx, inputs, output):
+    input, grad, _, config = inputs
+    ctx.save_for_backward(input, grad)
+    ctx.config = config
+
+
+def _backward_grad_weight(ctx, upstream):
+    input, grad = ctx.saved_tensors
+    d_input = d_grad = None
+    if ctx.needs_input_grad[0]:
+        d_input = torch.ops.zeroskip.convolution_grad_input(grad, upstream, list(input.shape),
+                                                            ctx.config)
+    if ctx.needs_input_grad[1]:
+        d_grad = torch.ops.zeroskip.convolution(input, upstream, None, _linear(ctx.config))
+    return d_input, d_grad, None, None
+
+
+_grad_input_op.register_autograd(_backward_grad_input, setup_context=_setup_grad_input)
+_grad_weight_op.register_autograd(_backward_grad_weight, setup_context=_setup_grad_weight)
+
+
+def _gradient(which: str, grad: torch.Tensor, other: torch.Tensor, size: tuple,
+              config: str) -> torch.Tensor:
+    """The input gradient (``other``: the weight, ``size``: the input's) or the weight gradient
+    (``other``: the input, ``size``: the weight's) of a call, on a generated kernel."""
+    op, rank = parse_config(config)[:2]
+    input_shape, weight_shape = (size, other.shape) if which == "input" else (other.shape, size)
+    batched = len(input_shape) == rank + 2
+    kernel = _gradient_kernel(which, config, tuple(input_shape[-rank:]), tuple(weight_shape),
+                              grad.dtype, backend_for(grad))
+    if isinstance(kernel, Fallback):
+        stats.fallback(kernel.reason, kernel.detail)
+        return reference.gradient(which, grad, other, size, config)
+    g = kernel.prepare(grad if batched else grad.unsqueeze(0))
+    try:
+        if which == "input":
+            out = kernel.new_output(g, (g.shape[0], *input_shape[-rank - 1:]))
+            out = kernel.run(g, other, out)
+            return out if batched else out.squeeze(0)
+        x = kernel.prepare(other if batched else other.unsqueeze(0))
+        lhs, rhs = (g, x) if op == "conv_transpose" else (x, g)
+        return kernel.run(lhs, rhs, torch.empty(size, dtype=g.dtype, device=g.device))
+    except TritonLaunchError as exc:
+        stats.fallback(f"no Triton kernel for the {which} gradient of this layer",
+                       f"{type(exc).__name__}: {exc}")
+        return reference.gradient(which, grad, other, size, config)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gradient_kernel(which: str, config: str, input_size: tuple, weight_shape: tuple,
+                     dtype, backend: str) -> Any:
+    """The kernel of a call's input or weight gradient on ``backend`` (memoized: a training
+    step asks for it every time; ``input_size``: the input's spatial size), or why there is
+    none."""
+    spec = spec_from_config(config, input_size, weight_shape, False, dtype)
+    try:
+        grad_spec = spec.grad_input() if which == "input" else spec.grad_weight()
+        return loader.kernel_for(grad_spec, backend)
+    except (NotImplementedError, LimitError, *loader.BUILD_ERRORS) as exc:
+        where = "Triton kernel" if backend == "triton" else "generated kernel"
+        return Fallback(f"no {where} for the {which} gradient of {spec.torch_name}",
+                        f"{type(exc).__name__}: {exc}")
+
+
+
+
+def _prepare(op, rank, input, weight, bias, args, torch_op) -> Operator | Fallback:
+    """Validate a new call as torch would; return its :class:`Operator`, or the reason it runs on
+    torch's op instead."""
+    name = f"{'conv_transpose' if op == 'conv_transpose' else 'conv'}{rank}d"
+    for position, (arg, value) in enumerate((("input", input), ("weight", weight),
+                                             ("bias", bias)), start=1):
+        if not isinstance(value, torch.Tensor) and not (arg == "bias" and value is None):
+            raise TypeError(f"{name}(): argument '{arg}' (position {position}) must be Tensor, "
+                            f"not {type(value).__name__}")
+    checked = check_arguments(op, rank, *args[:5])
+    if isinstance(checked, Fallback):
+        return checked
+    args = (*checked, *args[5:])
+    try:
+        call = _prepare_call(name, op, rank, input, weight, bias, args, torch_op)
+        if not isinstance(call, Fallback):
+            call.config = config_of(op, rank, *args)
+        return call
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        if input.dim() == rank + 2 and input.shape[0] == 0:
+            # torch's op skips most checks for an empty batch (a dilation of 0, a weight of
+            # another dtype pass): it answers this call. Valid calls still get their Call.
+            return Fallback("an empty batch that torch's op checks less than zeroskip")
+        raise
+
+
+def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operator | Fallback:
+    """:func:`_prepare` once the arguments parsed as torch parses them."""
+    tensors = [t for t in (input, weight, bias) if t is not None]
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return Fallback("tensor subclasses are not covered by the C kernels")
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        return Fallback("tensors on different devices")      # torch's op says which
+    try:
+        backend = backend_for(input)
+    except ValueError as exc:
+        return Fallback(str(exc))
+    if backend is None:
+        return Fallback(f"device {input.device.type} is not covered (CPU tensors run C kernels, "
+                        "CUDA tensors Triton kernels)")
+    if backend == "triton":
+        problem = tritonenv.problem(input.device)
+        if problem:
+            return Fallback(problem)
+    if any(t.layout != torch.strided for t in tensors):
+        return Fallback("sparse or non-strided tensors are not covered by the kernels")
+    if weight.dtype != input.dtype:
+        raise RuntimeError(f"{name}: expected scalar type {scalar_name(input.dtype)} but found "
+                           f"{scalar_name(weight.dtype)} (input is {input.dtype}, weight is "
+                           f"{weight.dtype}; they must be the same)")
+    if bias is not None and bias.dtype != input.dtype:
+        if op == "conv_transpose":   # torch's CPU conv_transpose1d/2d cast it, 3d raises
+            return Fallback("a transposed conv's bias of another dtype than its input")
+        raise RuntimeError(f"{name}: Input type ({scalar_name(input.dtype).lower()}) and bias type "
+                           f"({scalar_name(bias.dtype).lower()}) should be the same")
+    if input.dtype not in _covered_dtypes(backend):
+        names = ", ".join(_covered_dtypes(backend).values())
+        return Fallback(f"dtype {input.dtype} has no {backend} kernel ({names} do)")
+    check_shapes(name, op, rank, input, weight, bias, args[3])
+    if weight.shape[1] == 0 or (input.dim() == rank + 2 and not input.shape[0] and
+                                0 in input.shape[2:]):
+        # No channels to contract, or an empty batch of empty inputs: torch accepts some of
+        # these (a spec states none), and its op answers them at once.
+        return Fallback("empty operands (no contracted channels, or an empty batch of empty "
+                        "inputs)")
+    if overflows_int64(op, rank, input, weight, args):
+        # torch computes sizes in int64 and wraps (a dilation of 2**62 may pass its checks):
+        # what it then does is its own.
+        return Fallback("arguments whose sizes overflow int64")
+    try:
+        spec = spec_of_call(op, rank, input.shape, weight.shape, bias is not None, input.dtype,
+                           args)
+    except LimitError as exc:   # valid, but past what the kernels index: torch's op serves it
+        return Fallback("a layer beyond the kernels' limits (zeroskip.spec.LimitError)",
+                        str(exc))
+    except (ValueError, RuntimeError) as exc:
+        if op == "conv_transpose":
+            # torch's CPU op checks a batch of one and a larger batch (oneDNN) differently: a
+            # dilation of 0 with a 1-tap kernel, an output size below 1 pass for 2 samples and
+            # raise for 1. Its op answers each call as it would.
+            return Fallback("a transposed conv zeroskip rejects (torch's op decides per batch)")
+        if isinstance(exc, RuntimeError):
+            raise
+        raise RuntimeError(f"{name}: {exc}") from exc   # torch raises RuntimeError for these
+    # A last cross-check: torch's own shape function on meta tensors.
+    meta = torch_op(input.to("meta"), weight.to("meta"), None if bias is None else
+                    bias.to("meta"))
+    out_shape = spec.output_shape[1:]
+    if tuple(meta.shape[-rank - 1:]) != out_shape:
+        raise AssertionError(f"zeroskip computed output shape {out_shape} for {spec.describe()}"
+                             f", torch {tuple(meta.shape)}")
+    try:
+        kernel = loader.kernel_for(spec, backend)
+    except (tritonenv.TritonUnavailable, *loader.BUILD_ERRORS) as exc:
+        what = "Triton kernel" if backend == "triton" else "kernel"
+        return Fallback(f"the {what} of {spec.describe()} failed to build",
+                        f"{type(exc).__name__}: {exc}")
+    return Operator(spec, kernel, out_shape, torch_op=torch_op)

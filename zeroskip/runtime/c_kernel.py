@@ -1,0 +1,141 @@
+"""The C target's runtime half: build a kernel library, load it, pack weights, launch.
+
+A :class:`Kernel` runs on contiguous tensors of any batch size; the loader
+(:mod:`.loader`) makes one per (layer, variant) through :func:`build` and :func:`load`.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+from pathlib import Path
+
+import torch
+
+from ..codegen import targets
+from ..codegen.targets import Compiled
+from ..codegen.variant import Variant
+from . import cc, stats
+
+PACK_CACHE_SIZE = 16
+MACS_PER_THREAD = 1 << 16   # below this much work per thread, waking another costs more
+ERRORS = (cc.CompileError,)  # what building a C kernel raises besides the loader's own
+
+
+def target() -> targets.CTarget:
+    """The C target of this machine: vectors as wide as the compiler flags (read from the
+    environment each time: ``ZEROSKIP_CFLAGS`` may change) enable."""
+    return _target(cc.vector_bytes(cc.compiler()[1]))
+
+
+@functools.lru_cache(maxsize=4)
+def _target(vector_bytes: int) -> targets.CTarget:
+    return targets.CTarget(vector_bytes)
+
+
+def cache_parts() -> dict:
+    """What besides the source makes a C kernel: the compiler, its flags and the CPU."""
+    command, flags = cc.compiler()
+    return {"compiler": cc.identity(command), "flags": list(flags), "target": cc.cpu_target()}
+
+
+def build(tmp: Path, compiled: Compiled) -> list[str]:
+    (tmp / "kernel.c").write_text(compiled.source)
+    command, flags = cc.compiler()
+    seconds = cc.compile_library(command, flags, tmp / "kernel.c", tmp / "kernel.so")
+    stats.add("compiles")
+    stats.add("compile_seconds", seconds)
+    return ["kernel.c", "kernel.so"]
+
+
+def load(compiled: Compiled, path: Path) -> "Kernel":
+    """The kernel whose files are in ``path`` (a cache entry's folder, or a bundle's .so)."""
+    return Kernel(compiled, path if path.is_dir() else path.parent)
+
+
+class Kernel:
+    """One compiled C operator. ``run`` launches it on contiguous tensors of any batch size."""
+
+    backend = "c"
+
+    def __init__(self, compiled: Compiled, folder: Path):
+        self.compiled, self.spec, self.plan = compiled, compiled.spec, compiled.plan
+        self.variant, self.crossover = compiled.variant, compiled.crossover
+        self.folder, self.source = folder, folder / "kernel.c"
+        self.lib = cc.Library(folder / "kernel.so")
+        self._packs: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.macs_per_sample = sum(r.macs_per_sample for r in compiled.plan.regions)
+        variant = compiled.variant
+        self.default = Variant("sparse" if compiled.plan.sparse else "dense",
+                               variant.tile_width, variant.sparse_vectors)
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The weights (and bias) in the kernel's layout.
+
+        Packs of ``nn.Parameter`` weights are cached per tensor version, which optimizers and
+        in-place ops under ``no_grad`` advance; edits through ``.data`` do not (call
+        :func:`zeroskip.runtime.loader.forget_packed` after them). Plain tensors are packed on
+        every call."""
+        if self.lib.packed_elems == 0:
+            return weight
+        cached = isinstance(weight, torch.nn.Parameter) and (
+            bias is None or isinstance(bias, torch.nn.Parameter))
+        if cached:
+            key = (id(weight), weight._version, weight.data_ptr(),
+                   None if bias is None else (id(bias), bias._version, bias.data_ptr()))
+            with self._lock:
+                hit = self._packs.get(key)
+                if hit is not None:
+                    self._packs.move_to_end(key)
+                    return hit[0]
+        w = weight.detach().contiguous()
+        b = None if bias is None else bias.detach().contiguous()
+        packed = torch.empty(self.lib.packed_elems, dtype=weight.dtype)
+        self.lib.pack(w.data_ptr(), 0 if b is None else b.data_ptr(), packed.data_ptr())
+        if cached:
+            with self._lock:
+                # The entry holds the tensors, so their ids and storage stay theirs while cached.
+                self._packs[key] = (packed, weight, bias)
+                while len(self._packs) > PACK_CACHE_SIZE:
+                    self._packs.popitem(last=False)
+        return packed
+
+    def forget_packed(self) -> None:
+        with self._lock:
+            self._packs.clear()
+
+    @staticmethod
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        """The data operand as the kernel reads it: contiguous."""
+        return x.contiguous()
+
+    @staticmethod
+    def new_output(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(shape, dtype=like.dtype)
+
+    def density(self, x: torch.Tensor) -> float:
+        """The share of non-zeros in ``x`` (contiguous, batched), sampled in C: microseconds."""
+        return self.lib.density(x.shape[0], x.data_ptr())
+
+    def run(self, lhs: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor,
+            bias: torch.Tensor | None = None, variant=None) -> torch.Tensor:
+        """Run on ``lhs`` (contiguous, batched) and ``rhs`` (the weight, packed here; for the
+        weight gradient the second operand), writing ``out``. ``variant``: the launch knobs
+        (C kernels have none: their knobs shape the source)."""
+        packed = self.pack(rhs, bias)
+        return self.launch(lhs, packed, rhs.detach().contiguous(), out)
+
+    def launch(self, lhs: torch.Tensor, packed: torch.Tensor, rhs: torch.Tensor,
+               out: torch.Tensor) -> torch.Tensor:
+        """Run on already packed weights (the bench times this, without the pack lookup)."""
+        if out.numel():
+            batch = lhs.shape[0]
+            threads = min(torch.get_num_threads(),
+                          1 + batch * self.macs_per_sample // MACS_PER_THREAD)
+            status = self.lib.run(batch, threads, lhs.data_ptr(), packed.data_ptr(),
+                                  rhs.data_ptr(), out.data_ptr())
+            if status:
+                raise MemoryError(f"zeroskip kernel {self.source}: out of scratch memory")
+        stats.add("kernel_calls")
+        return out

@@ -1,0 +1,208 @@
+"""Dispatch: per call, which of a layer's candidates runs; the one place that decides.
+
+An :class:`Operator` is a prepared forward operator on one backend (C on CPU tensors, Triton on
+CUDA tensors or under Triton's interpreter): its spec, its dense kernel and, built on first
+use, the variants the decision picks. Per call it runs
+
+* what the layer's tuning records on this machine chose (an active bundle's records for a
+  layer the bundle was generated for, else the tuning database's), at the density nearest the
+  input's; a layer tuned alike at every density needs no density at all;
+* untuned, on the C backend the sparse kernel below the cost model's crossover density and the
+  dense one above; on the Triton backend the dense kernel (its block-sparse family pays off on
+  structured zeros only, which only a measurement can tell).
+
+The input's density: on the CPU it is measured per call (sampled in C, microseconds). On a GPU
+reading it back synchronizes, so it is the density declared for the layer (by the caller with
+:func:`declare_density`, or traced into an active bundle), else one measured on the first call
+and every :data:`MEASURE_EVERY` calls after. ``ZEROSKIP_SPARSE=0`` always runs the dense kernel.
+
+What ran is observable: :func:`observe` collects a :class:`Dispatched` per call.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+from typing import Any, Iterator
+
+import torch
+
+from ..codegen.variant import Variant
+from ..spec import LayerSpec
+from . import bundle, loader, stats, tuning
+
+MEASURE_EVERY = 256        # GPU calls between two density measurements (each one syncs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatched:
+    """What one call ran: ``choice`` is 'torch' or a variant name ('dense', 'sparse/v2',
+    'dense/m64n64k32w4s3'); ``density`` the input density it decided on (None: not needed)."""
+
+    spec: LayerSpec
+    backend: str
+    choice: str
+    density: float | None
+    operator: "Operator"
+
+
+_observers: list[list[Dispatched]] = []
+_observers_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def observe() -> Iterator[list[Dispatched]]:
+    """Collect what every forward call dispatched meanwhile (in this process)::
+
+        with dispatch.observe() as ran:
+            model(x)
+        print([d.choice for d in ran])
+    """
+    seen: list[Dispatched] = []
+    with _observers_lock:
+        _observers.append(seen)
+    try:
+        yield seen
+    finally:
+        with _observers_lock:
+            _observers.remove(seen)
+
+
+_declared: dict[str, float] = {}
+
+
+def declare_density(spec: LayerSpec, density: float | None) -> None:
+    """Declare the input density of a layer's calls (None: forget it): the GPU dispatch uses it
+    instead of measuring."""
+    key = tuning.spec_key(spec)
+    if density is None:
+        _declared.pop(key, None)
+    elif not 0.0 <= float(density) <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density!r}")
+    else:
+        _declared[key] = float(density)
+
+
+class Operator:
+    """A prepared forward operator; see the module docstring for what :meth:`run` decides."""
+
+    def __init__(self, spec: LayerSpec, kernel: Any, out_shape: tuple[int, ...],
+                 torch_op: Any = None):
+        self.spec, self.forward, self.out_shape, self.torch_op = spec, kernel, out_shape, torch_op
+        self.backend = kernel.backend
+        self.default = "dense" if self.backend == "c" else kernel.default.name
+        self.config = ""                  # the arguments as the custom op takes them
+        self.last = self.default          # what the latest call ran
+        self.last_density = 1.0           # the density the latest call decided on
+        self._resolved: dict[str, tuple[Variant | None, Any]] = {
+            self.default: (kernel.default, kernel)}
+        self._tuned: tuple = (None, None, None)  # (records' source, records, their one choice)
+        self._served: tuple = (None, None)       # (bundles' generation, the covering bundle)
+        self._measured: tuple[int, float] = (0, 1.0)   # (GPU calls since measured, density)
+
+    # ------------------------------------------------------------------ the decision
+    def choose(self, x: torch.Tensor) -> str:
+        """The candidate to run on ``x`` (batched, as the kernel reads it): a variant name or
+        'torch'."""
+        self.last_density = 1.0
+        if os.environ.get("ZEROSKIP_SPARSE", "1") == "0":
+            return self.default
+        records, same = self._records(x.device)
+        if same is not None:             # tuned alike at every density: no need to measure
+            return same
+        if not x.numel() or not records and (self.backend != "c" or self.forward.crossover <= 0):
+            return self.default       # untuned, only the C sparse kernel has a cost model
+        density = self.last_density = self.density(x)
+        if records:
+            return tuning.nearest(records, density)["choice"]
+        return "sparse" if density < self.forward.crossover else self.default
+
+    def density(self, x: torch.Tensor) -> float:
+        if self.backend == "c":
+            return self.forward.density(x)
+        served = self._served[1]
+        declared = _declared.get(tuning.spec_key(self.spec))
+        if declared is None and served is not None:
+            declared = served.density(self.spec)
+        if declared is not None:
+            return declared
+        calls, density = self._measured
+        if calls % MEASURE_EVERY == 0:
+            density = self.forward.density(x)
+        self._measured = (calls + 1, density)
+        return density
+
+    def _records(self, device: torch.device) -> tuple[dict | None, str | None]:
+        """This layer's tuned records on this machine, and their choice if they all agree: an
+        active bundle's for a layer it was generated for (the tuning database is not read
+        then), else the tuning database's."""
+        generation = bundle.generation()
+        if self._served[0] != generation:
+            self._served = (generation, bundle.covering(self.spec))
+        served = self._served[1]
+        if served is not None and self.backend == "c":
+            key: Any = ("bundle", generation)
+            if self._tuned[0] != key:
+                self._tune(key, served.records(self.spec))
+        else:
+            db = tuning.database()
+            key = db.generation if self.backend == "c" else \
+                (db.generation, device, torch.backends.cudnn.allow_tf32)
+            if self._tuned[0] != key:
+                self._tune(key, tuning.records(self.spec, self.backend, device))
+        return self._tuned[1], self._tuned[2]
+
+    def _tune(self, key: Any, records: dict | None) -> None:
+        choices = {r["choice"] for r in records.values()} if records else set()
+        self._tuned = (key, records, choices.pop() if len(choices) == 1 else None)
+
+    def resolve(self, name: str) -> tuple[Variant | None, Any]:
+        """The variant and kernel of choice ``name`` (built on first use); one that cannot be
+        built warns once and resolves to the dense kernel."""
+        found = self._resolved.get(name)
+        if found is None:
+            try:
+                variant = Variant.parse(name)
+                found = (variant, loader.kernel_for(self.spec, self.backend, variant))
+            except (ValueError, *loader.BUILD_ERRORS) as exc:
+                stats.fallback(f"variant {name} of {self.spec.describe()} failed to build; the "
+                               "dense kernel runs instead", f"{type(exc).__name__}: {exc}")
+                found = self._resolved[self.default]
+            self._resolved[name] = found
+        return found
+
+    # ------------------------------------------------------------------ running
+    def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        """The layer on ``x`` (batched, as :meth:`prepare` gives it)."""
+        choice = self.choose(x)
+        if choice == "torch" and self.torch_op is not None:
+            self.last = "torch"
+            stats.add("torch_choices")
+            self._notify("torch")
+            return self.torch_op(x, weight, bias)
+        variant, kernel = self.resolve(choice)
+        if variant is self._resolved[self.default][0] or choice == "torch":
+            choice = self.default
+        elif variant.strategy == "sparse":
+            stats.add("sparse_calls")
+        else:
+            stats.add("variant_calls")
+        self.last = choice
+        self._notify(choice)
+        return self.launch(kernel, x, weight, bias, variant)
+
+    def _notify(self, choice: str) -> None:
+        if _observers:
+            record = Dispatched(self.spec, self.backend, choice, self.last_density, self)
+            for seen in list(_observers):
+                seen.append(record)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward.prepare(x)
+
+    def launch(self, kernel: Any, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None, variant: Variant | None = None) -> torch.Tensor:
+        """Run one of this operator's kernels on ``x`` (batched, prepared)."""
+        out = kernel.new_output(x, (x.shape[0], *self.out_shape))
+        return kernel.run(x, weight, out, bias, variant)

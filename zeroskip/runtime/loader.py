@@ -1,0 +1,136 @@
+"""One loader for every target: memo -> dump -> bundle -> cache -> build -> load.
+
+:func:`kernel_for` turns ``(spec, target, variant)`` into a loaded kernel: the compiler
+(``codegen.targets.compile``: frontend, passes, plan, source), then an active bundle that holds
+that source, else the kernel cache (building it there on a miss), then the target's launcher
+loads it. Kernels are memoized per (spec, target, the part of the variant that shapes the
+source), so a repeated call skips rendering and hashing. ``ZEROSKIP_DUMP`` writes each source
+beside the pipeline's graphs.
+
+A target's runtime half is a module (:mod:`.c_kernel`, :mod:`.triton_kernel`) with
+``target()``, ``cache_parts()``, ``build(tmp, compiled)``, ``load(compiled, path)`` and the
+``ERRORS`` its build raises; that is all the loader knows of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..codegen import emit, pipeline, targets
+from ..codegen.ir import IRError
+from ..codegen.variant import DEFAULT, Variant
+from ..spec import OPERANDS, LayerSpec
+from . import bundle, c_kernel, cache, stats, triton_kernel, tritonenv
+
+BACKENDS = {"c": c_kernel, "triton": triton_kernel}
+# Why a kernel could not be built: the call then falls back to torch's op with a warning.
+BUILD_ERRORS = (cache.CacheError, emit.TemplateError, IRError, *c_kernel.ERRORS,
+                *triton_kernel.ERRORS)
+
+Kernel = Any      # c_kernel.Kernel or triton_kernel.Kernel: the same interface
+
+_kernels: dict[tuple, Kernel] = {}
+_lock = threading.Lock()
+
+
+def kernel_for(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT) -> Kernel:
+    """The loaded kernel of ``spec`` on ``backend`` ('c' or 'triton') as ``variant`` says
+    (launch-time knobs aside; the spec's batch is ignored: kernels take it at run time).
+    Raises one of :data:`BUILD_ERRORS`, or :class:`bundle.BundleError` where an active bundle
+    holds it but is refused."""
+    key = (spec, backend, variant)   # keyed by the spec as given too: no re-validation
+    kernel = _kernels.get(key)
+    if kernel is not None:
+        stats.add("memo_hits")
+        return kernel
+    normal = (dataclasses.replace(spec, batch=1), backend,
+              BACKENDS[backend].target().source_variant(variant),
+              backend == "triton" and tritonenv.interpreting())
+    with _lock:
+        kernel = _kernels.get(normal)
+        if kernel is not None:
+            stats.add("memo_hits")
+        else:
+            kernel = _kernels[normal] = load(normal[0], backend, normal[2])
+        _kernels[key] = kernel
+    return kernel
+
+
+def load(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT) -> Kernel:
+    """:func:`kernel_for` without the memo: compile, then load from a bundle or the cache
+    (building it there on a miss)."""
+    side = BACKENDS[backend]
+    target = side.target()
+    variant = target.source_variant(variant)
+    if target.name == "triton":
+        tritonenv.triton_version()      # TritonUnavailable before any work where not installed
+    dump = os.environ.get("ZEROSKIP_DUMP")
+    compiled = targets.compile(spec, target, variant, dump_dir=dump)
+    if dump:
+        folder = pipeline.dump_folder(spec, Path(dump))
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = Path(target.source_file).suffix
+        name = "kernel" if target.name == "c" else f"kernel-triton-{compiled.family}"
+        if variant != DEFAULT and target.name == "c":
+            name += "-" + variant.name.replace("/", "-")
+        (folder / f"{name}{suffix}").write_text(compiled.source)
+    served = bundle.find(target.name, compiled.source)   # before anything asks for a compiler
+    if served is not None:
+        stats.add("bundle_hits")
+        return side.load(compiled, served)
+    parts = side.cache_parts()
+    key = cache.make_key(version=__version__, templates=target.template_hash(),
+                         source=compiled.source, **parts)
+    meta = {"spec": spec.to_dict(), "variant": variant.name, "family": compiled.family,
+            "backend": target.name, "version": __version__, **parts}
+    try:
+        folder, built = cache.fetch(key, meta, lambda tmp: side.build(tmp, compiled))
+    except c_kernel.ERRORS as exc:
+        raise type(exc)(f"{exc}\n{_keep_failed(key, compiled.source, target)}") from exc
+    if not built:
+        stats.add("cache_hits")
+    return side.load(compiled, folder)
+
+
+def _keep_failed(key: str, source: str, target: targets.Target) -> str:
+    """Keep a source that failed to build where the error message can point (the build
+    directory is gone)."""
+    kept = cache.cache_dir() / "failed" / f"{key}{Path(target.source_file).suffix}"
+    try:
+        kept.parent.mkdir(mode=0o700, exist_ok=True)
+        kept.write_text(source)
+    except OSError as exc:
+        return f"(the source could not be kept: {exc.strerror or exc})"
+    return f"the source is kept at {kept}"
+
+
+def loaded() -> list[Kernel]:
+    """Every kernel this process has loaded, once each."""
+    return list({id(k): k for k in list(_kernels.values())}.values())
+
+
+def forget_packed() -> None:
+    """Drop every cached weight pack (needed only after editing a Parameter through ``.data``)."""
+    for kernel in loaded():
+        kernel.forget_packed()
+
+
+def run_spec(spec: LayerSpec, tensors: dict[str, torch.Tensor], variant: Variant = DEFAULT,
+             backend: str = "c") -> torch.Tensor:
+    """Run the kernel of ``spec`` (as ``variant``) on its operands, named as in
+    ``spec.input_shapes``."""
+    kernel = kernel_for(spec, backend, variant)
+    lhs_name, rhs_name = OPERANDS[spec.op]
+    lhs = kernel.prepare(tensors[lhs_name])
+    rhs = tensors[rhs_name]
+    if spec.op == "conv_grad_weight":
+        rhs = kernel.prepare(rhs)
+    shape = spec.output_shape if spec.op == "conv_grad_weight" else \
+        (lhs.shape[0], *spec.output_shape[1:])
+    return kernel.run(lhs, rhs, kernel.new_output(lhs, shape), tensors.get("bias"), variant)
