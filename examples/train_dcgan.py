@@ -157,15 +157,15 @@ def describe_layers(generator: nn.Module, disc: nn.Module, noise: torch.Tensor,
     # trace_specs runs the model once under no_grad; copies keep the batch-norm statistics of
     # the training models untouched.
     for net, model, x in (("G", generator, noise), ("D", disc, real)):
-        for name, spec in trace_specs(copy.deepcopy(model), x):
+        for name, spec, workload in trace_specs(copy.deepcopy(model), x):
             cells = []
             for op in (spec, spec.grad_input(), spec.grad_weight()):
-                report = zeroskip.explain(op)
+                report = zeroskip.explain(op, workload)
                 dense += report.dense_macs
                 nonzero += report.nonzero_macs
                 cells.append(f"{report.skipped:8.1%}")
-            operator = spec.describe().split(" density=")[0]
-            print(f"  {net + '.' + name:<6} {operator:<52} {spec.density:7.2f}  "
+            operator = spec.describe(workload.batch)
+            print(f"  {net + '.' + name:<6} {operator:<52} {workload.density:7.2f}  "
                   f"{cells[0]:>16} {cells[1]} {cells[2]}")
     print(f"  the three operators of every layer, per sample: {dense // real.shape[0]:,} "
           f"MACs naively, {nonzero // real.shape[0]:,} computed ({1 - nonzero / dense:.1%} "

@@ -5,16 +5,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zeroskip import LayerSpec
+from zeroskip import LayerSpec, Workload
+from zeroskip.spec import DENSE
 
 
-def random_inputs(spec: LayerSpec, seed: int = 0) -> dict[str, np.ndarray]:
+def random_inputs(spec: LayerSpec, seed: int = 0, workload: Workload = DENSE
+                  ) -> dict[str, np.ndarray]:
+    """The operands of ``spec`` at the workload's batch; the data operand keeps about the
+    workload's density of non-zeros."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    for name, shape in spec.input_shapes.items():
+    for name, shape in spec.input_shapes(workload.batch).items():
         value = rng.standard_normal(shape)
-        if name in ("input", "grad_output") and spec.density < 1.0:
-            value *= rng.random(shape) < spec.density
+        if name in ("input", "grad_output") and workload.density < 1.0:
+            value *= rng.random(shape) < workload.density
         arrays[name] = value
     return arrays
 
@@ -44,7 +48,8 @@ def torch_result(spec: LayerSpec, arrays: dict[str, np.ndarray]) -> np.ndarray:
                       spec.dilation)).numpy()
     # Gradients through autograd of the associated conv.
     c_x = spec.conv_channels[0]
-    x = t.get("input", torch.zeros(spec.batch, c_x, *spec.input_size, dtype=torch.float64))
+    batch = t["grad_output"].shape[0]
+    x = t.get("input", torch.zeros(batch, c_x, *spec.input_size, dtype=torch.float64))
     w = t.get("weight", torch.zeros(spec.weight_shape, dtype=torch.float64))
     x.requires_grad_(spec.op == "conv_grad_input")
     w.requires_grad_(spec.op == "conv_grad_weight")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from zeroskip import LayerSpec
+from zeroskip import LayerSpec, Workload
 
 OPS = ("conv", "conv_transpose", "conv_grad_input", "conv_grad_weight")
 
@@ -31,8 +31,7 @@ def specs(draw, ops=OPS, ranks=(1, 2, 3), limits=FULL, modes=True, channels=(1, 
     dilation = tuple(draw(st.integers(1, max_d)) for _ in range(rank))
     extent = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
     extra = [draw(st.integers(0, max_extra)) for _ in range(rank)]
-    common = dict(bias=draw(st.booleans()), batch=draw(st.sampled_from((0, 1, 2))),
-                  density=draw(st.sampled_from((1.0, 0.5, 0.1))),
+    common = dict(bias=draw(st.booleans()),
                   activation=draw(st.sampled_from(("none", "none", "relu"))))
     if op == "conv_transpose":
         padding = tuple(draw(st.integers(0, k)) for k in kernel)
@@ -63,7 +62,12 @@ def specs(draw, ops=OPS, ranks=(1, 2, 3), limits=FULL, modes=True, channels=(1, 
     spec = LayerSpec.conv(c_in, c_out, kernel, stride, padding, dilation, groups,
                           padding_mode=mode, input_size=size, **common)
     if op == "conv_grad_input":
-        return spec.grad_input(density=common["density"])
+        return spec.grad_input()
     if op == "conv_grad_weight":
         return spec.grad_weight()
     return spec
+
+
+def workloads() -> st.SearchStrategy[Workload]:
+    """What a layer runs on: a batch of 0, 1 or 2, dense or sparse data."""
+    return st.builds(Workload, st.sampled_from((0, 1, 2)), st.sampled_from((1.0, 0.5, 0.1)))

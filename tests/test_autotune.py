@@ -55,12 +55,12 @@ def test_every_bucket_is_its_own():
     assert [tuning.bucket(b) for b in tuning.BUCKETS] == list(tuning.BUCKETS)
 
 
-def test_spec_key_ignores_batch_and_density():
+def test_spec_key_is_the_layers_shape():
     key = tuning.spec_key(SPEC)
-    assert tuning.spec_key(dataclasses.replace(SPEC, batch=32, density=0.1)) == key
+    assert not {"batch", "density"} & set(json.loads(key))   # the workload is not the layer's
     assert tuning.spec_key(OTHER) != key
     assert tuning.spec_key(dataclasses.replace(SPEC, dtype="float64")) != key
-    assert LayerSpec.from_dict(json.loads(key)) == SPEC   # batch 1 and density 1 by default
+    assert LayerSpec.from_dict(json.loads(key)) == SPEC
 
 
 # --------------------------------------------------------------------------------- database
@@ -76,7 +76,7 @@ def test_record_save_and_load(db_path):
     loaded = tuning.TuningDB(db_path)
     assert loaded.here == db.here and loaded.machines[loaded.here] == tuning.fingerprint()
     assert loaded.lookup(SPEC, 0.1) == loaded.lookup(SPEC, 0.06) == "sparse"
-    assert loaded.lookup(dataclasses.replace(SPEC, batch=4, density=0.3), 0.1) == "sparse"
+    assert loaded.lookup(LayerSpec.from_dict(SPEC.to_dict()), 0.1) == "sparse"
     assert loaded.lookup(SPEC, 0.8) == "dense/w6"
     assert loaded.lookup(OTHER, 0.1) is None
     # Untuned densities take the record tuned nearest by ratio (0.3 is 3x from 0.1, 3.3x from 1).
@@ -221,7 +221,7 @@ def test_tune_tiny_layer():
     assert math.isfinite(result.ms["torch"])
     assert result.ms[result.choice] == min(result.ms.values())
     assert result.speedup() == result.ms["torch"] / result.ms[result.choice]
-    assert result.density == result.spec.density == 0.1
+    assert result.density == 0.1 and result.spec == SPEC and result.batch == 1
 
 
 def test_dense_input_has_no_sparse_candidates():

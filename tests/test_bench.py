@@ -37,7 +37,7 @@ def test_suite_layers():
         "deeplab", "unet3d", "convT1d-long"}
     for layer in bench.SUITE:
         spec = layer.spec
-        assert spec.batch == 1 and spec.op in ("conv", "conv_transpose")
+        assert spec.op in ("conv", "conv_transpose")
         bench.call_args(spec)            # zero, symmetric padding
         if layer.dense:
             assert spec.op == "conv" and spec.groups == 1 and set(spec.dilation) == {1}
@@ -63,7 +63,7 @@ def test_call_args_refuse_asymmetric_padding():
 def test_rows(report):
     assert [r.name for r in report.rows] == ["tiny.conv", "tiny.deconv"]
     for row, layer in zip(report.rows, TINY_LAYERS):
-        assert row.shape == layer.spec.describe()
+        assert row.shape == layer.spec.describe(1)         # the bench's batch
         assert row.torch_ms > 0 and row.zeroskip_ms > 0 and row.compile_s > 0
         assert row.ratio == pytest.approx(row.torch_ms / row.zeroskip_ms)
         assert row.nonzero_macs == nonzero_macs(layer.spec)
@@ -178,7 +178,7 @@ def test_backward_rows(backward_report):
     for row, layer in zip(rows, BACKWARD_LAYERS):
         spec = layer.spec
         specs = (spec, spec.grad_input(), spec.grad_weight())
-        assert row.shape == spec.describe()
+        assert row.shape == spec.describe(1)
         assert row.torch_ms > 0 and row.zeroskip_ms > 0
         assert row.ratio == pytest.approx(row.torch_ms / row.zeroskip_ms)
         assert row.nonzero_macs == sum(map(nonzero_macs, specs))

@@ -17,7 +17,7 @@ import torch
 
 import zeroskip
 import zeroskip.functional as ZF
-from zeroskip import LayerSpec, generate
+from zeroskip import LayerSpec, Workload, generate
 from zeroskip.runtime import autotune, binding, bundle, cc, dispatch, loader, stats, tuning
 
 NET = textwrap.dedent("""
@@ -277,7 +277,7 @@ def test_kernel_missing_from_bundle_is_compiled(made, tmp_path, served):
 
 
 def test_generate_replaces_only_bundles(tmp_path, fresh_cache):
-    layers = [("one", LayerSpec.conv(2, 4, 3, input_size=(6, 6)))]
+    layers = [("one", LayerSpec.conv(2, 4, 3, input_size=(6, 6)), Workload())]
     keep = tmp_path / "not-a-bundle"
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
@@ -297,11 +297,12 @@ def test_generate_replaces_only_bundles(tmp_path, fresh_cache):
 def test_tuned_bundle_decides_dispatch(tmp_path, fresh_cache, served, monkeypatch):
     """With --tune the bundle carries this machine's choices, and its layers dispatch on them
     without reading the tuning database."""
-    spec = LayerSpec.conv(16, 16, 3, padding=1, input_size=(8, 8), batch=2, density=0.2)
-    manifest = generate.make_bundle([("layer", spec)], tmp_path / "tuned", tune=True,
-                                    include_grads=False, progress=False)
+    spec = LayerSpec.conv(16, 16, 3, padding=1, input_size=(8, 8))
+    manifest = generate.make_bundle([("layer", spec, Workload(2, 0.2))], tmp_path / "tuned",
+                                    tune=True, include_grads=False, progress=False)
     loaded = zeroskip.load_bundle(tmp_path / "tuned")
-    (record,) = loaded.records(generate.served_spec(spec)).values()
+    (record,) = loaded.records(spec).values()
+    assert loaded.density(spec) == 0.2
     choice = record["choice"]
     bundled = {k["variant"] for k in manifest["kernels"]}
     assert choice == "torch" or choice in bundled | {"dense"}
@@ -325,7 +326,7 @@ def test_triton_kernels_served_from_bundle(tmp_path, fresh_cache, served, monkey
     and, under Triton's interpreter here, imported from the bundle."""
     from zeroskip.runtime import tritonenv
     spec = LayerSpec.conv(16, 16, 3, padding=1, input_size=(6, 6))
-    manifest = generate.make_bundle([("layer", spec)], tmp_path / "both",
+    manifest = generate.make_bundle([("layer", spec, Workload())], tmp_path / "both",
                                     backends=("c", "triton"), targets=("sm_90",),
                                     include_grads=False, progress=False)
     assert manifest["machine"]["triton"] == tritonenv.triton_version()

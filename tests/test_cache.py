@@ -2,7 +2,6 @@
 corrupt entries, concurrent builders, what the key depends on, and directory permissions."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -19,10 +18,11 @@ import torch
 
 from oracle import random_inputs, torch_result
 from zeroskip.codegen import emit
-from zeroskip import LayerSpec
+from zeroskip import LayerSpec, Workload
 from zeroskip.runtime import cache, cc, loader, stats
 
-SPEC = LayerSpec.conv(4, 8, 3, padding=1, input_size=(10, 10), batch=2)
+SPEC = LayerSpec.conv(4, 8, 3, padding=1, input_size=(10, 10))
+BATCH = Workload(2)
 TESTS = Path(__file__).parent
 
 
@@ -33,7 +33,7 @@ def counts_since(before: dict) -> dict:
 
 
 def assert_correct(spec: LayerSpec) -> None:
-    arrays = random_inputs(spec)
+    arrays = random_inputs(spec, workload=BATCH)
     want = torch_result(spec, arrays)
     got = loader.run_spec(spec, {k: torch.tensor(v, dtype=torch.float32)
                               for k, v in arrays.items()}).numpy()
@@ -60,7 +60,7 @@ def test_layout_meta_and_memo(fresh_cache, monkeypatch):
     assert meta["key"] == key and sorted(meta["files"]) == ["kernel.c", "kernel.so"]
     for name, digest in meta["files"].items():
         assert hashlib.sha256((kernel.folder / name).read_bytes()).hexdigest() == digest
-    assert LayerSpec.from_dict(meta["spec"]) == dataclasses.replace(SPEC, batch=1)
+    assert LayerSpec.from_dict(meta["spec"]) == SPEC
     assert cache.lookup(key) == meta
 
     # Same spec again: the in-process memo, without even looking at the disk.
@@ -90,10 +90,10 @@ CHILD = textwrap.dedent("""
     import numpy as np, torch
     import zeroskip
     from oracle import random_inputs, torch_result
-    from zeroskip import LayerSpec
+    from zeroskip import LayerSpec, Workload
     from zeroskip.runtime.loader import run_spec
     spec = LayerSpec.from_dict({spec!r})
-    arrays = random_inputs(spec)
+    arrays = random_inputs(spec, workload=zeroskip.Workload(2))
     want = torch_result(spec, arrays)
     barrier, count = sys.argv[1], int(sys.argv[2])
     open(f"{{barrier}}.{{os.getpid()}}", "w").close()
@@ -205,10 +205,10 @@ def test_corrupt_entry_is_rebuilt(fresh_cache, monkeypatch, corrupt):
 def test_key_depends_on_flags_and_source_not_batch(fresh_cache, monkeypatch):
     base = loader.kernel_for(SPEC)
 
-    # The same spec at another batch size: the same entry, found on disk.
+    # The same spec again (any batch size runs on it): the same entry, found on disk.
     monkeypatch.setattr(loader, "_kernels", {})
     before = stats.stats()
-    assert loader.kernel_for(dataclasses.replace(SPEC, batch=8)).folder == base.folder
+    assert loader.kernel_for(LayerSpec.from_dict(SPEC.to_dict())).folder == base.folder
     assert counts_since(before)["cache_hits"] == 1
 
     # Other compiler flags, same source: another key.

@@ -2,7 +2,6 @@
 ``bench --densities``."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import zeroskip
-from zeroskip import LayerSpec, explain
+from zeroskip import LayerSpec, Workload, explain
 from zeroskip.cli import main
 from zeroskip.codegen import pipeline
 from zeroskip.codegen.ir import from_json, to_dot, verify
@@ -24,7 +23,8 @@ STEPS = ["frontend", *(name for name, _ in pipeline.PIPELINE)]
 DECONV_ARGS = ["explain", "--op", "conv_transpose2d", "--in", "64", "--out", "32", "--kernel",
                "4", "--stride", "2", "--padding", "1", "--input-size", "32", "32",
                "--density", "0.3"]
-DECONV = LayerSpec.conv_transpose(64, 32, 4, 2, 1, input_size=(32, 32), density=0.3)
+DECONV = LayerSpec.conv_transpose(64, 32, 4, 2, 1, input_size=(32, 32))
+DECONV_WORK = Workload(1, 0.3)
 
 CONV_ARGS = ["explain", "--op", "conv2d", "--in", "16", "--out", "32", "--kernel", "3",
              "--stride", "2", "--padding", "1", "--input-size", "12", "12"]
@@ -44,7 +44,7 @@ def run_json(capsys, argv) -> dict:
 
 def test_explain_text_report(capsys):
     out = run_cli(capsys, DECONV_ARGS)
-    report = zeroskip.explain(DECONV)
+    report = zeroskip.explain(DECONV, DECONV_WORK)
     # Hand count: the associated conv maps 64x64 -> 32x32 with 4 taps per axis; every output
     # of the deconv meets 2 real taps per axis, 126 pairs per axis once the padding is trimmed.
     assert (report.dense_macs, report.nonzero_macs) == (134_217_728, 32_514_048)
@@ -62,8 +62,9 @@ def test_explain_text_report(capsys):
 
 def test_explain_json_matches_api(capsys):
     data = run_json(capsys, DECONV_ARGS)
-    report = zeroskip.explain(DECONV)
+    report = zeroskip.explain(DECONV, DECONV_WORK)
     assert LayerSpec.from_dict(data["spec"]) == DECONV
+    assert Workload(**data["workload"]) == DECONV_WORK
     assert (data["dense_macs"], data["nonzero_macs"], data["strategy"]) == \
         (report.dense_macs, report.nonzero_macs, report.strategy)
     assert [p["name"] for p in data["passes"]] == STEPS
@@ -102,7 +103,7 @@ def test_explain_per_axis_kernel_and_same_padding(capsys):
                              "12"])
     spec = LayerSpec.from_dict(data["spec"])
     assert spec.kernel_size == (3, 5) and spec.padding == ((1, 1), (2, 2))
-    assert spec.output_shape == (1, 8, 10, 12)
+    assert spec.output_shape() == (1, 8, 10, 12)
     assert data["nonzero_macs"] == nonzero_macs(spec)
 
 
@@ -145,14 +146,15 @@ def test_demo_checks_every_layer_against_torch(capsys):
     dense = nonzero = rows = 0
     for net, model, sample in builtin_workload():
         assert "output matches torch" in out.split(f"## {net}:", 1)[1].split("\n", 1)[0]
-        for name, spec in trace_specs(model, sample):
-            report = explain(spec)
-            row = (f"| {net}.{name} | {spec.describe().split(' on ')[0]} | {spec.density:.2f} "
-                   f"| {report.skipped:.1%} |")
+        for name, spec, workload in trace_specs(model, sample):
+            report = explain(spec, workload)
+            row = (f"| {net}.{name} | {spec.describe().split(' on ')[0]} "
+                   f"| {workload.density:.2f} | {report.skipped:.1%} |")
             assert row in out
             rows += 1
             for _, op_spec in training_ops(spec):
-                dense, nonzero = dense + dense_macs(op_spec), nonzero + nonzero_macs(op_spec)
+                dense += dense_macs(op_spec, workload.batch)
+                nonzero += nonzero_macs(op_spec, workload.batch)
     assert out.count("\n| ") - out.count("| layer |") == rows
     assert rows >= 9  # 4 deconvs + 5 convs
     assert "0 fallbacks to torch" in out
@@ -179,15 +181,15 @@ def check_density_sweep(sweep: str) -> None:
 def test_demo_sweeps_distinct_layers_3x3_first():
     from zeroskip.demo import sweep_layers
 
-    wide = LayerSpec.conv(64, 128, 3, 2, 1, bias=False, input_size=(32, 32), batch=4)
-    same = LayerSpec.conv(128, 128, 3, 1, 1, bias=False, input_size=(16, 16), batch=4)
-    small = LayerSpec.conv(64, 128, 1, 2, bias=False, input_size=(32, 32), batch=4)
-    chosen = sweep_layers([("n.small", "n", small), ("n.a", "n", same), ("n.b", "n", same),
-                           ("n.wide", "n", wide)])
+    wide = LayerSpec.conv(64, 128, 3, 2, 1, bias=False, input_size=(32, 32))
+    same = LayerSpec.conv(128, 128, 3, 1, 1, bias=False, input_size=(16, 16))
+    small = LayerSpec.conv(64, 128, 1, 2, bias=False, input_size=(32, 32))
+    four = Workload(4, 0.5)
+    chosen = sweep_layers([("n.small", "n", small, four), ("n.a", "n", same, four),
+                           ("n.b", "n", same, four), ("n.wide", "n", wide, four)])
     assert [(layer.name, batch) for layer, batch in chosen] == \
         [("n.a", 4), ("n.wide", 4), ("n.small", 4)]
-    assert [layer.spec for layer, _ in chosen] == \
-        [dataclasses.replace(spec, batch=1) for spec in (same, wide, small)]
+    assert [layer.spec for layer, _ in chosen] == [same, wide, small]
 
 
 def test_bench_density_sweep_writes_its_files(tmp_path, capsys):
@@ -290,10 +292,10 @@ def test_tune_suite_selection(capsys, tmp_path, monkeypatch):
     from zeroskip.runtime import autotune
     seen = {}
 
-    def fake_tune_all(specs, densities, db, repeats, progress):
-        seen.update(specs=list(specs), densities=densities, repeats=repeats, progress=progress)
+    def fake_tune_all(layers, densities, db, repeats, progress):
+        seen.update(layers=list(layers), densities=densities, repeats=repeats, progress=progress)
         results = []
-        for spec in seen["specs"]:
+        for spec, _ in seen["layers"]:
             for d in densities:
                 ms = {"torch": 2.0, "dense": 1.0, "sparse": 0.5 if d < 0.5 else 4.0}
                 result = autotune.Result(spec, d, ms, {}, None)
@@ -308,7 +310,7 @@ def test_tune_suite_selection(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     layers = [layer for layer in bench.select(quick=True) if layer.spec.op in ("conv",
                                                                                "conv_transpose")]
-    assert seen["specs"] == [layer.spec for layer in layers]
+    assert seen["layers"] == [(layer.spec, 1) for layer in layers]   # at batch 1
     assert seen["densities"] == (1.0, 0.5, 0.3, 0.1, 0.05)
     assert (seen["repeats"], seen["progress"]) == (7, True)
     rows = _tune_rows(out)

@@ -15,10 +15,10 @@ from torch.func import functional_call
 import zeroskip
 import zeroskip.functional as ZF
 import zeroskip.nn as ZN
-from zeroskip import LayerSpec
+from zeroskip import LayerSpec, Workload
 
 from oracle import random_inputs
-from strategies import EXECUTABLE, specs
+from strategies import EXECUTABLE, specs, workloads
 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
 
@@ -100,10 +100,11 @@ def _conv_padding(spec: LayerSpec, named: bool):
     return tuple(max(lo, hi) for lo, hi in pairs)
 
 
-def make_case(spec: LayerSpec, dtype: torch.dtype, via_module: bool, named: bool, seed: int):
-    """``(zs_fn, torch_fn, x, weight, bias)`` for a conv or conv_transpose spec; a padding mode
-    other than zeros always goes through the modules."""
-    arrays = random_inputs(spec, seed)
+def make_case(spec: LayerSpec, dtype: torch.dtype, via_module: bool, named: bool, seed: int,
+              workload: Workload = Workload()):
+    """``(zs_fn, torch_fn, x, weight, bias)`` for a conv or conv_transpose spec at a workload;
+    a padding mode other than zeros always goes through the modules."""
+    arrays = random_inputs(spec, seed, workload)
     x, w = (torch.tensor(arrays[k], dtype=dtype) for k in ("input", "weight"))
     b = torch.tensor(arrays["bias"], dtype=dtype) if spec.bias else None
     r = spec.rank
@@ -166,17 +167,19 @@ def _grad_fallbacks(spec: LayerSpec) -> int:
 
 @settings(max_examples=60, deadline=None)
 @given(spec=CONV_SPECS, dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
-       via_module=st.booleans(), named=st.booleans(), seed=st.integers(0, 2**16))
-def test_forward_matches_torch(spec, dtype, layout, via_module, named, seed):
-    zs_fn, th_fn, x, w, b = make_case(spec, dtype, via_module, named, seed)
+       via_module=st.booleans(), named=st.booleans(), seed=st.integers(0, 2**16),
+       workload=workloads())
+def test_forward_matches_torch(spec, dtype, layout, via_module, named, seed, workload):
+    zs_fn, th_fn, x, w, b = make_case(spec, dtype, via_module, named, seed, workload)
     assert_matches_torch(zs_fn, th_fn, apply_layout(x, layout), w, b)
 
 
 @settings(max_examples=30, deadline=None)
 @given(spec=CONV_SPECS, dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
-       via_module=st.booleans(), named=st.booleans(), seed=st.integers(0, 2**16))
-def test_backward_matches_torch(spec, dtype, layout, via_module, named, seed):
-    zs_fn, th_fn, x, w, b = make_case(spec, dtype, via_module, named, seed)
+       via_module=st.booleans(), named=st.booleans(), seed=st.integers(0, 2**16),
+       workload=workloads())
+def test_backward_matches_torch(spec, dtype, layout, via_module, named, seed, workload):
+    zs_fn, th_fn, x, w, b = make_case(spec, dtype, via_module, named, seed, workload)
     assert_matches_torch(zs_fn, th_fn, apply_layout(x, layout), w, b, backward=True,
                          grad_fallbacks=_grad_fallbacks(spec))
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import zeroskip.functional as zf
 from strategies import specs
-from zeroskip import LayerSpec
+from zeroskip import LayerSpec, Workload
 from zeroskip.codegen.variant import Variant
 from zeroskip.runtime import reference, stats
 from zeroskip.spec import LimitError
@@ -102,16 +102,19 @@ def _check_valid(spec: LayerSpec) -> None:
     backward operators that are valid specs of the right shapes or raise a documented type."""
     for f in dataclasses.fields(spec):
         assert _plain(getattr(spec, f.name)), f.name
-    shape = spec.output_shape
+    # A batch of one where torch takes one (an empty input takes only an empty batch).
+    batch = 1 if all(spec.input_size) or spec.op == "conv_transpose" else 0
+    shape = spec.output_shape(batch)
     assert all(type(n) is int and n >= 0 for n in shape), shape
-    if spec.batch and spec.op in ("conv", "conv_transpose"):
+    if batch and spec.op in ("conv", "conv_transpose"):
         assert all(n >= 1 for n in shape[2:]), shape
     assert all(n >= 1 for n in spec.weight_shape)
     assert LayerSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     assert isinstance(spec.describe(), str)
     if spec.op in ("conv", "conv_transpose"):
         # torch's own shape function (meta tensors: nothing is allocated).
-        meta = {name: torch.empty(s, device="meta") for name, s in spec.input_shapes.items()}
+        meta = {name: torch.empty(s, device="meta")
+                for name, s in spec.input_shapes(batch).items()}
         try:
             out = reference.forward(spec, meta["input"], meta["weight"], meta.get("bias"))
         except RuntimeError as exc:   # torch refusing what the spec accepted: a bug
@@ -123,8 +126,9 @@ def _check_valid(spec: LayerSpec) -> None:
             except DOCUMENTED as exc:
                 event(f"{derive.__name__}: {type(exc).__name__}")
                 continue
-            want = spec.input_shapes["input"] if operand == "input" else spec.weight_shape
-            assert grad.output_shape == want, (spec.describe(), grad.describe())
+            want = spec.input_shapes(batch)["input"] if operand == "input" else \
+                spec.weight_shape
+            assert grad.output_shape(batch) == want, (spec.describe(), grad.describe())
 
 
 def _attempt(build) -> None:
@@ -170,16 +174,27 @@ def conv_args(draw, transpose: bool):
     return corrupt(draw, args)
 
 
+def _with_workload(make, args: dict):
+    """Build the spec from ``args`` less ``batch`` and ``density``, which (raw values too)
+    make the workload it is checked with."""
+    def build():
+        work = {k: args.pop(k) for k in ("batch", "density") if k in args}
+        spec = make(**args)
+        Workload(**work).check(spec)
+        return spec
+    return build
+
+
 @_fuzz(500)
 @given(args=conv_args(transpose=False))
 def test_fuzz_layerspec_conv(args):
-    _attempt(lambda: LayerSpec.conv(**args))
+    _attempt(_with_workload(LayerSpec.conv, args))
 
 
 @_fuzz(500)
 @given(args=conv_args(transpose=True))
 def test_fuzz_layerspec_conv_transpose(args):
-    _attempt(lambda: LayerSpec.conv_transpose(**args))
+    _attempt(_with_workload(LayerSpec.conv_transpose, args))
 
 
 FIELDS = [f.name for f in dataclasses.fields(LayerSpec)]
@@ -543,7 +558,8 @@ def test_transposed_conv_checks_depend_on_the_batch_like_torch(batch, kernel, kw
 def test_layerspec_replicate_padding_of_empty_input_raises_like_torch():
     """F.pad(mode='replicate') refuses an empty spatial size even in an empty batch."""
     with pytest.raises(RuntimeError, match="replicate"):
-        LayerSpec.conv(1, 1, 1, padding=1, padding_mode="replicate", input_size=(0,), batch=0)
+        Workload(0).check(LayerSpec.conv(1, 1, 1, padding=1, padding_mode="replicate",
+                                         input_size=(0,)))
 
 
 @pytest.mark.parametrize("op, batch, kwargs", [

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from oracle import random_inputs, torch_result
-from strategies import EXECUTABLE, specs
-from zeroskip import LayerSpec
+from strategies import EXECUTABLE, specs, workloads
+from zeroskip import LayerSpec, Workload
 from zeroskip.codegen import emit, lower, pipeline
 from zeroskip.runtime import cc
 from zeroskip.runtime.loader import kernel_for, run_spec
@@ -37,34 +37,40 @@ def run_and_compare(spec: LayerSpec, arrays: dict[str, np.ndarray],
     return got
 
 
-def plan_of(spec: LayerSpec) -> lower.KernelPlan:
-    """The plan kernel_for would build, without compiling (any batch size)."""
-    steps = pipeline.run(spec)
+def plan_of(spec: LayerSpec, workload: Workload = Workload()) -> lower.KernelPlan:
+    """The plan kernel_for would build, without compiling (any batch size), with the cost
+    model deciding at the workload's density."""
+    steps = pipeline.run(spec, workload=workload)
     return lower.plan(steps[-1][1], vector_bytes=cc.vector_bytes(cc.compiler()[1]))
 
 
 # ----------------------------------------------------------------------------- every operator
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
-@given(specs(limits=EXECUTABLE, channels=(1, 40)), st.sampled_from(("float32", "float64")))
-def test_kernels_match_torch(spec, dtype):
+@given(specs(limits=EXECUTABLE, channels=(1, 40)), workloads(),
+       st.sampled_from(("float32", "float64")))
+def test_kernels_match_torch(spec, workload, dtype):
     spec = dataclasses.replace(spec, dtype=dtype)
-    run_and_compare(spec, random_inputs(spec))
+    run_and_compare(spec, random_inputs(spec, workload=workload))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(specs(limits=EXECUTABLE, channels=(1, 40)), st.sampled_from((0.0, 0.05, 0.3, 1.0)),
-       st.sampled_from(("float32", "float64")), st.sampled_from((None, 1, 2)))
-def test_forced_sparse_matches_torch(spec, density, dtype, vectors):
+@given(specs(limits=EXECUTABLE, channels=(1, 40)), workloads(),
+       st.sampled_from((0.0, 0.05, 0.3, 1.0)), st.sampled_from(("float32", "float64")),
+       st.sampled_from((None, 1, 2)))
+def test_forced_sparse_matches_torch(spec, workload, density, dtype, vectors):
     """The sparse strategy forced on every region it can serve, whatever the data's density:
     transposed phases, dilations, groups, padding modes, gradients, merged and per-tap walks."""
-    spec = dataclasses.replace(spec, dtype=dtype, density=density)
+    spec = dataclasses.replace(spec, dtype=dtype)
     variant = lower.Variant("sparse", sparse_vectors=vectors)
-    run_and_compare(spec, random_inputs(spec), variant)
+    run_and_compare(spec, random_inputs(spec, workload=Workload(workload.batch, density)),
+                    variant)
 
 
 # ----------------------------------------------------------------------------- sparse strategy
 # Large enough that the cost model picks the sparse strategy for the interior.
-SPARSE_CONV = LayerSpec.conv(16, 32, 3, padding=1, input_size=(12, 12), density=0.1, batch=2)
+SPARSE_CONV = LayerSpec.conv(16, 32, 3, padding=1, input_size=(12, 12))
+SPARSE_WORK = Workload(2, 0.1)
+SPARSE = lower.Variant("sparse")
 
 
 def sparse_array(shape, density: float, rng: np.random.Generator) -> np.ndarray:
@@ -79,42 +85,43 @@ def sparse_array(shape, density: float, rng: np.random.Generator) -> np.ndarray:
 
 def inputs_with(spec: LayerSpec, data: np.ndarray, seed: int = 1) -> dict[str, np.ndarray]:
     """Dense weights and bias from ``random_inputs``, ``data`` as the data operand."""
-    arrays = random_inputs(spec, seed)
+    arrays = random_inputs(spec, seed, Workload(data.shape[0]))
     name = "grad_output" if spec.op == "conv_grad_input" else "input"
     assert arrays[name].shape == data.shape
     arrays[name] = data
     return arrays
 
 
-def has_sparse(spec: LayerSpec) -> bool:
-    return "sparse_gather" in kernel_for(spec).plan.families
+def has_sparse(spec: LayerSpec, density: float) -> bool:
+    """Whether the cost model runs some region of ``spec`` sparse at ``density``."""
+    return "sparse_gather" in plan_of(spec, Workload(density=density)).families
 
 
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.1, 0.5, 1.0])
 def test_sparse_at_density(density):
     rng = np.random.default_rng(int(density * 100))
-    x = sparse_array(SPARSE_CONV.input_shapes["input"], density, rng)
+    x = sparse_array(SPARSE_CONV.input_shapes(2)["input"], density, rng)
     assert np.count_nonzero(x) == round(density * x.size)
-    # The kernel compiled for this density: sparse for low densities, never for dense data.
-    spec = dataclasses.replace(SPARSE_CONV, density=density)
+    # The cost model at this density: sparse for low densities, never for dense data.
     if density <= 0.1:
-        assert has_sparse(spec)
+        assert has_sparse(SPARSE_CONV, density)
     if density == 1.0:
-        assert all(r.family != "sparse_gather" for r in kernel_for(spec).plan.regions)
-    run_and_compare(spec, inputs_with(spec, x))
-    # The sparse kernel is exact whatever the actual density of its data.
-    assert has_sparse(SPARSE_CONV)
+        assert not has_sparse(SPARSE_CONV, density)
+        assert all(r.family != "sparse_gather" for r in kernel_for(SPARSE_CONV).plan.regions)
     run_and_compare(SPARSE_CONV, inputs_with(SPARSE_CONV, x))
+    # The sparse kernel is exact whatever the actual density of its data.
+    assert "sparse_gather" in kernel_for(SPARSE_CONV, "c", SPARSE).plan.families
+    run_and_compare(SPARSE_CONV, inputs_with(SPARSE_CONV, x), SPARSE)
 
 
 def test_sparse_all_zero_channels():
     rng = np.random.default_rng(2)
-    x = sparse_array(SPARSE_CONV.input_shapes["input"], 0.3, rng)
+    x = sparse_array(SPARSE_CONV.input_shapes(2)["input"], 0.3, rng)
     x[:, ::2] = 0                                  # every other channel entirely zero
     x[1, :] = 0                                    # and the whole second sample
-    assert has_sparse(SPARSE_CONV)
-    got = run_and_compare(SPARSE_CONV, inputs_with(SPARSE_CONV, x))
-    bias = random_inputs(SPARSE_CONV, 1)["bias"]
+    assert has_sparse(SPARSE_CONV, SPARSE_WORK.density)
+    got = run_and_compare(SPARSE_CONV, inputs_with(SPARSE_CONV, x), SPARSE)
+    bias = random_inputs(SPARSE_CONV, 1, Workload(2))["bias"]
     # The all-zero sample's output is the bias everywhere.
     np.testing.assert_allclose(got[1], np.broadcast_to(bias[:, None, None], got[1].shape),
                                rtol=1e-6)
@@ -122,35 +129,31 @@ def test_sparse_all_zero_channels():
 
 def test_sparse_single_nonzero():
     spec = dataclasses.replace(SPARSE_CONV, bias=False)
-    assert has_sparse(spec)
-    x = np.zeros(spec.input_shapes["input"])
+    assert has_sparse(spec, SPARSE_WORK.density)
+    x = np.zeros(spec.input_shapes(2)["input"])
     x[1, 5, 0, 11] = 2.5                           # a corner: border and interior regions
-    got = run_and_compare(spec, inputs_with(spec, x))
+    got = run_and_compare(spec, inputs_with(spec, x), SPARSE)
     assert not got[0].any()                        # no stray writes into the empty sample
     # Only the 3x3 neighbourhood of the non-zero is reached (rows 0-1, columns 10-11).
     reached = np.argwhere(got[1].any(axis=0))
     assert reached.min(axis=0).tolist() == [0, 10] and reached.max(axis=0).tolist() == [1, 11]
 
 
-@pytest.mark.parametrize("spec", [
-    LayerSpec.conv_transpose(32, 16, 4, stride=2, padding=1, input_size=(7, 7), density=0.1,
-                             batch=2),
-    LayerSpec.conv(16, 32, 3, padding=1, input_size=(12, 12), density=0.1, batch=2,
-                   padding_mode="reflect"),
-    LayerSpec.conv(16, 32, 3, stride=2, padding=1, groups=2, input_size=(12, 11), density=0.05,
-                   batch=2),
-    LayerSpec.conv(8, 24, 3, padding=1, input_size=(40,), density=0.2, batch=2,
-                   dtype="float64"),
-    SPARSE_CONV.grad_input(density=0.1),
-], ids=lambda s: s.describe())
-def test_sparse_variants(spec):
-    assert has_sparse(spec)
+@pytest.mark.parametrize("spec, density", [
+    (LayerSpec.conv_transpose(32, 16, 4, stride=2, padding=1, input_size=(7, 7)), 0.1),
+    (LayerSpec.conv(16, 32, 3, padding=1, input_size=(12, 12), padding_mode="reflect"), 0.1),
+    (LayerSpec.conv(16, 32, 3, stride=2, padding=1, groups=2, input_size=(12, 11)), 0.05),
+    (LayerSpec.conv(8, 24, 3, padding=1, input_size=(40,), dtype="float64"), 0.2),
+    (SPARSE_CONV.grad_input(), 0.1),
+], ids=lambda s: s.describe() if isinstance(s, LayerSpec) else str(s))
+def test_sparse_variants(spec, density):
+    assert has_sparse(spec, density)
     if spec.padding_mode == "reflect":
-        assert kernel_for(spec).plan.pad.mode == "reflect"
+        assert kernel_for(spec, "c", SPARSE).plan.pad.mode == "reflect"
     name = "grad_output" if spec.op == "conv_grad_input" else "input"
-    x = sparse_array(spec.input_shapes[name], spec.density, np.random.default_rng(3))
-    assert np.count_nonzero(x) == round(spec.density * x.size)
-    run_and_compare(spec, inputs_with(spec, x))
+    x = sparse_array(spec.input_shapes(2)[name], density, np.random.default_rng(3))
+    assert np.count_nonzero(x) == round(density * x.size)
+    run_and_compare(spec, inputs_with(spec, x), SPARSE)
 
 
 # ----------------------------------------------------------------------------- vectorization
@@ -167,22 +170,22 @@ def test_channels_tile_remainders(dtype):
     assert width > 1
     for last, multiple in ((2 * width, True), (2 * width + 3, False)):
         # kernel 3, no padding: one region whose last axis has ``last`` outputs.
-        spec = LayerSpec.conv(4, 64, 3, input_size=(5, last + 2), dtype=dtype, batch=2)
+        spec = LayerSpec.conv(4, 64, 3, input_size=(5, last + 2), dtype=dtype)
         plan = kernel_for(spec).plan
         assert plan.tile_width == width
         regions = direct_regions(plan, "channels")
         assert regions and all(r.axes[-1].u_len == last > width for r in regions)
         assert all((r.axes[-1].u_len % plan.tile_width == 0) == multiple for r in regions)
-        run_and_compare(spec, random_inputs(spec))
+        run_and_compare(spec, random_inputs(spec, workload=Workload(2)))
 
 
 def test_channels_padded_output_channels():
     """Output channels not a multiple of the vector tile: the packed row is padded."""
-    spec = LayerSpec.conv(3, 20, 3, padding=1, input_size=(9, 13), batch=2)
+    spec = LayerSpec.conv(3, 20, 3, padding=1, input_size=(9, 13))
     plan = kernel_for(spec).plan
     assert direct_regions(plan, "channels")
     assert plan.c_out_padded > plan.c_out == 20
-    run_and_compare(spec, random_inputs(spec))
+    run_and_compare(spec, random_inputs(spec, workload=Workload(2)))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -199,12 +202,12 @@ def test_channels_blocks_of_contracted_channels(dtype):
 def test_tiles_run_along_the_longest_axis():
     """A border column of a 2-D conv is one position wide and many rows long: its tiles run
     along the rows."""
-    spec = LayerSpec.conv(8, 32, 3, padding=1, input_size=(20, 6), batch=2)
+    spec = LayerSpec.conv(8, 32, 3, padding=1, input_size=(20, 6))
     plan = kernel_for(spec).plan
     columns = [r for r in plan.regions if r.axes[1].u_len == 1 and r.axes[0].u_len > 1]
     assert columns and all(r.tile_axis == 0 for r in columns)
     assert any(r.tile_axis == 1 for r in plan.regions)
-    run_and_compare(spec, random_inputs(spec))
+    run_and_compare(spec, random_inputs(spec, workload=Workload(2)))
 
 
 @pytest.mark.parametrize("dtype, multiplier, stride, extra", [
@@ -221,7 +224,7 @@ def test_positions_tile_remainders(dtype, multiplier, stride, extra):
     pos_vectors vectors on the last axis; whole tiles, and remainders."""
     def depthwise(length: int) -> LayerSpec:
         return LayerSpec.conv(4, 4 * multiplier, 3, stride=stride, groups=4, dtype=dtype,
-                              input_size=(3, length), batch=2)
+                              input_size=(3, length))
     probe = plan_of(depthwise(9))
     width = probe.pos_vectors * probe.lanes
     extra = probe.lanes if extra == "vector" else extra
@@ -233,12 +236,12 @@ def test_positions_tile_remainders(dtype, multiplier, stride, extra):
     assert plan.c_out == multiplier and plan.c_out % plan.pos_channels == 0
     assert all(r.axes[-1].u_len == last and (last % width == 0) == (extra == 0)
                for r in regions)
-    run_and_compare(spec, random_inputs(spec))
+    run_and_compare(spec, random_inputs(spec, workload=Workload(2)))
 
 
 # ----------------------------------------------------------------------------- generated source
 def test_source_header_names_spec_and_passes():
-    spec = LayerSpec.conv(4, 8, 3, stride=2, padding=1, input_size=(10, 10), batch=3)
+    spec = LayerSpec.conv(4, 8, 3, stride=2, padding=1, input_size=(10, 10))
     kernel = kernel_for(spec)
     source = kernel.source.read_text()
     assert source.startswith("/*")
@@ -250,15 +253,14 @@ def test_source_header_names_spec_and_passes():
     assert source == emit.render(plan)             # the cached source is the rendered one
 
 
-@pytest.mark.parametrize("spec", [
-    LayerSpec.conv(4, 8, 3, padding=1, input_size=(10, 10)),
-    LayerSpec.conv(16, 32, 3, padding=1, input_size=(12, 12), density=0.1,
-                   padding_mode="reflect"),
-    LayerSpec.conv(4, 6, 3, stride=2, input_size=(9,)).grad_weight(),
-], ids=lambda s: s.describe())
-def test_source_has_no_batch_size(spec):
-    one = emit.render(plan_of(dataclasses.replace(spec, batch=1)))
-    seven = emit.render(plan_of(dataclasses.replace(spec, batch=7)))
+@pytest.mark.parametrize("spec, density", [
+    (LayerSpec.conv(4, 8, 3, padding=1, input_size=(10, 10)), 1.0),
+    (LayerSpec.conv(16, 32, 3, padding=1, input_size=(12, 12), padding_mode="reflect"), 0.1),
+    (LayerSpec.conv(4, 6, 3, stride=2, input_size=(9,)).grad_weight(), 1.0),
+], ids=lambda s: s.describe() if isinstance(s, LayerSpec) else str(s))
+def test_source_has_no_batch_size(spec, density):
+    one = emit.render(plan_of(spec, Workload(1, density)))
+    seven = emit.render(plan_of(spec, Workload(7, density)))
     assert one == seven
 
 
@@ -325,15 +327,15 @@ def test_dump_writes_graphs_and_source(fresh_cache, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("spec", [
-    LayerSpec.conv(24, 40, 1, input_size=(7, 5), batch=2),
-    LayerSpec.conv(8, 12, 1, groups=4, input_size=(3, 4, 5), bias=False, batch=2),
-    LayerSpec.conv_transpose(16, 32, 1, input_size=(6, 6), batch=2),
+    LayerSpec.conv(24, 40, 1, input_size=(7, 5)),
+    LayerSpec.conv(8, 12, 1, groups=4, input_size=(3, 4, 5), bias=False),
+    LayerSpec.conv_transpose(16, 32, 1, input_size=(6, 6)),
 ], ids=lambda s: s.describe())
 def test_pointwise_convs_run_on_one_flat_axis(spec):
     """A 1x1, stride-1, unpadded conv: all positions form one axis (tiles span rows)."""
     plan = kernel_for(spec).plan
     assert plan.rank == 1 and plan.out_size == (math.prod(spec.output_size),)
-    run_and_compare(spec, random_inputs(spec))
+    run_and_compare(spec, random_inputs(spec, workload=Workload(2)))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -341,15 +343,14 @@ def test_weight_gradient_tiles(dtype):
     """Weight gradient with many output channels: tiles of output-channel vectors x input
     channels (whole tiles and a remainder) over the repacked output gradient, strided and
     grouped, summed over a batch of 3."""
-    for spec in (LayerSpec.conv(31, 64, 3, stride=2, padding=1, input_size=(9, 11), batch=3,
+    for spec in (LayerSpec.conv(31, 64, 3, stride=2, padding=1, input_size=(9, 11),
                                 dtype=dtype).grad_weight(),
-                 LayerSpec.conv(26, 64, (3, 1), padding=(1, 0), groups=2, input_size=(6, 5),
-                                batch=3, dtype=dtype).grad_weight()):
+                 LayerSpec.conv(26, 64, (3, 1), padding=(1, 0), groups=2, input_size=(6, 5), dtype=dtype).grad_weight()):
         plan = kernel_for(spec).plan
         assert all(r.family == "weight_grad" and r.vectorize == "channels"
                    for r in plan.regions)
         assert plan.c_red > plan.tile_width and plan.c_red % plan.tile_width
-        run_and_compare(spec, random_inputs(spec))
+        run_and_compare(spec, random_inputs(spec, workload=Workload(3)))
 
 
 def test_trimmed_to_one_tap_is_not_pointwise():

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 
 from oracle import torch_result
-from strategies import specs
-from zeroskip import LayerSpec, explain
+from strategies import specs, workloads
+from zeroskip import LayerSpec, Workload, explain
 from zeroskip.codegen import frontend
 from zeroskip.codegen.macs import dense_macs, graph_macs, nonzero_macs, nonzero_pairs
 
@@ -21,38 +21,42 @@ def brute_force_pairs(axis, zero_padding: bool) -> int:
                if 0 <= o * axis.stride - pad + k * axis.dilation < size)
 
 
-def counted_by_torch(spec: LayerSpec) -> int:
-    """Products of two non-zero elements, counted by running torch's own op on all-ones
-    operands: every product then contributes exactly 1 to the sum of the result."""
-    ones = {name: np.ones(shape) for name, shape in spec.input_shapes.items() if name != "bias"}
+def counted_by_torch(spec: LayerSpec, batch: int = 1) -> int:
+    """Products of two non-zero elements at ``batch``, counted by running torch's own op on
+    all-ones operands: every product then contributes exactly 1 to the sum of the result."""
+    ones = {name: np.ones(shape) for name, shape in spec.input_shapes(batch).items()
+            if name != "bias"}
     return int(round(torch_result(dataclasses.replace(spec, bias=False), ones).sum()))
 
 
 @settings(max_examples=300, deadline=None)
-@given(specs())
-def test_nonzero_macs_match_brute_force_and_graph(spec):
+@given(specs(), workloads())
+def test_nonzero_macs_match_brute_force_and_graph(spec, workload):
     zero = spec.padding_mode == "zeros"
     pairs = [nonzero_pairs(a, zero) for a in spec.axes]
     assert pairs == [brute_force_pairs(a, zero) for a in spec.axes]
-    report = explain(spec)
-    assert report.nonzero_macs == nonzero_macs(spec) == graph_macs(report.graph)
-    assert report.dense_macs == dense_macs(spec) == graph_macs(frontend.lower(spec))
+    batch = workload.batch
+    report = explain(spec, workload)
+    assert report.nonzero_macs == nonzero_macs(spec, batch) == graph_macs(report.graph)
+    assert report.dense_macs == dense_macs(spec, batch) == \
+        graph_macs(frontend.lower(spec, workload))
     assert report.nonzero_macs <= report.dense_macs
 
 
 @settings(max_examples=120, deadline=None)
-@given(specs(ranks=(1, 2)))
-def test_nonzero_macs_equal_products_counted_by_torch(spec):
-    spec = dataclasses.replace(spec, batch=max(spec.batch, 1))
+@given(specs(ranks=(1, 2)), workloads())
+def test_nonzero_macs_equal_products_counted_by_torch(spec, workload):
+    batch = max(workload.batch, 1)
     torch.set_num_threads(1)
-    assert nonzero_macs(spec) == counted_by_torch(spec)
+    assert nonzero_macs(spec, batch) == counted_by_torch(spec, batch)
 
 
 def test_known_counts():
     # 3x3, pad 1 on 4x4: each axis has 4*3 - 2 = 10 in-range pairs.
-    spec = LayerSpec.conv(2, 3, 3, padding=1, input_size=(4, 4), batch=2)
-    assert nonzero_macs(spec) == 2 * 2 * 3 * 10 * 10
-    assert dense_macs(spec) == 2 * 2 * 3 * (4 * 3) ** 2
+    spec = LayerSpec.conv(2, 3, 3, padding=1, input_size=(4, 4))
+    assert nonzero_macs(spec, 2) == 2 * 2 * 3 * 10 * 10
+    assert dense_macs(spec, 2) == 2 * 2 * 3 * (4 * 3) ** 2
+    assert explain(spec, Workload(2)).nonzero_macs == nonzero_macs(spec, 2)
     # Transposed conv, k4 s2 p1 on length 3 -> 6: 10 real pairs (hand count in test_passes).
     t = LayerSpec.conv_transpose(1, 1, 4, 2, 1, input_size=(3,))
     assert nonzero_macs(t) == 10

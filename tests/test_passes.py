@@ -9,8 +9,8 @@ from hypothesis import given, settings
 
 from ir_helpers import assert_ir
 from oracle import random_inputs, torch_result
-from strategies import EXECUTABLE, specs
-from zeroskip import LayerSpec
+from strategies import EXECUTABLE, specs, workloads
+from zeroskip import LayerSpec, Workload
 from zeroskip.codegen import frontend, pipeline, reference
 from zeroskip.codegen.ir import Contract, nodes_of, op
 from zeroskip.codegen.passes import (choose_strategy, densify_zeros, skip_dilation,
@@ -180,43 +180,44 @@ def test_decide_crossover():
 
 
 def test_choose_strategy_marks_every_contract():
-    sparse = LayerSpec.conv(64, 64, 3, padding=1, input_size=(28, 28), density=0.1)
-    dense = LayerSpec.conv(64, 64, 3, padding=1, input_size=(28, 28), density=0.9)
-    for spec, interior in ((sparse, "sparse"), (dense, "dense")):
-        graph = choose_strategy(pipeline.run(spec)[3][1])
+    spec = LayerSpec.conv(64, 64, 3, padding=1, input_size=(28, 28))
+    for density, interior in ((0.1, "sparse"), (0.9, "dense")):
+        graph = choose_strategy(pipeline.run(spec, workload=Workload(density=density))[3][1])
         strategies = {op(graph, n).region: op(graph, n).strategy for n in nodes_of(graph, Contract)}
         assert strategies["interior"] == interior
         assert all(op(graph, n).reason for n in nodes_of(graph, Contract))
 
 
 # --------------------------------------------------------------------------- exactness
-def check_against_torch(spec: LayerSpec, seed: int = 0) -> None:
-    arrays = random_inputs(spec, seed)
+def check_against_torch(spec: LayerSpec, seed: int = 0, workload: Workload = Workload()
+                        ) -> None:
+    arrays = random_inputs(spec, seed, workload)
     expected = torch_result(spec, arrays)
-    for name, graph in pipeline.run(spec):
+    for name, graph in pipeline.run(spec, workload=workload):
         got = reference.execute(graph, arrays)
         assert got.shape == expected.shape, name
         np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9, err_msg=name)
 
 
 @settings(max_examples=250, deadline=None)
-@given(specs(limits=EXECUTABLE))
-def test_every_pass_keeps_the_result_equal_to_torch(spec):
-    check_against_torch(spec)
+@given(specs(limits=EXECUTABLE), workloads())
+def test_every_pass_keeps_the_result_equal_to_torch(spec, workload):
+    check_against_torch(spec, workload=workload)
 
 
-@pytest.mark.parametrize("spec", [
-    LayerSpec.conv(4, 6, 3, 2, 1, groups=2, input_size=(9, 8), batch=2),
-    LayerSpec.conv(3, 3, 3, padding="same", groups=3, dilation=2, input_size=(7, 6)),
-    LayerSpec.conv(2, 2, (2, 3), padding=((0, 3), (2, 1)), input_size=(4, 5)),
-    LayerSpec.conv(2, 4, 3, 2, 2, padding_mode="circular", input_size=(5, 5)).grad_input(),
-    LayerSpec.conv(2, 4, 4, 3, 1, 2, padding_mode="reflect", input_size=(11,)).grad_weight(),
-    LayerSpec.conv_transpose(4, 2, 4, 2, 1, groups=2, input_size=(4, 4), batch=2),
-    LayerSpec.conv_transpose(2, 3, 3, 3, 4, output_padding=2, dilation=2, input_size=(5,)),
-    LayerSpec.conv_transpose(2, 2, 2, 2, 0, input_size=(2, 3, 2)),
-    LayerSpec.conv_transpose(2, 2, 5, 4, 2, output_padding=1, input_size=(3, 2)).grad_weight(),
-    LayerSpec.conv(2, 3, 1, input_size=(1, 1, 1)),
-    LayerSpec.conv(2, 3, 3, padding=1, input_size=(4, 4), batch=0),
-], ids=lambda s: f"{s.op}:{s.describe()}")
-def test_examples_equal_torch(spec):
-    check_against_torch(spec)
+@pytest.mark.parametrize("spec, batch", [
+    (LayerSpec.conv(4, 6, 3, 2, 1, groups=2, input_size=(9, 8)), 2),
+    (LayerSpec.conv(3, 3, 3, padding="same", groups=3, dilation=2, input_size=(7, 6)), 1),
+    (LayerSpec.conv(2, 2, (2, 3), padding=((0, 3), (2, 1)), input_size=(4, 5)), 1),
+    (LayerSpec.conv(2, 4, 3, 2, 2, padding_mode="circular", input_size=(5, 5)).grad_input(), 1),
+    (LayerSpec.conv(2, 4, 4, 3, 1, 2, padding_mode="reflect", input_size=(11,)).grad_weight(), 1),
+    (LayerSpec.conv_transpose(4, 2, 4, 2, 1, groups=2, input_size=(4, 4)), 2),
+    (LayerSpec.conv_transpose(2, 3, 3, 3, 4, output_padding=2, dilation=2, input_size=(5,)), 1),
+    (LayerSpec.conv_transpose(2, 2, 2, 2, 0, input_size=(2, 3, 2)), 1),
+    (LayerSpec.conv_transpose(2, 2, 5, 4, 2, output_padding=1, input_size=(3, 2)).grad_weight(),
+     1),
+    (LayerSpec.conv(2, 3, 1, input_size=(1, 1, 1)), 1),
+    (LayerSpec.conv(2, 3, 3, padding=1, input_size=(4, 4)), 0),
+], ids=lambda s: f"{s.op}:{s.describe()}" if isinstance(s, LayerSpec) else f"batch{s}")
+def test_examples_equal_torch(spec, batch):
+    check_against_torch(spec, workload=Workload(batch))

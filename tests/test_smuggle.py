@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import zeroskip.functional as zf
-from zeroskip import LayerSpec
+from zeroskip import LayerSpec, Workload
 from zeroskip.codegen import emit, lower, pipeline
 from zeroskip.codegen.ir import IRError
 from zeroskip.codegen.targets import TritonTarget
@@ -97,8 +97,8 @@ class HostileFloat(float):
 # padding mode is printed in a C comment), a transposed conv (phases), a weight gradient.
 CLEAN = {
     "conv": LayerSpec.conv(4, 6, 3, stride=2, padding=1, groups=2, bias=True,
-                           padding_mode="reflect", input_size=(9,), batch=2, density=0.5,
-                           dtype="float64", activation="relu"),
+                           padding_mode="reflect", input_size=(9,), dtype="float64",
+                           activation="relu"),
     "conv_transpose": LayerSpec.conv_transpose(2, 4, (2, 3), stride=(2, 1), padding=(1, 0),
                                                output_padding=(1, 0), dilation=1,
                                                input_size=(4, 5)),
@@ -270,11 +270,11 @@ CONSTRUCTORS = {"conv": LayerSpec.conv, "conv_transpose": LayerSpec.conv_transpo
 CTOR_ARGS = {
     "conv": dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, dilation=1,
                  groups=2, bias=True, padding_mode="reflect", dtype="float64", input_size=(9,),
-                 batch=2, density=0.5, activation="relu"),
+                 activation="relu"),
     "conv_transpose": dict(in_channels=2, out_channels=4, kernel_size=(2, 3), stride=(2, 1),
                            padding=(1, 0), output_padding=(1, 0), groups=1, bias=True,
                            dilation=1, padding_mode="zeros", dtype=None, input_size=(4, 5),
-                           batch=1, density=1.0, activation="none"),
+                           activation="none"),
 }
 
 
@@ -295,13 +295,16 @@ def test_smuggle_through_constructor_arguments(name):
                 assert outcome == "raised", arg
 
 
-def test_density_reads_the_value_not_the_conversion():
-    spec = dataclasses.replace(CLEAN["conv"], density=HostileInt(1))
-    assert spec.density == 1.0 and type(spec.density) is float
-    assert dataclasses.replace(CLEAN["conv"], density=HostileFloat(0.5)) == CLEAN["conv"]
+def test_workload_reads_the_value_not_the_conversion():
+    work = Workload(HostileInt(2), HostileInt(1))
+    assert work == Workload(2, 1.0) and type(work.batch) is int and type(work.density) is float
+    assert Workload(2, HostileFloat(0.5)) == Workload(2, 0.5)
     for bad in (float("nan"), float("inf"), 10 ** 400, -0.5, "0.5"):
         with pytest.raises(ValueError, match="density"):
-            dataclasses.replace(CLEAN["conv"], density=bad)
+            Workload(2, bad)
+    for bad in (MARKER_C, 2.0, True, None):
+        with pytest.raises(TypeError, match="batch"):
+            Workload(bad)
 
 
 def test_padding_string_subclass_reads_plain_text():

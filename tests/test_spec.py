@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from oracle import random_inputs, torch_result
-from zeroskip import LayerSpec
+from zeroskip import LayerSpec, Workload
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning"),
               pytest.mark.filterwarnings("ignore:Initializing zero-element:UserWarning")]
@@ -22,8 +22,8 @@ def _module_class(kind: str, rank: int) -> type:
     return getattr(nn, f"{'ConvTranspose' if kind == 'conv_transpose' else 'Conv'}{rank}d")
 
 
-def _spec(kind: str, kw: dict, size, batch: int = 1) -> LayerSpec:
-    return getattr(LayerSpec, kind)(**kw, input_size=size, batch=batch)
+def _spec(kind: str, kw: dict, size) -> LayerSpec:
+    return getattr(LayerSpec, kind)(**kw, input_size=size)
 
 
 def _run_torch(kind: str, kw: dict, size, batch: int = 1):
@@ -77,37 +77,37 @@ CASE_IDS = [f"{kind}{len(size)}d-{i}" for i, (kind, _, size, _) in enumerate(CAS
 
 @pytest.mark.parametrize("kind, kw, size, batch", CASES, ids=CASE_IDS)
 def test_shapes_match_torch_module_and_autograd(kind, kw, size, batch):
-    spec = _spec(kind, kw, size, batch)
+    spec = _spec(kind, kw, size)
     module = _module_class(kind, len(size))(**kw)
-    x = torch.randn(spec.input_shapes["input"], requires_grad=True)
-    assert spec.input_shapes["input"] == (batch, kw["in_channels"], *size)
+    x = torch.randn(spec.input_shapes(batch)["input"], requires_grad=True)
+    assert spec.input_shapes(batch)["input"] == (batch, kw["in_channels"], *size)
     out = module(x)
-    assert spec.output_shape == tuple(out.shape)
+    assert spec.output_shape(batch) == tuple(out.shape)
     assert spec.weight_shape == tuple(module.weight.shape)
-    assert spec.input_shapes["bias"] == tuple(module.bias.shape)
+    assert spec.input_shapes(batch)["bias"] == tuple(module.bias.shape)
 
     out.backward(torch.randn_like(out))
     gi, gw = spec.grad_input(), spec.grad_weight()
-    assert gi.output_shape == tuple(x.grad.shape)
-    assert gw.output_shape == tuple(module.weight.grad.shape)
+    assert gi.output_shape(batch) == tuple(x.grad.shape)
+    assert gw.output_shape(batch) == tuple(module.weight.grad.shape)
     assert gi.weight_shape == tuple(module.weight.shape)
     if kind == "conv":
         assert gi.op == "conv_grad_input"
-        assert gi.input_shapes == {"grad_output": tuple(out.shape), "weight": spec.weight_shape}
-        assert gw.input_shapes == {"input": tuple(x.shape), "grad_output": tuple(out.shape)}
+        assert gi.input_shapes(batch) == {"grad_output": tuple(out.shape), "weight": spec.weight_shape}
+        assert gw.input_shapes(batch) == {"input": tuple(x.shape), "grad_output": tuple(out.shape)}
     else:
         # A transposed conv's input gradient is a plain conv of its output gradient.
         assert gi.op == "conv" and not gi.bias
-        assert gi.input_shapes == {"input": tuple(out.shape), "weight": spec.weight_shape}
-        assert gw.input_shapes == {"input": tuple(out.shape), "grad_output": tuple(x.shape)}
+        assert gi.input_shapes(batch) == {"input": tuple(out.shape), "weight": spec.weight_shape}
+        assert gw.input_shapes(batch) == {"input": tuple(out.shape), "grad_output": tuple(x.shape)}
 
 
 @pytest.mark.parametrize("kind, kw, size, batch", CASES, ids=CASE_IDS)
 def test_forward_values_match_torch_module(kind, kw, size, batch):
     """Pins the placement of asymmetric 'same' padding and the padding modes."""
-    spec = _spec(kind, kw, size, batch)
+    spec = _spec(kind, kw, size)
     module = _module_class(kind, len(size))(**kw).double()
-    arrays = random_inputs(spec, seed=1)
+    arrays = random_inputs(spec, seed=1, workload=Workload(batch))
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(arrays["weight"]))
         module.bias.copy_(torch.from_numpy(arrays["bias"]))
@@ -122,8 +122,8 @@ def test_forward_values_match_torch_module(kind, kw, size, batch):
                               if c[0] == "conv_transpose" and c[3] > 0])
 def test_conv_transpose_backward_operand_roles(kind, kw, size, batch):
     """torch_result of grad_input()/grad_weight() equals autograd of F.conv_transposeNd."""
-    spec = _spec(kind, kw, size, batch)
-    arrays = random_inputs(spec, seed=2)
+    spec = _spec(kind, kw, size)
+    arrays = random_inputs(spec, seed=2, workload=Workload(batch))
     x = torch.from_numpy(arrays["input"]).requires_grad_()
     w = torch.from_numpy(arrays["weight"]).requires_grad_()
     fn = getattr(F, f"conv_transpose{spec.rank}d")
@@ -210,7 +210,7 @@ def test_invalid_raises_torch_exception_type(kind, kw, size, field):
     with pytest.raises(Exception) as torch_exc:
         _run_torch(kind, kw, size)
     with pytest.raises(torch_exc.type, match=_field(field)) as spec_exc:
-        _spec(kind, kw, size)
+        Workload(1).check(_spec(kind, kw, size))    # torch's module ran a batch of one
     assert type(spec_exc.value) is torch_exc.type
 
 
@@ -244,7 +244,7 @@ def test_wrong_length_tuple_raises_value_error(kind, kw, field):
 
 
 @pytest.mark.parametrize("kw, exc, field", [
-    # No torch equivalent: density is LayerSpec's own field (documented ValueError).
+    # No torch equivalent: density is the workload's own field (documented ValueError).
     ({"density": -0.1}, ValueError, "density"),
     ({"density": 1.5}, ValueError, "density"),
     ({"density": "0.5"}, ValueError, "density"),
@@ -254,13 +254,17 @@ def test_wrong_length_tuple_raises_value_error(kind, kw, field):
 ])
 def test_invalid_without_torch_equivalent(kw, exc, field):
     with pytest.raises(exc, match=_field(field)):
-        LayerSpec.conv(**C2, **{"input_size": (8, 8), **kw})
+        work = {k: kw.pop(k) for k in ("batch", "density") if k in kw}
+        Workload(**work).check(LayerSpec.conv(**C2, **{"input_size": (8, 8), **kw}))
 
 
 def test_batch_zero_allows_empty_input_like_torch():
     kw = {**C2, "kernel_size": 1, "padding": 1}
     _, out = _run_torch("conv", kw, (0, 8), batch=0)
-    assert _spec("conv", kw, (0, 8), batch=0).output_shape == tuple(out.shape)
+    spec = _spec("conv", kw, (0, 8))
+    assert Workload(0).check(spec) and spec.output_shape(0) == tuple(out.shape)
+    with pytest.raises(RuntimeError, match="Only zero batch"):
+        Workload(1).check(spec)
 
 
 def test_grad_of_grad_spec_raises():
@@ -273,13 +277,12 @@ def test_grad_of_grad_spec_raises():
 
 
 SERIAL = [
-    LayerSpec.conv(4, 6, (3, 4), 2, 1, (1, 2), 2, False, "reflect",
-                   input_size=(9, 11), batch=3, density=0.25),
+    LayerSpec.conv(4, 6, (3, 4), 2, 1, (1, 2), 2, False, "reflect", input_size=(9, 11)),
     LayerSpec.conv(2, 2, 4, padding="same", padding_mode="circular", dtype="double",
                    input_size=(6, 7, 8)),
     LayerSpec.conv_transpose(6, 4, (3, 2), (2, 3), (1, 0), (1, 2), 2, True, (1, 2),
                              input_size=(4, 5), dtype=torch.float16),
-    LayerSpec.conv(3, 6, 5, 2, 1, input_size=(17,), batch=0).grad_input(density=0.5),
+    LayerSpec.conv(3, 6, 5, 2, 1, input_size=(17,)).grad_input(),
     LayerSpec.conv_transpose(2, 3, 2, 1, 1, 1, dilation=2, input_size=(5,)).grad_weight(),
 ]
 
@@ -289,7 +292,7 @@ def test_dict_round_trip(spec):
     assert LayerSpec.from_dict(spec.to_dict()) == spec
     restored = LayerSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert restored == spec and hash(restored) == hash(spec)
-    assert restored.output_shape == spec.output_shape
+    assert restored.output_shape() == spec.output_shape()
 
 
 def test_from_dict_rejects_unknown_field():
@@ -302,7 +305,7 @@ def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.stride = (1, 1)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        spec.density = 0.5
+        Workload(3, 0.25).density = 0.5
 
 
 @pytest.mark.parametrize("dtype, name", [
@@ -360,7 +363,7 @@ def conv_arguments(draw):
 @given(conv_arguments())
 def test_output_shape_matches_torch_on_meta(args):
     kind, kw, size, batch = args
-    spec = _spec(kind, kw, size, batch)
+    spec = _spec(kind, kw, size)
     transpose = kind == "conv_transpose"
     c_in, c_out, g = kw["in_channels"], kw["out_channels"], kw["groups"]
     w_shape = (c_in, c_out // g, *kw["kernel_size"]) if transpose else \
@@ -373,15 +376,15 @@ def test_output_shape_matches_torch_on_meta(args):
     else:
         y = getattr(F, f"conv{len(size)}d")(x, w, None, kw["stride"], kw["padding"],
                                             kw["dilation"], g)
-    assert spec.input_shapes["input"] == tuple(x.shape)
+    assert spec.input_shapes(batch)["input"] == tuple(x.shape)
     assert spec.weight_shape == w_shape
-    assert spec.output_shape == tuple(y.shape)
+    assert spec.output_shape(batch) == tuple(y.shape)
 
     if transpose and any(op - s + 1 > p for op, s, p in
                          zip(kw["output_padding"], kw["stride"], kw["padding"])):
         return  # see test_conv_transpose_grad_input_unrepresentable_raises
     y.backward(torch.empty_like(y))
-    assert spec.grad_input().output_shape == tuple(x.grad.shape)
-    assert spec.grad_weight().output_shape == tuple(w.grad.shape)
-    assert spec.grad_weight().input_shapes["grad_output" if transpose else "input"] == \
+    assert spec.grad_input().output_shape(batch) == tuple(x.grad.shape)
+    assert spec.grad_weight().output_shape(batch) == tuple(w.grad.shape)
+    assert spec.grad_weight().input_shapes(batch)["grad_output" if transpose else "input"] == \
         tuple(x.shape)

@@ -3,7 +3,6 @@ model asks for (fused ReLUs included), the layers file and its older formats, ba
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import json
 import textwrap
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zeroskip
-from zeroskip import LayerSpec
+from zeroskip import LayerSpec, Workload
 from zeroskip.cli import _spec_file, build_parser, main
 from zeroskip.trace import (TraceError, build_model, load_factory, parse_layers, read_layers,
                             trace, write_layers)
@@ -84,14 +83,14 @@ def test_relu_input_density_is_about_a_half_and_varies_over_batches():
     assert layer["name"] == "1" and layer["module"] == "Conv2d" and layer["calls"] == 5
     assert abs(d["mean"] - 0.5) < 0.1 and d["std"] > 0 and d["min"] < d["mean"] < d["max"]
     spec = LayerSpec.from_dict(layer["spec"])
-    assert spec == LayerSpec.conv(3, 4, 3, input_size=(8, 8), batch=2,
-                                  density=round(d["mean"], 4))
+    assert spec == LayerSpec.conv(3, 4, 3, input_size=(8, 8)) and layer["batch"] == 2
 
 
 def test_exact_zero_fraction_and_first_layer_density():
     data = trace(Masked(), (3, 2, 4, 4), batches=3)
     assert densities(data) == {"conv": {"mean": 0.25, "std": 0.0, "min": 0.25, "max": 0.25}}
-    assert data["layers"][0]["spec"]["density"] == 0.25
+    assert data["layers"][0]["density"]["mean"] == 0.25 and "density" not in \
+        data["layers"][0]["spec"]
     data = trace(nn.Conv1d(2, 2, 3), (1, 2, 16), batches=2)     # a bare conv: randn input
     assert data["layers"][0]["name"] == "(model)"
     assert densities(data)["(model)"]["mean"] == 1.0
@@ -127,8 +126,8 @@ def test_modes_are_restored_and_batch_norm_untouched():
 # ------------------------------------------------------------------------------ fused ReLU
 @pytest.fixture
 def asked(monkeypatch) -> list[LayerSpec]:
-    """The specs (batch and density 1) that converted modules ask zeroskip's kernels for, in
-    call order, recorded where they call them; torch computes instead (nothing compiles)."""
+    """The specs that converted modules ask zeroskip's kernels for, in call order, recorded
+    where they call them; torch computes instead (nothing compiles)."""
     from zeroskip import nn as znn
     from zeroskip.runtime.arguments import spec_of_call as _build_spec
     seen = []
@@ -156,8 +155,7 @@ def run_converted(model: nn.Module, shape, fuse_relu: bool = True) -> None:
 
 
 def specs_of(data: dict) -> list[LayerSpec]:
-    return [dataclasses.replace(LayerSpec.from_dict(layer["spec"]), batch=1, density=1.0)
-            for layer in data["layers"]]
+    return [LayerSpec.from_dict(layer["spec"]) for layer in data["layers"]]
 
 
 @pytest.mark.parametrize("fuse_relu", [True, False])
@@ -237,23 +235,34 @@ def test_write_and_read_layers(tmp_path):
     assert json.loads(path.read_text()) == data
     assert len(path.read_text().splitlines()) == len(data) + len(data["layers"]) + 3
     layers = read_layers(path)
-    assert [name for name, _ in layers] == [layer["name"] for layer in data["layers"]]
-    assert [spec.to_dict() for _, spec in layers] == [layer["spec"] for layer in data["layers"]]
+    assert [name for name, *_ in layers] == [layer["name"] for layer in data["layers"]]
+    assert [spec.to_dict() for _, spec, _ in layers] == \
+        [layer["spec"] for layer in data["layers"]]
+    assert [work for *_, work in layers] == \
+        [Workload(layer["batch"], layer["density"]["mean"])
+         for layer in data["layers"]]
     assert list(data) == ["format", "version", "model", "input_shape", "batches", "seed",
                           "fuse_relu", "dtype", "zeroskip", "torch", "layers"]
     assert (data["format"], data["version"], data["model"], data["zeroskip"]) == \
-        ("zeroskip-layers", 1, "tests:fusion_model", zeroskip.__version__)
-    assert set(data["layers"][0]) == {"name", "module", "calls", "density", "spec"}
+        ("zeroskip-layers", 2, "tests:fusion_model", zeroskip.__version__)
+    assert set(data["layers"][0]) == {"name", "module", "calls", "batch", "density", "spec"}
 
 
 def test_read_layers_takes_the_older_formats(tmp_path):
     a = LayerSpec.conv(8, 16, 3, padding=1, input_size=(10, 10))
     b = LayerSpec.conv_transpose(4, 2, 4, 2, 1, input_size=(5, 5)).grad_weight()
     path = tmp_path / "layers.json"
+    dense = Workload()
     path.write_text(json.dumps([a.to_dict(), b.to_dict()]))
-    assert read_layers(path) == [(a.describe(), a), (b.describe(), b)]
+    assert read_layers(path) == [(a.describe(), a, dense), (b.describe(), b, dense)]
     path.write_text(json.dumps({"first": a.to_dict(), "second": b.to_dict()}))
-    assert read_layers(path) == [("first", a), ("second", b)]
+    assert read_layers(path) == [("first", a, dense), ("second", b, dense)]
+    # Older spec objects carried the workload: it is read beside the spec.
+    path.write_text(json.dumps([{**a.to_dict(), "batch": 4, "density": 0.25}]))
+    assert read_layers(path) == [(a.describe(), a, Workload(4, 0.25))]
+    path.write_text(json.dumps(traced(layers=[{"name": "c", "spec": {**GOOD, "batch": 2,
+                                                                     "density": 0.5}}])))
+    assert read_layers(path) == [("c", LayerSpec.from_dict(GOOD), Workload(2, 0.5))]
 
 
 GOOD = LayerSpec.conv(8, 16, 3, padding=1, input_size=(10, 10)).to_dict()
@@ -275,14 +284,18 @@ def traced(**changes) -> dict:
     ([{**GOOD, "kernel_size": 3}], "layer 0:"),
     ({"a": {**GOOD, "in_channels": -1}}, "layer 'a': in_channels"),
     (traced(format="other"), "format 'other'"),
-    (traced(version=2), "version 2 is not supported"),
+    (traced(version=3), "version 3 is not supported"),
+    ([{**GOOD, "batch": -1}], "layer 0: batch must be non-negative"),
+    ([{**GOOD, "density": 2}], "layer 0: density"),
+    (traced(version=2, layers=[{"name": "c", "spec": GOOD, "batch": "2"}]), "layer 'c': batch"),
     (traced(layers=[]), "'layers' must be a non-empty list"),
     (traced(layers=[{"spec": GOOD}]), "layer 0: expected an object with a non-empty 'name'"),
     (traced(layers=[{"name": "x", "spec": GOOD}] * 2), "layer 'x': the name is used twice"),
     (traced(layers=[{"name": "x"}]), "layer 'x': not a LayerSpec"),
     (traced(layers=[{"name": "x", "spec": {**GOOD, "activation": "tanh"}}]), "layer 'x': act"),
 ], ids=["not-json", "empty-list", "empty-object", "number", "not-object", "unknown-field",
-        "stride-0", "wrong-type", "named-bad-value", "other-format", "version", "no-layers",
+        "stride-0", "wrong-type", "named-bad-value", "other-format", "version", "bad-batch",
+        "bad-density", "bad-v2-batch", "no-layers",
         "no-name", "duplicate", "no-spec", "bad-activation"])
 def test_read_layers_rejects_malformed_files(tmp_path, content, message):
     path = tmp_path / "layers.json"
@@ -308,7 +321,7 @@ def test_spec_file_of_the_cli_takes_trace_files(tmp_path, capsys):
     with pytest.raises(SystemExit):                         # tune --specs: no named objects
         _spec_file(path, parser)
     assert "non-empty JSON list" in capsys.readouterr().err
-    assert parse_layers({"x": GOOD}, "data") == [("x", LayerSpec.from_dict(GOOD))]
+    assert parse_layers({"x": GOOD}, "data") == [("x", LayerSpec.from_dict(GOOD), Workload())]
 
 
 # ------------------------------------------------------------------------------ the CLI
@@ -352,10 +365,10 @@ def test_cli_traces_a_custom_factory(capsys, tmp_path, factory_module):
     data = json.loads(out.read_text())
     assert (data["model"], data["input_shape"], data["batches"], data["seed"]) == \
         (f"{factory_module}:small", [2, 3, 6, 6], 3, 1)
-    assert [spec.activation for _, spec in read_layers(out)] == ["relu", "none"]
+    assert [spec.activation for _, spec, _ in read_layers(out)] == ["relu", "none"]
     assert main(["trace", f"{factory_module}:small", "--input-shape", "2,3,6,6",
                  "--no-fuse-relu", "-o", str(out)]) == 0
-    assert [spec.activation for _, spec in read_layers(out)] == ["none", "none"]
+    assert [spec.activation for _, spec, _ in read_layers(out)] == ["none", "none"]
 
 
 def test_cli_default_is_the_builtin_resnet_stage(capsys, tmp_path, monkeypatch):
@@ -365,7 +378,7 @@ def test_cli_default_is_the_builtin_resnet_stage(capsys, tmp_path, monkeypatch):
     assert "conv layers of zeroskip.models:resnet_stage written to layers.json" in stdout
     data = json.loads((tmp_path / "layers.json").read_text())
     assert data["input_shape"] == [4, 64, 32, 32] and len(data["layers"]) == 5
-    assert data["layers"][0]["spec"]["batch"] == 4
+    assert data["layers"][0]["batch"] == 4 and "batch" not in data["layers"][0]["spec"]
 
 
 @pytest.mark.parametrize("argv, message", [

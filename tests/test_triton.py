@@ -115,12 +115,12 @@ def test_half_precision_forward(interpreter, dtype):
     close(out.float(), F.conv2d(x.float(), w.float(), None, padding=1), dtype)
 
 
-def _operands(spec: LayerSpec, density: float = 1.0, seed: int = 0):
+def _operands(spec: LayerSpec, density: float = 1.0, seed: int = 0, batch: int = 2):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(spec.input_shapes["input"], generator=g)
+    x = torch.randn(spec.input_shapes(batch)["input"], generator=g)
     if density < 1:
         x = x * (torch.rand(x.shape, generator=g) < density)
-    w = torch.randn(spec.input_shapes["weight"], generator=g)
+    w = torch.randn(spec.input_shapes()["weight"], generator=g)
     return x, w
 
 
@@ -128,7 +128,7 @@ def _operands(spec: LayerSpec, density: float = 1.0, seed: int = 0):
 def test_block_sparse_matches_torch(interpreter, pattern):
     """The block-sparse family skips k-blocks whose flags are clear; whatever the zeros'
     structure, the result is torch's."""
-    spec = LayerSpec.conv(32, 16, (3, 3), padding=1, bias=True, input_size=(6, 6), batch=2)
+    spec = LayerSpec.conv(32, 16, (3, 3), padding=1, bias=True, input_size=(6, 6))
     x, w = _operands(spec)
     if pattern == "channels":       # whole channel blocks zero: their k-blocks are skipped
         x[:, :16] = 0
@@ -140,14 +140,14 @@ def test_block_sparse_matches_torch(interpreter, pattern):
     b = torch.randn(16)
     kernel = loader.kernel_for(spec, "triton", Variant("sparse"))
     assert kernel.family == "block_sparse"
-    out = torch.empty(spec.output_shape)
+    out = torch.empty(spec.output_shape(2))
     kernel.launch(x, kernel.pack(w), out, b, Config(16, 16, 16, 4, 1))
     close(out, F.conv2d(x, w, b, padding=1))
 
 
 def test_weight_gradient_split_k(interpreter):
     """Split-K partial sums add atomically into a float32 buffer; any split gives torch's."""
-    spec = LayerSpec.conv(16, 16, (3, 3), stride=2, padding=1, input_size=(7, 7), batch=2)
+    spec = LayerSpec.conv(16, 16, (3, 3), stride=2, padding=1, input_size=(7, 7))
     x, w = _operands(spec)
     x.requires_grad_(True)
     w.requires_grad_(True)

@@ -188,9 +188,8 @@ def test_tune_triton_on_the_interpreter(monkeypatch, tuning_db):
     assert record["choice"] == result.choice and record["ms"][sparse] is None
     assert record["date"] == datetime.date.today().isoformat()
     assert tuning.nearest(records, 0.4)["choice"] == result.choice
-    # batch and density are run-time properties: the same record
-    assert tuning.records(dataclasses.replace(SPEC, batch=8), "triton", "cpu") == \
-        records
+    # keyed by the layer's shape: an equal spec finds the same record
+    assert tuning.records(LayerSpec.from_dict(SPEC.to_dict()), "triton", "cpu") == records
     # filed under the interpreter's fingerprint, in the one database file, not the CPU's
     saved = json.loads(tuning_db.read_text())
     gpu = tuning.gpu_fingerprint_id("cpu")
@@ -360,11 +359,10 @@ def test_bench_gpu_layer_on_the_interpreter(monkeypatch):
         config = loader.kernel_for(layer, "triton", Variant("dense")).default.config
         strategy = "sparse" if kind.startswith("sparse") else "dense"
         assert not row.tuned and row.config == Variant(strategy, config=config).name
-    assert by_kind["grad_input"].shape == \
-        dataclasses.replace(STRIDED, batch=2).grad_input().describe()
+    assert by_kind["grad_input"].shape == STRIDED.grad_input().describe(2)
 
     # a tuned record: its fastest dense candidate is timed (even where torch won overall)
-    spec = dataclasses.replace(STRIDED, batch=2)
+    spec = STRIDED
     other = TritonTarget.configs(loader.kernel_for(spec, "triton", Variant("dense")).plan)[1]
     db = tuning.database()
     db.record(spec, 1.0, "torch", {"torch": 0.5, Variant("dense", config=other).name: 1.0},

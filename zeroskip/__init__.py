@@ -1,6 +1,7 @@
 """zeroskip: a convolution compiler that skips the multiplications by zero.
 
-Public API: :class:`LayerSpec` (a validated layer descriptor), :func:`explain` (the compiler's
+Public API: :class:`LayerSpec` (a validated layer descriptor: the layer's shape),
+:class:`Workload` (what it runs on: batch and input density), :func:`explain` (the compiler's
 passes on a spec: MACs skipped and strategy chosen), ``zeroskip.functional`` and ``zeroskip.nn``
 (drop-ins for torch's convolutions on generated kernels), :func:`convert` (swap a model's
 convolution modules), :func:`stats` (what ran) and :func:`load_bundle` (serve kernels compiled
@@ -8,10 +9,10 @@ ahead of time by ``zeroskip generate``, with no compiler). The torch-facing part
 the compiler itself imports without torch.
 """
 from .explain import Report, explain
-from .spec import LayerSpec
+from .spec import LayerSpec, Workload
 
 __version__ = "0.1.0"
-__all__ = ["LayerSpec", "explain", "Report", "functional", "nn", "convert", "stats",
+__all__ = ["LayerSpec", "Workload", "explain", "Report", "functional", "nn", "convert", "stats",
            "load_bundle", "__version__"]
 
 

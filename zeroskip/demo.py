@@ -10,11 +10,10 @@ against torch, with the strategy zeroskip's per-call dispatch chose.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import TextIO
 
 from .explain import Report, explain
-from .spec import LayerSpec
+from .spec import LayerSpec, Workload
 
 SWEEP_DENSITIES = (1.0, 0.3, 0.1, 0.05)
 SWEEP_LAYERS = 3
@@ -56,10 +55,12 @@ def layer_rows(reference, converted, sample) -> list[dict]:
             continue
         x = seen[name]
         density = float((x != 0).sum()) / max(x.numel(), 1)
-        spec = spec_of(module, tuple(x.shape), round(density, 4))
+        spec = spec_of(module, tuple(x.shape))
+        workload = Workload(x.shape[0], round(density, 4))
         timing = time_interleaved({"torch": lambda: module(x), "zeroskip": lambda: twins[name](x)},
                                   repeats=5, min_time=0.005)
-        rows.append(dict(name=name, spec=spec, report=explain(spec),
+        rows.append(dict(name=name, spec=spec, workload=workload,
+                         report=explain(spec, workload),
                          torch_ms=timing.seconds["torch"] * 1e3,
                          zeroskip_ms=timing.seconds["zeroskip"] * 1e3))
     return rows
@@ -71,14 +72,14 @@ def table(net: str, rows: list[dict]) -> str:
     for row in rows:
         r: Report = row["report"]
         lines.append(f"| {net}.{row['name']} | {r.spec.describe().split(' on ')[0]} "
-                     f"| {r.spec.density:.2f} | {r.skipped:.1%} | {row['torch_ms']:.3f} "
+                     f"| {r.workload.density:.2f} | {r.skipped:.1%} | {row['torch_ms']:.3f} "
                      f"| {row['zeroskip_ms']:.3f} | {row['torch_ms'] / row['zeroskip_ms']:.2f}x |")
     return "\n".join(lines)
 
 
-def sweep_layers(named_specs: list[tuple[str, str, LayerSpec]],
+def sweep_layers(named_specs: list[tuple[str, str, LayerSpec, Workload]],
                  count: int = SWEEP_LAYERS) -> list[tuple]:
-    """Up to ``count`` layers of distinct shapes from ``(name, network, spec)``, each as
+    """Up to ``count`` layers of distinct shapes from ``(name, network, spec, workload)``, each as
     ``(bench.Layer at batch 1, the batch it ran at)``: 3x3 convs with at least 32 channels
     first, where skipping input zeros pays most, then the others with the most MACs."""
     from .bench import Layer
@@ -90,10 +91,10 @@ def sweep_layers(named_specs: list[tuple[str, str, LayerSpec]],
             min(spec.in_channels, spec.out_channels) >= 32
         return not wide, -dense_macs(spec)
     chosen: dict[LayerSpec, tuple] = {}
-    for name, net, spec in sorted(named_specs, key=order):
-        chosen.setdefault(dataclasses.replace(spec, density=1.0), (name, net))
-    return [(Layer(name, net, dataclasses.replace(spec, batch=1)), spec.batch)
-            for spec, (name, net) in list(chosen.items())[:count]]
+    for name, net, spec, workload in sorted(named_specs, key=order):
+        chosen.setdefault(spec, (name, net, workload.batch))
+    return [(Layer(name, net, spec), batch)
+            for spec, (name, net, batch) in list(chosen.items())[:count]]
 
 
 def density_table(rows: list) -> str:
@@ -113,7 +114,8 @@ def density_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def density_sweep(named_specs: list[tuple[str, str, LayerSpec]], out: TextIO) -> bool:
+def density_sweep(named_specs: list[tuple[str, str, LayerSpec, Workload]], out: TextIO
+                  ) -> bool:
     """Sweep :func:`sweep_layers` over :data:`SWEEP_DENSITIES`, printing the table; return
     whether zeroskip matched torch throughout."""
     from .bench import BenchError, sweep_layer
@@ -146,7 +148,7 @@ def run(out: TextIO) -> bool:
     stats(reset=True)
     ok = True
     training: list[Report] = []
-    named_specs: list[tuple[str, str, LayerSpec]] = []
+    named_specs: list[tuple[str, str, LayerSpec, Workload]] = []
     with torch.no_grad():
         for net, model, sample in builtin_workload():
             converted = convert(copy.deepcopy(model))
@@ -159,8 +161,10 @@ def run(out: TextIO) -> bool:
                   f"{len(rows)} conv layers; output {'matches' if match else 'DIFFERS FROM'} "
                   f"torch (max |difference| {error:.2e})\n", file=out)
             print(table(net, rows), file=out)
-            training += [explain(op) for row in rows for _, op in training_ops(row["spec"])]
-            named_specs += [(f"{net}.{row['name']}", net, row["spec"]) for row in rows]
+            training += [explain(op, Workload(row["workload"].batch))
+                         for row in rows for _, op in training_ops(row["spec"])]
+            named_specs += [(f"{net}.{row['name']}", net, row["spec"], row["workload"])
+                            for row in rows]
     counts = stats()
     print(f"\nGenerated kernels: {counts['kernel_calls']} calls, {counts['compiles']} compiled, "
           f"{counts['cache_hits']} from the cache, {counts['fallback_calls']} fallbacks to torch.",

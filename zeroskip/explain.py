@@ -1,4 +1,4 @@
-"""``explain(spec)``: run the compiler's front half and report what it did and why."""
+"""``explain(spec, workload)``: run the compiler's front half and report what it did and why."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import networkx as nx
 from .codegen import pipeline
 from .codegen.ir import Contract, nodes_of, op, to_json
 from .codegen.macs import contract_macs, dense_macs, graph_macs, nonzero_macs
-from .spec import LayerSpec
+from .spec import DENSE, LayerSpec, Workload
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Report:
     """
 
     spec: LayerSpec
+    workload: Workload
     dense_macs: int
     nonzero_macs: int
     steps: tuple[PassStep, ...]
@@ -64,7 +65,8 @@ class Report:
 
     def to_dict(self, graphs: bool = False) -> dict[str, Any]:
         data = {
-            "spec": self.spec.to_dict(), "operator": self.spec.describe(),
+            "spec": self.spec.to_dict(), "workload": self.workload.to_dict(),
+            "operator": self.spec.describe(self.workload.batch),
             "dense_macs": self.dense_macs, "nonzero_macs": self.nonzero_macs,
             "skipped": self.skipped, "strategy": self.strategy, "reason": self.reason,
             "strategy_macs": self.strategy_macs,
@@ -79,10 +81,12 @@ class Report:
         return json.dumps(self.to_dict(graphs), indent=2)
 
     def __str__(self) -> str:
-        s = self.spec
-        lines = [s.describe(),
-                 f"  operands {', '.join(f'{k} {list(v)}' for k, v in s.input_shapes.items())}"
-                 f" -> output {list(s.output_shape)}", "",
+        s, n = self.spec, self.workload.batch
+        density = f", input density {self.workload.density:g}" if self.workload.density < 1 \
+            else ""
+        lines = [s.describe(n) + density,
+                 f"  operands {', '.join(f'{k} {list(v)}' for k, v in s.input_shapes(n).items())}"
+                 f" -> output {list(s.output_shape(n))}", "",
                  f"  {'step':<16} {'nodes':>5} {'regions':>7} {'MACs':>16}"]
         for step in self.steps:
             lines.append(f"  {step.name:<16} {step.graph.number_of_nodes():>5} "
@@ -96,10 +100,12 @@ class Report:
         return "\n".join(lines)
 
 
-def explain(spec: LayerSpec, dump_dir=None) -> Report:
-    """Compile ``spec`` through the pipeline and report MACs, graphs and the strategy."""
+def explain(spec: LayerSpec, workload: Workload = DENSE, dump_dir=None) -> Report:
+    """Compile ``spec`` through the pipeline at ``workload`` (MACs count its batch, the cost
+    model reads its density) and report MACs, graphs and the strategy."""
+    workload.check(spec)
     steps = []
-    for name, graph in pipeline.run(spec, dump_dir=dump_dir):
+    for name, graph in pipeline.run(spec, dump_dir=dump_dir, workload=workload):
         contracts = list(nodes_of(graph, Contract))
         steps.append(PassStep(name, graph, len(contracts), graph_macs(graph)))
     final = steps[-1].graph
@@ -112,10 +118,11 @@ def explain(spec: LayerSpec, dump_dir=None) -> Report:
             heaviest, heaviest_macs = node, macs
     strategy = max(by_strategy, key=by_strategy.get) if any(by_strategy.values()) else "dense"
     nonzero = steps[-1].macs
-    expected = nonzero_macs(spec)
+    expected = nonzero_macs(spec, workload.batch)
     if nonzero != expected:  # an exactness bug in a pass: never report a wrong count
         raise AssertionError(f"{spec.describe()}: passes leave {nonzero} MACs, the closed form "
                              f"gives {expected}")
-    return Report(spec=spec, dense_macs=dense_macs(spec), nonzero_macs=nonzero,
+    return Report(spec=spec, workload=workload, dense_macs=dense_macs(spec, workload.batch),
+                  nonzero_macs=nonzero,
                   steps=tuple(steps), strategy=strategy, reason=op(final, heaviest).reason,
                   strategy_macs=dict(by_strategy))

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import __version__
-from .spec import LayerSpec
+from .spec import LayerSpec, Workload
 
 BACKENDS = ("triton",)
 FORWARD = ("conv", "conv_transpose")
@@ -325,12 +325,6 @@ def generate(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
 
 
 # --------------------------------------------------------------------------------- bundles
-def served_spec(spec: LayerSpec) -> LayerSpec:
-    """The spec the runtime builds for a call of this layer (batch 1, no expected density):
-    kernels rendered from it match the calls' sources, which is how a bundle is looked up."""
-    return dataclasses.replace(spec, batch=1, density=1.0)
-
-
 def c_kernels(spec: LayerSpec, choices: Iterable[str] = (), include_grads: bool = True
               ) -> tuple[list[tuple[str, str, LayerSpec]], list[dict]]:
     """``(role, variant name, spec)`` of every C kernel a layer's calls may load: the forward
@@ -338,7 +332,7 @@ def c_kernels(spec: LayerSpec, choices: Iterable[str] = (), include_grads: bool 
     and the input and weight gradients; and the gradients no spec can state, with the reason."""
     from .codegen import lower
     from .runtime import loader
-    served = served_spec(spec)
+    served = spec       # the layer's shape: what the runtime compiles for its calls
     if served.op not in FORWARD:
         role = {"conv_grad_input": "grad_input", "conv_grad_weight": "grad_weight"}[served.op]
         return [(role, lower.DEFAULT.name, served)], []
@@ -365,13 +359,15 @@ def _private(path: Path) -> None:
         item.chmod(0o755 if item.is_dir() else 0o644)
 
 
-def make_bundle(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
+def make_bundle(layers: Iterable[tuple[str, LayerSpec, Workload]], out_dir: Path | str,
                 backends: Iterable[str] = ("c",), targets: Iterable[str] = ("sm_90",),
                 tune: bool = False, include_grads: bool = True, progress: bool = True,
                 jobs: int = 2, layouts: Iterable[str] = ("contiguous",),
                 dtypes: Iterable[str] | None = None) -> dict[str, Any]:
-    """Compile (and with ``tune``, tune on this machine) every kernel ``layers`` need into the
-    bundle directory ``out_dir`` (see :mod:`zeroskip.runtime.bundle`); returns its manifest.
+    """Compile (and with ``tune``, tune on this machine at each layer's traced workload) every
+    kernel ``layers`` (``(name, spec, workload)``, as ``trace.read_layers`` gives them) need
+    into the bundle directory ``out_dir`` (see :mod:`zeroskip.runtime.bundle`); returns its
+    manifest.
 
     The bundle is written beside ``out_dir`` and moved into place when complete; an existing
     ``out_dir`` is replaced only if it is an empty folder or a bundle. A C kernel that fails to
@@ -386,6 +382,7 @@ def make_bundle(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
     import torch
 
     from .runtime import bundle
+    from .trace import FORMAT, VERSION, write_layers
     backends = list(dict.fromkeys(backends))
     for backend in backends:
         if backend not in bundle.BACKENDS:
@@ -394,7 +391,7 @@ def make_bundle(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
     if out_dir.exists() and not (out_dir / bundle.MANIFEST).is_file() and \
             (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"{out_dir} exists and is not a bundle: not replacing it")
-    layers = [(name, spec) for name, spec in layers]
+    layers = [(name, spec, work) for name, spec, work in layers]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -404,11 +401,13 @@ def make_bundle(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
             "machine": bundle.machine(), "backends": backends, "targets": [],
-            "layers": [{"name": name, "spec": served_spec(spec).to_dict(),
-                        "density": spec.density} for name, spec in layers],
+            "layers": [{"name": name, "spec": spec.to_dict(), **work.to_dict()}
+                       for name, spec, work in layers],
             "kernels": [], "skipped": [], "tuning_machine": None}
-        (tmp / "layers.json").write_text(json.dumps(
-            [{"name": name, "spec": spec.to_dict()} for name, spec in layers], indent=1))
+        write_layers({"format": FORMAT, "version": VERSION,
+                      "layers": [{"name": name, "batch": work.batch,
+                                  "density": {"mean": work.density}, "spec": spec.to_dict()}
+                                 for name, spec, work in layers]}, tmp / "layers.json")
         if "c" in backends:
             _bundle_c(tmp, layers, manifest, tune, include_grads, progress)
         if "triton" in backends:
@@ -429,7 +428,8 @@ def make_bundle(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
     return manifest
 
 
-def _bundle_c(tmp: Path, layers: list[tuple[str, LayerSpec]], manifest: dict, tune: bool,
+def _bundle_c(tmp: Path, layers: list[tuple[str, LayerSpec, Workload]], manifest: dict,
+              tune: bool,
               include_grads: bool, progress: bool) -> None:
     """Build (tune) every C kernel of ``layers`` on this machine into ``tmp/c/<key>/``."""
     import shutil
@@ -442,7 +442,7 @@ def _bundle_c(tmp: Path, layers: list[tuple[str, LayerSpec]], manifest: dict, tu
     command, flags = cc.compiler()
     manifest["machine"].update(compiler=cc.identity(command), flags=list(flags))
     db = tuning.TuningDB(tmp / "tuning.json") if tune else None
-    for name, spec in tqdm(layers, desc="C kernels", unit="layer", disable=not progress,
+    for name, spec, work in tqdm(layers, desc="C kernels", unit="layer", disable=not progress,
                            file=sys.stderr):
         if spec.dtype not in COVERED_DTYPES['c'].values():
             manifest["skipped"].append({
@@ -451,9 +451,8 @@ def _bundle_c(tmp: Path, layers: list[tuple[str, LayerSpec]], manifest: dict, tu
             continue
         choices: set[str] = set()
         if db is not None and spec.op in FORWARD:   # at the batch and density traced
-            served = served_spec(spec)
-            result = autotune.tune(dataclasses.replace(served, batch=spec.batch), spec.density)
-            db.record(served, spec.density, result.choice, result.ms)
+            result = autotune.tune(spec, work.density, batch=work.batch)
+            db.record(spec, work.density, result.choice, result.ms)
             choices.add(result.choice)
         kernels, skipped = c_kernels(spec, choices, include_grads)
         manifest["skipped"] += [{"layer": name, **s} for s in skipped]
@@ -477,7 +476,7 @@ def _bundle_c(tmp: Path, layers: list[tuple[str, LayerSpec]], manifest: dict, tu
         manifest["tuning_machine"] = db.here
 
 
-def _bundle_triton(tmp: Path, layers: list[tuple[str, LayerSpec]], manifest: dict,
+def _bundle_triton(tmp: Path, layers: list[tuple[str, LayerSpec, Workload]], manifest: dict,
                    targets: list[str], dtypes: list[str] | None, include_grads: bool,
                    progress: bool, jobs: int, layouts: list[str]) -> None:
     """Compile every Triton kernel of ``layers`` for ``targets`` into ``tmp/triton/``
@@ -485,7 +484,7 @@ def _bundle_triton(tmp: Path, layers: list[tuple[str, LayerSpec]], manifest: dic
     from .runtime import bundle, tritonenv
     manifest["machine"]["triton"] = tritonenv.triton_version()
     manifest["targets"] = targets
-    meta = generate([(name, served_spec(spec)) for name, spec in layers], tmp / "triton",
+    meta = generate([(name, spec) for name, spec, _ in layers], tmp / "triton",
                     targets=targets, dtypes=dtypes, include_grads=include_grads,
                     progress=progress, jobs=jobs, layouts=layouts)
     manifest["skipped"] += meta["skipped"]
@@ -538,5 +537,5 @@ def table(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["generate", "make_bundle", "c_kernels", "served_spec", "plan", "compile_all",
+__all__ = ["generate", "make_bundle", "c_kernels", "plan", "compile_all",
            "compile_task", "table", "problems", "Task", "BACKENDS", "LAYOUTS"]

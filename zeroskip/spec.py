@@ -26,10 +26,11 @@ equivalent mistake, the exception type is the one torch raises for it:
   string, None or a nested list; ``bias`` not a bool; an unknown ``dtype``.
 * ``ValueError``: a value torch's module constructors reject (``groups``, channels, a
   ``padding_mode`` or ``padding`` string outside the fixed set, 'same' with a stride), a tuple of
-  the wrong length, an unknown ``op``/``activation``/field, ``density`` not a finite number in
-  [0, 1]; and :class:`LimitError` (a ``ValueError``) for a valid spec beyond the kernels' limits
+  the wrong length, an unknown ``op``/``activation``/field; a :class:`Workload`'s ``density``
+  not a finite number in [0, 1]; and :class:`LimitError` (a ``ValueError``) for a valid spec beyond the kernels' limits
   (below), which ``zeroskip.functional`` answers by running torch's op.
-* ``RuntimeError``: geometry torch's forward rejects: negative padding, batch or size,
+* ``RuntimeError``: geometry torch's forward rejects: negative padding, size (or batch, of a
+  :class:`Workload`),
   non-positive stride, dilation or kernel size, a kernel larger than the padded input, an output
   size below 1. (:meth:`grad_input` also raises ``NotImplementedError``, a ``RuntimeError``,
   for the gradient of a transposed conv no spec can state.)
@@ -38,15 +39,15 @@ Nothing else escapes (never OverflowError: Python ints do not overflow, a float 
 ValueError). A spec holds only plain built-ins: every int is a plain ``int`` (an int subclass or
 numpy int is converted with ``operator.index``, never formatted), every enum field is the
 canonical string constant of its fixed tuple (a ``str`` subclass cannot survive), ``bias`` a
-``bool``, ``density`` a finite ``float``. So no field reaches generated source except as a
+``bool`` (and a workload's ``density`` a finite ``float``). So no field reaches generated source except as a
 validated integer or an enum from a fixed set.
 
 Limits (:class:`LimitError`): the generated C and Triton code indexes with 32-bit ints, so every
 channel count, per-axis size, padded size, output size, kernel extent, padding and
 output_padding must be at most ``MAX_INDEX`` (2**30: half of int32, headroom for the loops' last
 step and tile offsets), and so must the elements per channel of the data, the output and the
-kernel, and the packed weights; ``batch`` and the element count of every tensor at most
-2**63 - 1 (the batch is a run-time int64 argument of the kernels). ``stride`` and ``dilation``
+kernel, and the packed weights; a workload's ``batch`` and the element count of every tensor at
+most 2**63 - 1 (the batch is a run-time int64 argument of the kernels). ``stride`` and ``dilation``
 must be at most ``MAX_STEP`` (1024): the compiler splits a transposed conv into one region per
 stride phase and a dilated kernel into its holes, work that grows with them (a stride of 2**30
 took minutes to compile before this limit).
@@ -62,7 +63,7 @@ from .fields import (_choice, _density, _fmt, _int, _int_tuple, _ints, _jsonable
                      _rank_of, _show, normalize_padding)
 
 OPS = ("conv", "conv_transpose", "conv_grad_input", "conv_grad_weight")
-# Each op's two operands, named as in ``LayerSpec.input_shapes``: the data operand first.
+# Each op's two operands, named as in ``LayerSpec.input_shapes()``: the data operand first.
 OPERANDS = {"conv": ("input", "weight"), "conv_transpose": ("input", "weight"),
             "conv_grad_input": ("grad_output", "weight"),
             "conv_grad_weight": ("input", "grad_output")}
@@ -141,8 +142,6 @@ class LayerSpec:
     padding_mode: str
     bias: bool
     input_size: tuple[int, ...]
-    batch: int = 1
-    density: float = 1.0
     dtype: str = "float32"
     activation: str = "none"   # 'relu': the output goes through a fused ReLU epilogue
 
@@ -150,12 +149,12 @@ class LayerSpec:
     @classmethod
     def conv(cls, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
              dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-             dtype=None, *, input_size, batch: int = 1, density: float = 1.0,
-             activation: str = "none") -> "LayerSpec":
+             dtype=None, *, input_size, activation: str = "none") -> "LayerSpec":
         """Mirrors ``torch.nn.ConvNd(in_channels, out_channels, kernel_size, stride, padding,
         dilation, groups, bias, padding_mode, device, dtype)``; ``input_size`` is the spatial size
-        of the input (its length sets the rank), ``density`` the expected share of non-zeros,
-        ``activation='relu'`` fuses a ReLU into the output."""
+        of the input (its length sets the rank), ``activation='relu'`` fuses a ReLU into the
+        output. The batch size and the input's density are not the layer's: see
+        :class:`Workload`."""
         rank = _rank_of(input_size, kernel_size, stride, padding, dilation)
         if not 1 <= rank <= 3:
             raise ValueError(f"input_size must have 1 to 3 spatial dimensions, got {rank}")
@@ -167,14 +166,13 @@ class LayerSpec:
                    padding=normalize_padding(padding, kernel, dilation_t, stride_t),
                    dilation=dilation_t, groups=groups, output_padding=(0,) * rank,
                    padding_mode=padding_mode, bias=bias,
-                   input_size=_ints(input_size, rank, "input_size"), batch=batch,
-                   density=density, dtype=_normalize_dtype(dtype), activation=activation)
+                   input_size=_ints(input_size, rank, "input_size"),
+                   dtype=_normalize_dtype(dtype), activation=activation)
 
     @classmethod
     def conv_transpose(cls, in_channels: int, out_channels: int, kernel_size, stride=1,
                        padding=0, output_padding=0, groups: int = 1, bias: bool = True,
                        dilation=1, padding_mode: str = "zeros", dtype=None, *, input_size,
-                       batch: int = 1, density: float = 1.0,
                        activation: str = "none") -> "LayerSpec":
         """Mirrors ``torch.nn.ConvTransposeNd(in_channels, out_channels, kernel_size, stride,
         padding, output_padding, groups, bias, dilation, padding_mode, device, dtype)``."""
@@ -191,8 +189,8 @@ class LayerSpec:
                    dilation=_ints(dilation, rank, "dilation"), groups=groups,
                    output_padding=_ints(output_padding, rank, "output_padding"),
                    padding_mode=padding_mode, bias=bias,
-                   input_size=_ints(input_size, rank, "input_size"), batch=batch,
-                   density=density, dtype=_normalize_dtype(dtype), activation=activation)
+                   input_size=_ints(input_size, rank, "input_size"),
+                   dtype=_normalize_dtype(dtype), activation=activation)
 
     # ----------------------------------------------------------------------------- validation
     def __post_init__(self) -> None:
@@ -207,7 +205,7 @@ class LayerSpec:
         if not 1 <= rank <= 3:
             raise ValueError(f"kernel_size must have 1 to 3 spatial dimensions, got {rank}")
         put("kernel_size", kernel)
-        for field in ("in_channels", "out_channels", "groups", "batch"):
+        for field in ("in_channels", "out_channels", "groups"):
             put(field, _int(getattr(self, field), field))
         for field in ("stride", "dilation", "output_padding", "input_size"):
             value = _int_tuple(getattr(self, field), field)
@@ -222,7 +220,6 @@ class LayerSpec:
         put("dtype", _normalize_dtype(self.dtype))
         put("padding_mode", _choice(self.padding_mode, PADDING_MODES, "padding_mode"))
         put("activation", _choice(self.activation, ACTIVATIONS, "activation"))
-        put("density", _density(self.density))
         self._check_values()
         self._check_limits()
 
@@ -246,8 +243,6 @@ class LayerSpec:
         if self.activation != "none" and self.op not in ("conv", "conv_transpose"):
             raise ValueError(f"activation={self.activation!r} applies to conv and "
                              f"conv_transpose, not to {self.op!r}")
-        if self.batch < 0:
-            raise RuntimeError(f"batch must be non-negative, got batch={self.batch}")
         if any(k <= 0 for k in self.kernel_size):
             raise RuntimeError(f"kernel_size must be positive, got kernel_size={self.kernel_size}")
         if any(s <= 0 for s in self.stride):
@@ -281,9 +276,6 @@ class LayerSpec:
             if any(self.output_padding):
                 raise ValueError(f"output_padding applies to transposed convolutions only, "
                                  f"got output_padding={self.output_padding} for op={self.op!r}")
-            if self.batch and not all(self.input_size):
-                raise RuntimeError("Only zero batch or zero channel inputs are supported, got "
-                                   f"batch={self.batch}, input_size={self.input_size}")
             padded = tuple(n + lo + hi for n, (lo, hi) in zip(self.input_size, self.padding))
             extent = tuple(d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation))
             if any(p < e for p, e in zip(padded, extent)):
@@ -321,7 +313,6 @@ class LayerSpec:
         check("dilation", self.dilation, MAX_STEP)
         for field in ("in_channels", "out_channels", "groups"):
             check(field, (getattr(self, field),))
-        check("batch", (self.batch,), MAX_ELEMENTS)
         for field in ("kernel_size", "input_size", "output_padding"):
             check(field, getattr(self, field))
         check("padding", (p for pair in self.padding for p in pair))
@@ -339,7 +330,7 @@ class LayerSpec:
         check("packed weight elements", (self.groups * -(-c_out // 64) * 64 *
                                          (c_red * math.prod(self.kernel_size) + 1),))
         check("tensor elements", (math.prod(shape) for shape in
-                                  (*self.input_shapes.values(), self.output_shape)),
+                                  (*self.input_shapes().values(), self.output_shape())),
               MAX_ELEMENTS)
 
     def _transpose_output_size(self) -> tuple[int, ...]:
@@ -395,12 +386,11 @@ class LayerSpec:
         c_x, c_y = self.conv_channels
         return (c_y, c_x // self.groups, *self.kernel_size)
 
-    @property
-    def input_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of the operator's tensor operands, by name."""
+    def input_shapes(self, batch: int = 1) -> dict[str, tuple[int, ...]]:
+        """Shapes of the operator's tensor operands at ``batch``, by name."""
         c_x, c_y = self.conv_channels
-        x_shape = (self.batch, c_x, *(a.size for a in self.axes))
-        y_shape = (self.batch, c_y, *(a.out_size for a in self.axes))
+        x_shape = (batch, c_x, *(a.size for a in self.axes))
+        y_shape = (batch, c_y, *(a.out_size for a in self.axes))
         if self.op == "conv":
             shapes = {"input": x_shape, "weight": self.weight_shape}
         elif self.op == "conv_transpose":
@@ -413,12 +403,12 @@ class LayerSpec:
             shapes["bias"] = (self.out_channels,)
         return shapes
 
-    @property
-    def output_shape(self) -> tuple[int, ...]:
+    def output_shape(self, batch: int = 1) -> tuple[int, ...]:
+        """Shape of what the operator returns at ``batch`` (the weight gradient has none)."""
         if self.op == "conv_grad_weight":
             return self.weight_shape
         channels = self.in_channels if self.op == "conv_grad_input" else self.out_channels
-        return (self.batch, channels, *self.output_size)
+        return (batch, channels, *self.output_size)
 
     @property
     def torch_name(self) -> str:
@@ -429,15 +419,14 @@ class LayerSpec:
                 "conv_grad_weight": f"{name}.grad_weight"}.get(self.op, name)
 
     # ----------------------------------------------------------------------------- backward ops
-    def grad_input(self, density: float = 1.0) -> "LayerSpec":
+    def grad_input(self) -> "LayerSpec":
         """The operator computing the gradient w.r.t. this operator's input.
 
         For a conv it is ``conv_grad_input`` of the same conv (a transposed convolution); for a
-        transposed conv it is an ordinary ``conv`` of its output gradient. ``density`` is the
-        expected share of non-zeros of the incoming gradient.
+        transposed conv it is an ordinary ``conv`` of its output gradient.
         """
         if self.op == "conv":
-            return dataclasses.replace(self, op="conv_grad_input", bias=False, density=density,
+            return dataclasses.replace(self, op="conv_grad_input", bias=False,
                                        activation="none")
         if self.op == "conv_transpose":
             c_x, c_y = self.conv_channels
@@ -455,8 +444,7 @@ class LayerSpec:
                              kernel_size=self.kernel_size, stride=self.stride,
                              padding=padding, dilation=self.dilation, groups=self.groups,
                              output_padding=(0,) * self.rank, padding_mode="zeros", bias=False,
-                             input_size=self._transpose_output_size(), batch=self.batch,
-                             density=density, dtype=self.dtype)
+                             input_size=self._transpose_output_size(), dtype=self.dtype)
         raise ValueError(f"grad_input() is defined for 'conv' and 'conv_transpose', not {self.op!r}")
 
     def grad_weight(self) -> "LayerSpec":
@@ -467,14 +455,15 @@ class LayerSpec:
             return dataclasses.replace(self, op="conv_grad_weight", bias=False,
                                        activation="none")
         if self.op == "conv_transpose":
-            forward = self.grad_input(density=1.0)
+            forward = self.grad_input()
             return dataclasses.replace(forward, op="conv_grad_weight")
         raise ValueError(f"grad_weight() is defined for 'conv' and 'conv_transpose', "
                          f"not {self.op!r}")
 
     # ----------------------------------------------------------------------------- display
-    def describe(self) -> str:
-        """One line naming the operator and its arguments, e.g. for generated-file headers."""
+    def describe(self, batch: int | str | None = None) -> str:
+        """One line naming the operator and its arguments, e.g. for generated-file headers: on
+        its input size, with the batch in front where ``batch`` is given."""
         parts = [f"{self.torch_name}({self.in_channels}->{self.out_channels}",
                  f"k={_fmt(self.kernel_size)}"]
         if any(s != 1 for s in self.stride):
@@ -496,10 +485,8 @@ class LayerSpec:
         text = ", ".join(parts) + ")"
         if self.activation != "none":
             text += f"+{self.activation}"
-        text += f" on {self.batch}x{'x'.join(map(str, self.input_size))}"
-        if self.density < 1.0:
-            text += f" density={self.density:g}"
-        return text
+        return text + " on " + "x".join(map(str, ((batch,) if batch is not None else ()) +
+                                             self.input_size))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -520,5 +507,45 @@ class LayerSpec:
         return cls(**kwargs)
 
 
-__all__ = ["LayerSpec", "Axis", "LimitError", "normalize_padding", "OPS", "PADDING_MODES",
+@dataclass(frozen=True)
+class Workload:
+    """What a layer runs on, beside its shape: the batch size and the expected share of
+    non-zeros of its data operand. A :class:`LayerSpec` is the compile key; a workload is what
+    tracing measures, tuning times at and the dispatch decides on."""
+
+    batch: int = 1
+    density: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batch", _int(self.batch, "batch"))
+        object.__setattr__(self, "density", _density(self.density))
+        if self.batch < 0:
+            raise RuntimeError(f"batch must be non-negative, got batch={self.batch}")
+        if self.batch > MAX_ELEMENTS:
+            raise LimitError(f"batch {self.batch} exceeds the kernels' limit {MAX_ELEMENTS}")
+
+    def check(self, spec: LayerSpec) -> "Workload":
+        """Raise what torch raises for ``spec`` run at this batch (RuntimeError for a batch of
+        empty inputs; :class:`LimitError` past the kernels' limits); return the workload."""
+        if spec.op != "conv_transpose" and self.batch and not all(spec.input_size):
+            raise RuntimeError("Only zero batch or zero channel inputs are supported, got "
+                               f"batch={self.batch}, input_size={spec.input_size}")
+        shapes = (*spec.input_shapes(self.batch).values(), spec.output_shape(self.batch))
+        largest = max(math.prod(shape) for shape in shapes)
+        if largest > MAX_ELEMENTS:
+            raise LimitError(f"tensor elements {largest} exceed the kernels' limit "
+                             f"{MAX_ELEMENTS}: zeroskip's kernels do not serve "
+                             f"{spec.describe(self.batch)}")
+        return self
+
+    def describe(self) -> str:
+        return f"batch {self.batch}" + (f", density {self.density:g}" if self.density < 1 else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch": self.batch, "density": self.density}
+
+
+DENSE = Workload()
+
+__all__ = ["LayerSpec", "Workload", "DENSE", "Axis", "LimitError", "normalize_padding", "OPS", "PADDING_MODES",
            "DTYPES", "ACTIVATIONS", "MAX_INDEX", "MAX_STEP"]

@@ -1,4 +1,5 @@
-"""The conv layers a model runs, as LayerSpecs with the input density measured on sample data.
+"""The conv layers a model runs: each layer's spec, and its workload (batch and the input density
+measured on sample data) beside it.
 
 :func:`trace` runs a model on a few seeded random batches with a hook on every convolution that
 :func:`zeroskip.convert` would run on generated kernels, and returns each layer's spec (fused
@@ -6,7 +7,7 @@ ReLU included, as the converted model will ask for it) with the share of non-zer
 had. ``zeroskip trace MODULE:FACTORY`` writes that as a layers file, which ``zeroskip generate``
 (and ``tune --specs``) read back with :func:`read_layers`::
 
-    {"format": "zeroskip-layers", "version": 1,
+    {"format": "zeroskip-layers", "version": 2,
      "model": "pkg.mod:factory",            # what was traced (null when not named)
      "input_shape": [1, 3, 224, 224], "batches": 4, "seed": 0, "fuse_relu": true,
      "dtype": "float32", "zeroskip": "0.1.0", "torch": "2.13.0",
@@ -15,15 +16,17 @@ had. ``zeroskip trace MODULE:FACTORY`` writes that as a layers file, which ``zer
                                             # "#2", "#3"... appended for further call shapes
         "module": "Conv2d",                 # the module's class
         "calls": 4,                         # calls seen over all batches
+        "batch": 1,                         # the batch size of the calls
         "density": {"mean": 0.5, "std": 0.01, "min": 0.49, "max": 0.51},
-        "spec": {...}}]}                    # LayerSpec.to_dict(); density: the mean, 4 places
+        "spec": {...}}]}                    # LayerSpec.to_dict()
 
-``read_layers`` also takes the older layer files: a JSON list of ``LayerSpec.to_dict()`` objects
-(each named by ``spec.describe()``) or an object of them by name.
+:func:`read_layers` gives ``(name, spec, workload)`` per layer, the workload's density the
+mean. It also takes version 1 of this format and the older layer files, a JSON list of
+``LayerSpec.to_dict()`` objects (each named by ``spec.describe()``) or an object of them by
+name, whose spec objects may carry ``batch`` and ``density`` (those become the workload).
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import math
@@ -35,27 +38,29 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .spec import LayerSpec
+from .spec import LayerSpec, Workload
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d,
               nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-FORMAT, VERSION = "zeroskip-layers", 1
+FORMAT, VERSION = "zeroskip-layers", 2
+READS = (1, 2)           # version 1 kept batch and density inside the spec objects
 
 
 class TraceError(RuntimeError):
     """The model could not be traced: its factory or forward raised, or no conv layer ran."""
 
 
-def spec_of(module: nn.Module, input_shape: tuple[int, ...], density: float = 1.0,
-            dtype=None, activation: str = "none", output_padding=None) -> LayerSpec:
-    """The LayerSpec of a torch conv module applied to a batched input of ``input_shape``
-    (``output_padding``: a transposed conv's, where its call set one through ``output_size``)."""
+def spec_of(module: nn.Module, input_shape: tuple[int, ...], dtype=None,
+            activation: str = "none", output_padding=None) -> LayerSpec:
+    """The LayerSpec of a torch conv module applied to a batched input of ``input_shape`` (its
+    batch is the workload's, not the spec's; ``output_padding``: a transposed conv's, where its
+    call set one through ``output_size``)."""
     if not isinstance(module, CONV_TYPES):
         raise TypeError(f"expected a torch convolution module, got {type(module).__name__}")
-    batch, _, *size = input_shape
+    _, _, *size = input_shape
     common = dict(bias=module.bias is not None, padding_mode=module.padding_mode,
-                  dtype=dtype or module.weight.dtype, input_size=tuple(size), batch=batch,
-                  density=density, activation=activation)
+                  dtype=dtype or module.weight.dtype, input_size=tuple(size),
+                  activation=activation)
     if module.transposed:
         return LayerSpec.conv_transpose(
             module.in_channels, module.out_channels, module.kernel_size, module.stride,
@@ -67,17 +72,20 @@ def spec_of(module: nn.Module, input_shape: tuple[int, ...], density: float = 1.
 
 
 @torch.no_grad()
-def trace_specs(model: nn.Module, *inputs: torch.Tensor) -> list[tuple[str, LayerSpec]]:
-    """Run ``model(*inputs)`` and return ``(module name, spec)`` for every conv call, in call
-    order, with the density of non-zeros of the input each call actually saw."""
-    found: list[tuple[str, LayerSpec]] = []
+def trace_specs(model: nn.Module, *inputs: torch.Tensor
+                ) -> list[tuple[str, LayerSpec, Workload]]:
+    """Run ``model(*inputs)`` and return ``(module name, spec, workload)`` for every conv call,
+    in call order: the workload is the call's batch and the density of non-zeros its input
+    actually had."""
+    found: list[tuple[str, LayerSpec, Workload]] = []
     handles = []
     for name, module in model.named_modules():
         if isinstance(module, CONV_TYPES):
             def hook(mod, args, name=name):
                 x = args[0]
                 density = float((x != 0).sum()) / max(x.numel(), 1)
-                found.append((name, spec_of(mod, tuple(x.shape), round(density, 4))))
+                found.append((name, spec_of(mod, tuple(x.shape)),
+                              Workload(x.shape[0], round(density, 4))))
             handles.append(module.register_forward_pre_hook(hook))
     try:
         model(*inputs)
@@ -146,7 +154,7 @@ def _converted_convs(model: nn.Module, fuse_relu: bool) -> tuple[dict[str, nn.Mo
 
 
 def _call_spec(module: nn.Module, args: tuple, kwargs: dict, relu: bool) -> LayerSpec:
-    """The spec (density 1) of one call of a conv module, as its converted twin computes it."""
+    """The spec of one call of a conv module, as its converted twin computes it."""
     x = args[0] if args else kwargs["input"]
     rank = len(module.kernel_size)
     shape = tuple(x.shape) if x.dim() == rank + 2 else (1, *x.shape)   # unbatched: batch 1
@@ -155,7 +163,7 @@ def _call_spec(module: nn.Module, args: tuple, kwargs: dict, relu: bool) -> Laye
     if module.transposed and output_size is not None:
         output_padding = module._output_padding(x, output_size, module.stride, module.padding,
                                                 module.kernel_size, rank, module.dilation)
-    return spec_of(module, shape, 1.0, dtype=x.dtype, activation="relu" if relu else "none",
+    return spec_of(module, shape, dtype=x.dtype, activation="relu" if relu else "none",
                    output_padding=output_padding)
 
 
@@ -179,14 +187,14 @@ def trace(model: nn.Module, input_shape, batches: int = 4, seed: int = 0,
     names: dict[str, int] = {}
 
     def hook(module, args, kwargs, name):
+        x = args[0] if args else kwargs["input"]
         spec = _call_spec(module, args, kwargs, id(module) in fused)
         entry = entries.get((name, spec))
         if entry is None:
             names[name] = names.get(name, 0) + 1
             label = name if names[name] == 1 else f"{name}#{names[name]}"
             entry = entries[(name, spec)] = dict(name=label, module=type(module).__name__,
-                                                 spec=spec, densities=[])
-        x = args[0] if args else kwargs["input"]
+                                                 spec=spec, densities=[], batch=_batch(x, spec))
         entry["densities"].append(int(torch.count_nonzero(x)) / max(x.numel(), 1))
 
     params = next(iter(model.parameters()), None)
@@ -225,11 +233,15 @@ def _layer(entry: dict) -> dict[str, Any]:
     values = entry["densities"]
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-    spec = dataclasses.replace(entry["spec"], density=round(mean, 4))
     return {"name": entry["name"], "module": entry["module"], "calls": len(values),
+            "batch": entry["batch"],
             "density": {"mean": round(mean, 6), "std": round(std, 6),
                         "min": round(min(values), 6), "max": round(max(values), 6)},
-            "spec": spec.to_dict()}
+            "spec": entry["spec"].to_dict()}
+
+
+def _batch(x: torch.Tensor, spec: LayerSpec) -> int:
+    return x.shape[0] if x.dim() == spec.rank + 2 else 1   # unbatched: batch 1
 
 
 def _shape(input_shape) -> tuple[int, ...]:
@@ -278,9 +290,8 @@ def _dumps(data: Any) -> str:
     return "{\n" + "\n".join(head) + f'\n  "layers": [\n{layers}\n  ]\n}}\n'
 
 
-def read_layers(path) -> list[tuple[str, LayerSpec]]:
-    """``(name, spec)`` of each layer of a layers file: ``zeroskip trace``'s, a JSON list of
-    ``LayerSpec.to_dict()`` objects (named by ``spec.describe()``) or an object of them by name.
+def read_layers(path) -> list[tuple[str, LayerSpec, Workload]]:
+    """``(name, spec, workload)`` of each layer of a layers file (see the module docstring).
     Raises ValueError naming the file (and the layer) for anything malformed; OSError where
     the file cannot be read."""
     text = Path(path).read_text()
@@ -291,7 +302,8 @@ def read_layers(path) -> list[tuple[str, LayerSpec]]:
     return parse_layers(data, path)
 
 
-def parse_layers(data: Any, source, named: bool = True) -> list[tuple[str, LayerSpec]]:
+def parse_layers(data: Any, source, named: bool = True
+                 ) -> list[tuple[str, LayerSpec, Workload]]:
     """The layers of a layers file's JSON ``data`` (see :func:`read_layers`); ``source`` names
     it in errors. Without ``named``, the older object of layers by name is refused."""
     if isinstance(data, dict) and "format" in data and not isinstance(data["format"], dict):
@@ -307,17 +319,17 @@ def parse_layers(data: Any, source, named: bool = True) -> list[tuple[str, Layer
                          + f" or a {FORMAT} file of zeroskip trace")
     layers = []
     for where, name, item in items:
-        spec = _spec(item, source, where)
-        layers.append((spec.describe() if name is None else name, spec))
+        spec, workload = _spec(item, source, where)
+        layers.append((spec.describe() if name is None else name, spec, workload))
     return layers
 
 
-def _parse_trace(data: dict, source) -> list[tuple[str, LayerSpec]]:
+def _parse_trace(data: dict, source) -> list[tuple[str, LayerSpec, Workload]]:
     if data["format"] != FORMAT:
         raise ValueError(f"{source}: format {data['format']!r} is not {FORMAT!r}")
-    if data.get("version") != VERSION:
+    if data.get("version") not in READS:
         raise ValueError(f"{source}: {FORMAT} version {data.get('version')!r} is not supported "
-                         f"(this zeroskip reads version {VERSION})")
+                         f"(this zeroskip reads versions {', '.join(map(str, READS))})")
     entries = data.get("layers")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{source}: 'layers' must be a non-empty list")
@@ -330,16 +342,35 @@ def _parse_trace(data: dict, source) -> list[tuple[str, LayerSpec]]:
         if name in seen:
             raise ValueError(f"{source}, layer {name!r}: the name is used twice")
         seen.add(name)
-        layers.append((name, _spec(entry.get("spec"), source, f"layer {name!r}")))
+        where = f"layer {name!r}"
+        spec, workload = _spec(entry.get("spec"), source, where)
+        if data["version"] >= 2:
+            density = entry.get("density")
+            mean = density.get("mean") if isinstance(density, dict) else None
+            workload = _workload({"batch": entry.get("batch"), "density": mean}, source, where,
+                                 spec)
+        layers.append((name, spec, workload))
     return layers
 
 
-def _spec(item: Any, source, where: str) -> LayerSpec:
+def _spec(item: Any, source, where: str) -> tuple[LayerSpec, Workload]:
+    """A layer's spec and the workload its object may carry (``batch``, ``density``: the
+    older files put them there)."""
     try:
         if not isinstance(item, dict):
             raise TypeError("not a LayerSpec.to_dict() object")
-        return LayerSpec.from_dict(item)
+        item = dict(item)
+        work = {key: item.pop(key) for key in ("batch", "density") if key in item}
+        spec = LayerSpec.from_dict(item)
     except (ValueError, TypeError, RuntimeError) as exc:  # LayerSpec raises torch's types
+        raise ValueError(f"{source}, {where}: {exc}") from None
+    return spec, _workload(work, source, where, spec)
+
+
+def _workload(fields: dict, source, where: str, spec: LayerSpec) -> Workload:
+    try:
+        return Workload(**{k: v for k, v in fields.items() if v is not None}).check(spec)
+    except (ValueError, TypeError, RuntimeError) as exc:
         raise ValueError(f"{source}, {where}: {exc}") from None
 
 

@@ -4,7 +4,6 @@ output and the three gradients checked against torch first); for strided convs, 
 gradient is a strided transposed convolution, that operator is also timed alone."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, TextIO
 
 import torch
@@ -23,16 +22,17 @@ from .suite import Layer, strided_conv
 GRADS = ("output", "input gradient", "weight gradient", "bias gradient")
 
 
-def train_operands(spec: LayerSpec, seed: int = 0) -> tuple:
-    """Random ``(input, weight, bias or None, grad_output)`` for one training step: the input
+def train_operands(spec: LayerSpec, seed: int = 0, batch: int = 1) -> tuple:
+    """Random ``(input, weight, bias or None, grad_output)`` for one training step at ``batch``:
+    the input
     requires grad, the weight and bias are trainable ``nn.Parameter``s (zeroskip caches their
     packing while they are unchanged), ``grad_output`` has the output's shape."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = spec.input_shapes
+    shapes = spec.input_shapes(batch)
     x = torch.randn(shapes["input"], generator=gen).requires_grad_()
     w, b = (torch.nn.Parameter(torch.randn(shapes[n], generator=gen)) if n in shapes else None
             for n in ("weight", "bias"))
-    return x, w, b, torch.randn(spec.output_shape, generator=gen)
+    return x, w, b, torch.randn(spec.output_shape(batch), generator=gen)
 
 
 def _step(fn: Callable, kwargs: dict, x, w, b, g) -> Callable[[], tuple]:
@@ -56,7 +56,8 @@ def grad_input_calls(spec: LayerSpec, w: torch.Tensor, g: torch.Tensor) -> tuple
     ``torch.nn.grad.conv{N}d_input`` and the kernel of ``spec.grad_input()``."""
     kwargs = call_args(spec)
     torch_fn = getattr(torch.nn.grad, f"conv{spec.rank}d_input")
-    size, w_plain, grad_spec = spec.input_shapes["input"], w.detach(), spec.grad_input()
+    size = spec.input_shapes(g.shape[0])["input"]
+    w_plain, grad_spec = w.detach(), spec.grad_input()
     return ((lambda: torch_fn(size, w_plain, g, **kwargs)),
             (lambda: loader.run_spec(grad_spec, {"grad_output": g, "weight": w})))
 
@@ -85,18 +86,19 @@ def bench_backward_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
                          min_time: float = MIN_TIME_S) -> BackwardRow:
     """Check, then time, one training step of the layer against torch; for strided convs also
     the input gradient alone."""
-    spec = dataclasses.replace(layer.spec, batch=batch)
-    x, w, b, g = train_operands(spec)
+    spec = layer.spec
+    x, w, b, g = train_operands(spec, batch=batch)
     kwargs = call_args(spec)
     torch_step = _step(getattr(F, spec.torch_name), kwargs, x, w, b, g)
     zs_step = _step(getattr(Z, spec.torch_name), kwargs, x, w, b, g)
     error = _checked_step(layer.name, zs_step, torch_step())
     timing = time_interleaved({"torch": torch_step, "zeroskip": zs_step}, repeats, min_time)
     specs = (spec, spec.grad_input(), spec.grad_weight())
-    row = BackwardRow(layer.name, layer.family, layer.dense, spec.describe(),
+    row = BackwardRow(layer.name, layer.family, layer.dense, spec.describe(batch),
                       timing.seconds["torch"] * 1e3, timing.seconds["zeroskip"] * 1e3,
-                      sum(map(nonzero_macs, specs)), sum(map(dense_macs, specs)), error,
-                      timing.contention, nonzero_macs(specs[1]), dense_macs(specs[1]))
+                      sum(nonzero_macs(s, batch) for s in specs),
+                      sum(dense_macs(s, batch) for s in specs), error, timing.contention,
+                      nonzero_macs(specs[1], batch), dense_macs(specs[1], batch))
     if strided_conv(spec):
         torch_call, zs_call = grad_input_calls(spec, w, g)
         row.error = max(error, _checked_call(f"{layer.name}: input gradient alone", zs_call,

@@ -51,13 +51,15 @@ def call_args(spec: LayerSpec) -> dict:
     return kwargs
 
 
-def operands(spec: LayerSpec, seed: int = 0, density: float = 1.0) -> tuple[torch.Tensor, ...]:
-    """Random ``(input, weight, bias or None)`` of the spec's shapes; the weight and bias are
+def operands(spec: LayerSpec, seed: int = 0, density: float = 1.0, batch: int = 1
+             ) -> tuple[torch.Tensor, ...]:
+    """Random ``(input, weight, bias or None)`` of the spec's shapes at ``batch``; the weight
+    and bias are
     frozen ``nn.Parameter``s, as in a model at inference (zeroskip caches their packing). At
     density 1 the input is random normal (no zeros); below, it is ReLU-like, with exactly that
     share of positive values (:func:`sparse_input`). The weights are the same at every density."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = spec.input_shapes
+    shapes = spec.input_shapes(batch)
     x = torch.randn(shapes["input"], generator=gen)
     w, b = (torch.nn.Parameter(torch.randn(shapes[n], generator=gen), requires_grad=False)
             if n in shapes else None for n in ("weight", "bias"))

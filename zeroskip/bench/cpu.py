@@ -2,7 +2,6 @@
 input density (:func:`run_sweep`), and the per-call overhead of ``zeroskip.functional``."""
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import time
 from typing import Callable, TextIO
@@ -27,7 +26,6 @@ SWEEP_DENSITIES = (1.0, 0.5, 0.3, 0.1, 0.05)    # input densities of ``--densiti
 def cold_compile_seconds(spec: LayerSpec) -> float:
     """Seconds from a spec to a loaded kernel (passes, plan, C, compiler, dlopen) on an empty
     cache; the process's kernel memo and the normal cache are left alone."""
-    spec = dataclasses.replace(spec, batch=1)
     with tempfile.TemporaryDirectory(prefix="zeroskip-bench-") as tmp, _cache_dir(tmp):
         start = time.perf_counter()
         loader.load(spec)
@@ -66,11 +64,13 @@ def _dense_kernel_call(call: dispatch.Operator, x, w, b) -> Callable[[], torch.T
     return lambda: call.launch(call.forward, x, w, b)
 
 
-def _timed_row(layer: Layer, spec: LayerSpec, density: float, compile_s: float | None,
+def _timed_row(layer: Layer, batch: int, density: float, compile_s: float | None,
                repeats: int, min_time: float) -> Row:
-    """Check, then time, the layer against torch on an input of ``density``; at density 1,
-    where the dispatch ran something other than the dense kernel, that kernel is timed too."""
-    x, w, b = operands(spec, density=density)
+    """Check, then time, the layer against torch on an input of ``batch`` and ``density``; at
+    density 1, where the dispatch ran something other than the dense kernel, that kernel is
+    timed too."""
+    spec = layer.spec
+    x, w, b = operands(spec, density=density, batch=batch)
     torch_call, zs_call = _calls(spec, x, w, b)
     error, call = _checked_dispatch(layer.name, zs_call, torch_call())
     strategy = call.last
@@ -80,8 +80,8 @@ def _timed_row(layer: Layer, spec: LayerSpec, density: float, compile_s: float |
     timing = time_interleaved(fns, repeats, min_time)
     times = timing.seconds
     dense_s = times.get("dense kernel", times["zeroskip"]) if density == 1.0 else None
-    nonzero, dense = round(nonzero_macs(spec) * density), dense_macs(spec)
-    return Row(layer.name, layer.family, layer.dense, spec.describe(),
+    nonzero, dense = round(nonzero_macs(spec, batch) * density), dense_macs(spec, batch)
+    return Row(layer.name, layer.family, layer.dense, spec.describe(batch),
                torch_ms=times["torch"] * 1e3, zeroskip_ms=times["zeroskip"] * 1e3,
                gflops=2 * nonzero / times["zeroskip"] / 1e9, skipped=1 - nonzero / dense,
                compile_s=compile_s, nonzero_macs=nonzero, dense_macs=dense, error=error,
@@ -94,16 +94,15 @@ def bench_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
                 min_time: float = MIN_TIME_S, density: float = 1.0) -> Row:
     """Check, then time, one layer against torch on an input of ``density``, with the cold
     compile time of its kernel."""
-    spec = dataclasses.replace(layer.spec, batch=batch)
-    return _timed_row(layer, spec, density, cold_compile_seconds(spec), repeats, min_time)
+    return _timed_row(layer, batch, density, cold_compile_seconds(layer.spec), repeats,
+                      min_time)
 
 
 def sweep_layer(layer: Layer, densities: tuple[float, ...] = SWEEP_DENSITIES, batch: int = 1,
                 repeats: int = REPEATS, min_time: float = MIN_TIME_S) -> list[Row]:
     """Check, then time, one layer against torch at each input density (no cold compile: that
     is :func:`bench_layer`'s figure, the same at every density)."""
-    spec = dataclasses.replace(layer.spec, batch=batch)
-    return [_timed_row(layer, spec, density, None, repeats, min_time) for density in densities]
+    return [_timed_row(layer, batch, density, None, repeats, min_time) for density in densities]
 
 
 def _launch_threads(kernel: c_kernel.Kernel, call: Callable[[], object]) -> int:
@@ -127,9 +126,9 @@ def measure_overhead(repeats: int = REPEATS, min_time: float = MIN_TIME_S,
     want = torch_call()
     _checked_call("overhead layer", zs_call, want)
     kernel = loader.kernel_for(spec)
-    packed, out = kernel.pack(w, b), torch.empty(spec.output_shape)
+    packed, out = kernel.pack(w, b), torch.empty(spec.output_shape())
     run = kernel.lib.run
-    args = (spec.batch, _launch_threads(kernel, zs_call), x.data_ptr(), packed.data_ptr(),
+    args = (x.shape[0], _launch_threads(kernel, zs_call), x.data_ptr(), packed.data_ptr(),
             w.data_ptr(), out.data_ptr())
     run(*args)
     check("overhead layer (bare kernel)", out, want)

@@ -73,7 +73,7 @@ def bench_gpu_layer(layer: Layer, dtype: str = "float32", batch: int = GPU_BATCH
     ``device`` 'cpu' runs Triton's interpreter, for tests). With ``tune``, each kernel is
     tuned for this GPU first (:func:`autotune.tune_triton`, recorded in the database). A row
     that fails keeps the reason in ``failure``; the others still run."""
-    base = dataclasses.replace(layer.spec, batch=batch, dtype=dtype)
+    base = dataclasses.replace(layer.spec, dtype=dtype)
     rows = []
     for kind, make, density, pattern, strategy in _gpu_jobs(base):
         row = GpuRow(layer.name, layer.family, kind, dtype, "", layer.spec.op,
@@ -81,11 +81,11 @@ def bench_gpu_layer(layer: Layer, dtype: str = "float32", batch: int = GPU_BATCH
                      density, None, None, "", False, None)
         try:
             spec = make()
-            row.shape = spec.describe()
+            row.shape = spec.describe(batch)
             if tune and kind != "sparse-random":     # sparse-random reuses the blocks tuning
                 autotune.tune_triton(spec, density, device, repeats, min_time=min_time,
-                                     pattern=pattern)
-            t = autotune.operands(spec, density, device, pattern)
+                                     pattern=pattern, batch=batch)
+            t = autotune.operands(spec, density, device, pattern, batch=batch)
             torch_call = reference.op(spec, t)
             row.config, row.tuned = gpu_choice(spec, density, device, strategy)
             _, zs_call = autotune.call(spec, row.config, t, "triton")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..spec import LayerSpec
+from ..spec import LayerSpec, Workload
 
 FORWARD = ("conv", "conv_transpose")      # the ops the autotuner covers
 DENSITIES = (1.0, 0.5, 0.3, 0.1, 0.05)
@@ -78,12 +78,13 @@ def _dtypes(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(DTYPE_NAMES[n] for n in names))
 
 
-def spec_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LayerSpec:
+def spec_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
+                   ) -> tuple[LayerSpec, Workload]:
+    """The layer and its workload (``--batch``, ``--density``) the arguments describe."""
     rank = int(args.op[-2])
     if len(args.input_size) != rank:
         parser.error(f"--input-size takes {rank} ints for {args.op}, got {args.input_size}")
-    common = dict(bias=not args.no_bias, dtype=args.dtype, input_size=tuple(args.input_size),
-                  batch=args.batch, density=args.density)
+    common = dict(bias=not args.no_bias, dtype=args.dtype, input_size=tuple(args.input_size))
     kernel = _per_axis(args.kernel, rank, "--kernel", parser)
     stride = _per_axis(args.stride, rank, "--stride", parser)
     padding = _per_axis(args.padding, rank, "--padding", parser)
@@ -102,17 +103,19 @@ def spec_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                                   **common)
         if args.grad == "input":
             # --density then describes the incoming gradient, the operator's data operand.
-            spec = spec.grad_input(density=args.density)
+            spec = spec.grad_input()
         elif args.grad == "weight":
             spec = spec.grad_weight()
+        return spec, Workload(args.batch, args.density).check(spec)
     except (ValueError, RuntimeError, TypeError) as exc:
         parser.error(str(exc))
-    return spec
 
 
 def _spec_file(path: Path, parser: argparse.ArgumentParser, flag: str = "--specs",
-               named: bool = False, forward_only: bool = True) -> list[tuple[str, LayerSpec]]:
-    """The layers of a ``--specs`` file, named by their description; exits 2 (naming the file)
+               named: bool = False, forward_only: bool = True
+               ) -> list[tuple[str, LayerSpec, Workload]]:
+    """``(name, spec, workload)`` of the layers of a ``--specs`` file (``zeroskip trace``'s files
+    too); exits 2 (naming the file)
     where it cannot be read or holds anything but a non-empty list of forward layers. With
     ``named``, an object of layers by name is taken too; without ``forward_only``, any op."""
     prefix = f"{flag}: " if flag else ""
@@ -127,7 +130,7 @@ def _spec_file(path: Path, parser: argparse.ArgumentParser, flag: str = "--specs
         layers = parse_layers(data, path, named=named)
     except ValueError as exc:
         parser.error(f"{prefix}{exc}")
-    for i, (name, spec) in enumerate(layers):
+    for i, (name, spec, _) in enumerate(layers):
         if forward_only and spec.op not in FORWARD:
             where = f"layer {i}" if isinstance(data, list) else f"layer {name!r}"
             parser.error(f"{prefix}{path}, {where}: tuning covers conv and conv_transpose, "

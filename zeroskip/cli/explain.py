@@ -46,8 +46,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..codegen.ir import to_dot
     from ..explain import explain
-    spec = spec_from_args(args, parser)
-    report = explain(spec, dump_dir=args.dump)
+    spec, workload = spec_from_args(args, parser)
+    report = explain(spec, workload, dump_dir=args.dump)
     if args.dot:
         try:
             args.dot.write_text(to_dot(report.graph))

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..spec import LayerSpec
+from ..spec import LayerSpec, Workload
 from .args import _comma_list, _positive, _spec_file
 
 
@@ -61,19 +61,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _generate_layers(args: argparse.Namespace, parser: argparse.ArgumentParser
-                     ) -> list[tuple[str, LayerSpec]]:
-    """``(name, spec)`` of the layers to generate: the layers file's, or the suite's, as
-    ``--quick`` and ``--layers`` select them."""
+                     ) -> list[tuple[str, LayerSpec, Workload]]:
+    """``(name, spec, workload)`` of the layers to generate: the layers file's, or the suite's
+    (batch 1), as ``--quick`` and ``--layers`` select them."""
     if args.layers_file:
         if args.quick:
             parser.error("--quick selects layers of the suite, not of a layers file")
         layers = _spec_file(args.layers_file, parser, flag="", named=True, forward_only=False)
         if args.layers:
-            layers = [(name, spec) for name, spec in layers
-                      if any(p in name for p in args.layers)]
+            layers = [layer for layer in layers if any(p in layer[0] for p in args.layers)]
     else:
         from .. import bench
-        layers = [(layer.name, layer.spec) for layer in bench.select(args.quick, args.layers)]
+        layers = [(layer.name, layer.spec, Workload())
+                  for layer in bench.select(args.quick, args.layers)]
     if not layers:
         parser.error(f"no layer matches --layers {' '.join(args.layers)}")
     return layers

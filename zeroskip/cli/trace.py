@@ -40,7 +40,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import dataclasses
     import os
 
     from .. import trace
@@ -71,9 +70,9 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--out: cannot write {args.out}: {exc.strerror or exc}")
     width = max(len(layer["name"]) for layer in data["layers"])
     for layer in data["layers"]:
-        spec = dataclasses.replace(LayerSpec.from_dict(layer["spec"]), density=1.0)
+        spec = LayerSpec.from_dict(layer["spec"])
         density = layer["density"]
-        print(f"{layer['name']:<{width}}  {spec.describe()}  density {density['mean']:.3f} "
+        print(f"{layer['name']:<{width}}  {spec.describe(layer['batch'])}  density {density['mean']:.3f} "
               f"± {density['std']:.3f}")
     print(f"{len(data['layers'])} conv layers of {target} written to {args.out}")
     return 0

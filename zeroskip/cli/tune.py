@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..spec import LayerSpec
+from ..spec import LayerSpec, Workload
 from .args import DENSITIES, FORWARD, _densities, _positive, _spec_file
 
 
@@ -45,14 +45,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def _tune_layers(args: argparse.Namespace, parser: argparse.ArgumentParser
                  ) -> list[tuple[str, LayerSpec]]:
-    """``(name, spec)`` of the layers to tune: the ``--specs`` file's, or the suite's forward
-    layers as ``--quick`` and ``--layers`` select them."""
+    """``(name, spec, workload)`` of the layers to tune: the ``--specs`` file's (a trace's
+    batch), or the suite's forward layers (batch 1) as ``--quick`` and ``--layers`` select
+    them."""
     if args.specs:
         if args.quick or args.layers:
             parser.error("--quick and --layers select layers of the suite, not of --specs")
         return _spec_file(args.specs, parser)
     from .. import bench
-    layers = [(layer.name, layer.spec) for layer in bench.select(args.quick, args.layers)
+    layers = [(layer.name, layer.spec, Workload()) for layer in bench.select(args.quick,
+                                                                             args.layers)
               if layer.spec.op in FORWARD]
     if not layers:
         parser.error(f"no forward layer of the suite matches --layers {' '.join(args.layers)}")
@@ -71,14 +73,15 @@ def _read_db(path: Path, flag: str, parser: argparse.ArgumentParser):
         parser.error(f"{flag}: {exc}")
 
 
-def _named(layers: list[tuple[str, LayerSpec]], results: list) -> list[tuple[str, object]]:
+def _named(layers: list[tuple[str, LayerSpec, Workload]], results: list
+           ) -> list[tuple[str, object]]:
     """Each result with its layer's name (``tune_all`` tunes a layer at every density in turn)."""
     per_layer = len(results) // len(layers)
-    return [(name, r) for i, (name, _) in enumerate(layers)
+    return [(name, r) for i, (name, *_) in enumerate(layers)
             for r in results[i * per_layer:(i + 1) * per_layer]]
 
 
-def _tune_report(layers: list[tuple[str, LayerSpec]], results: list, db) -> str:
+def _tune_report(layers: list[tuple[str, LayerSpec, Workload]], results: list, db) -> str:
     """Every choice against torch, then each layer's crossover, as markdown tables."""
     lines = ["| layer | density | choice | torch ms | best ms | speedup |",
              "|---|---:|---|---:|---:|---:|"]
@@ -86,14 +89,14 @@ def _tune_report(layers: list[tuple[str, LayerSpec]], results: list, db) -> str:
         lines.append(f"| {name} | {r.density:g} | {r.choice} | {r.ms['torch']:.3g} | "
                      f"{r.ms[r.choice]:.3g} | {r.speedup():.2f}x |")
     lines += ["", "| layer | crossover |", "|---|---:|"]
-    for name, spec in layers:
+    for name, spec, _ in layers:
         crossover = db.crossover(spec)
         lines.append(f"| {name} | {f'{crossover:g}' if crossover else 'none'} |")
     lines.append("\ncrossover: the highest tuned density at which a sparse kernel won")
     return "\n".join(lines)
 
 
-def _tune_notes(layers: list[tuple[str, LayerSpec]], results: list) -> None:
+def _tune_notes(layers: list[tuple[str, LayerSpec, Workload]], results: list) -> None:
     """Failed candidates and contended timings, on stderr: they question the choices made."""
     from ..runtime import timing
     for name, r in _named(layers, results):
@@ -120,7 +123,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         taken = sum(db.merge(_read_db(path, "--merge", parser)) for path in args.merge)
         print(f"merged {taken} records from {len(args.merge)} file(s)")
     if layers:
-        results = autotune.tune_all([spec for _, spec in layers], args.densities, db,
+        results = autotune.tune_all([(spec, work.batch) for _, spec, work in layers],
+                                    args.densities, db,
                                     args.repeats, progress=not args.no_progress)
         print(_tune_report(layers, results, db))
         _tune_notes(layers, results)

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import networkx as nx
 
-from ..spec import LayerSpec
+from ..spec import DENSE, LayerSpec, Workload
 from .ir import (Affine, Assemble, AxisLoop, BiasAdd, Contract, Input, Output, Pad, PadAdjoint,
                  Relu, Subsample, ZeroInsert, add_node, new_graph, op, verify)
 
 
-def lower(spec: LayerSpec) -> nx.DiGraph:
-    """The naive graph of ``spec``, verified."""
-    graph = new_graph(spec)
+def lower(spec: LayerSpec, workload: Workload = DENSE) -> nx.DiGraph:
+    """The naive graph of ``spec`` at the workload's batch, verified. The workload is kept in
+    ``graph.graph["workload"]`` (choose_strategy reads its density)."""
+    graph = new_graph(spec, workload)
     build = {"conv": _forward, "conv_transpose": _transposed, "conv_grad_input": _transposed,
              "conv_grad_weight": _grad_weight}[spec.op]
     build(graph, spec)
@@ -32,7 +33,7 @@ def lower(spec: LayerSpec) -> nx.DiGraph:
 
 def _inputs(graph: nx.DiGraph, spec: LayerSpec) -> dict[str, str]:
     return {name: add_node(graph, name, Input(name, shape))
-            for name, shape in spec.input_shapes.items()}
+            for name, shape in spec.input_shapes(graph.graph["workload"].batch).items()}
 
 
 def _pad(graph, src: str, lo, hi, mode: str) -> str:
@@ -75,7 +76,7 @@ def _forward(graph: nx.DiGraph, spec: LayerSpec) -> None:
     w = _zero_insert(graph, inputs["weight"], spec.dilation, "dilation")
     loops = tuple(AxisLoop(u=(0, a.out_size), v=(0, a.extent), out=Affine(u=1),
                            lhs=Affine(u=a.stride, v=1), rhs=Affine(v=1)) for a in axes)
-    shape = (spec.batch, spec.conv_channels[1], *(a.out_size for a in axes))
+    shape = (graph.graph["workload"].batch, spec.conv_channels[1], *(a.out_size for a in axes))
     result = _finish(graph, Contract(shape, "forward", spec.groups, loops), x, w)
     _output(graph, spec, result, inputs)
 
@@ -95,7 +96,7 @@ def _transposed(graph: nx.DiGraph, spec: LayerSpec) -> None:
     w = _zero_insert(graph, inputs["weight"], spec.dilation, "dilation")
     loops = tuple(AxisLoop(u=(0, n), v=(0, a.extent), out=Affine(u=1), lhs=Affine(u=1, v=1),
                            rhs=Affine(v=-1, c=a.extent - 1)) for n, a in zip(length, axes))
-    shape = (spec.batch, spec.conv_channels[0], *length)
+    shape = (graph.graph["workload"].batch, spec.conv_channels[0], *length)
     result = _finish(graph, Contract(shape, "grad_input", spec.groups, loops), z, w)
     if not zeros:
         unpadded = (*shape[:2], *(a.size for a in axes))

@@ -186,8 +186,11 @@ PAYLOADS = {cls.__name__: cls for cls in
 
 
 # --------------------------------------------------------------------------------- graph helpers
-def new_graph(spec) -> nx.DiGraph:
-    return nx.DiGraph(spec=spec, history=("frontend",))
+def new_graph(spec, workload=None) -> nx.DiGraph:
+    """An empty graph of ``spec`` at ``workload`` (a :class:`~zeroskip.spec.Workload`; None:
+    batch 1, dense input)."""
+    from ..spec import DENSE
+    return nx.DiGraph(spec=spec, workload=workload or DENSE, history=("frontend",))
 
 
 def add_node(graph: nx.DiGraph, node: str, payload: Any, **operands: str | list[str]) -> str:
@@ -401,6 +404,7 @@ def to_json(graph: nx.DiGraph) -> dict[str, Any]:
     order = list(nx.lexicographical_topological_sort(graph))
     return {
         "spec": graph.graph["spec"].to_dict(),
+        "workload": graph.graph["workload"].to_dict(),
         "history": list(graph.graph["history"]),
         "nodes": [{"id": n, "kind": type(op(graph, n)).__name__, **_encode(op(graph, n))}
                   for n in order],
@@ -415,9 +419,11 @@ def _tuples(value: Any) -> Any:
 
 def from_json(data: dict[str, Any]) -> nx.DiGraph:
     """Inverse of :func:`to_json`."""
-    from ..spec import LayerSpec
+    from ..spec import LayerSpec, Workload
 
-    graph = nx.DiGraph(spec=LayerSpec.from_dict(data["spec"]), history=tuple(data["history"]))
+    graph = nx.DiGraph(spec=LayerSpec.from_dict(data["spec"]),
+                       workload=Workload(**data.get("workload", {})),
+                       history=tuple(data["history"]))
     for entry in data["nodes"]:
         fields = {k: v for k, v in entry.items() if k not in ("id", "kind")}
         cls = PAYLOADS[entry["kind"]]

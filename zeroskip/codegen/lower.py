@@ -247,9 +247,8 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
     merge = _sparse_merge(regions, c_red * math.prod(rhs_shape[2:]) * c_out_padded,
                           lhs_shape[-1] * c_out_padded)
     out_shape = op(graph, assemble).shape
-    spec_text = spec.describe().rsplit(" on ", 1)
     return _flatten_pointwise(KernelPlan(
-        spec=f"{spec_text[0]} on Nx{'x'.join(map(str, spec.input_size))}",
+        spec=spec.describe("N"),
         history=tuple(graph.graph["history"]), pattern=first.pattern, ctype=ctype,
         rank=spec.rank, groups=g, c_red=c_red, c_out=c_out, lhs_channels=lhs_shape[1],
         out_channels=out_shape[0] if first.pattern == "grad_weight" else out_shape[1],

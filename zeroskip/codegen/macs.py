@@ -45,22 +45,22 @@ def nonzero_pairs(axis: Axis, zero_padding: bool = True) -> int:
     return total
 
 
-def _channels(spec: LayerSpec) -> int:
+def _channels(spec: LayerSpec, batch: int) -> int:
     c_x, c_y = spec.conv_channels
-    return spec.batch * c_x * (c_y // spec.groups)
+    return batch * c_x * (c_y // spec.groups)
 
 
-def nonzero_macs(spec: LayerSpec) -> int:
+def nonzero_macs(spec: LayerSpec, batch: int = 1) -> int:
     """Multiplications of two elements that are not structural zeros, in closed form."""
-    total = _channels(spec)
+    total = _channels(spec, batch)
     for axis in spec.axes:
         total *= nonzero_pairs(axis, spec.padding_mode == "zeros")
     return total
 
 
-def dense_macs(spec: LayerSpec) -> int:
+def dense_macs(spec: LayerSpec, batch: int = 1) -> int:
     """Multiplications of the naive graph, where every structural zero is multiplied."""
-    total = _channels(spec)
+    total = _channels(spec, batch)
     for axis in spec.axes:
         if spec.op == "conv":
             total *= axis.out_size * axis.extent

@@ -14,7 +14,7 @@ from typing import Callable
 
 import networkx as nx
 
-from ..spec import LayerSpec
+from ..spec import DENSE, LayerSpec, Workload
 from . import frontend
 from .ir import to_dot, to_json, verify
 from .passes import choose_strategy, densify_zeros, skip_dilation, trim_padding
@@ -29,11 +29,12 @@ PIPELINE: list[tuple[str, Pass]] = [
 ]
 
 
-def run(spec: LayerSpec, dump_dir: str | os.PathLike | None = None, strategy: str = "auto"
-        ) -> list[tuple[str, nx.DiGraph]]:
-    """``[("frontend", naive graph), (pass name, graph after it), ...]``; ``strategy``
-    ('dense' or 'sparse') overrides choose_strategy's cost model, as the autotuner does."""
-    graph = frontend.lower(spec)
+def run(spec: LayerSpec, dump_dir: str | os.PathLike | None = None, strategy: str = "auto",
+        workload: Workload = DENSE) -> list[tuple[str, nx.DiGraph]]:
+    """``[("frontend", naive graph), (pass name, graph after it), ...]`` of ``spec`` at the
+    workload's batch (choose_strategy's cost model reads its density); ``strategy`` ('dense'
+    or 'sparse') overrides the cost model, as the autotuner does."""
+    graph = frontend.lower(spec, workload)
     if strategy != "auto":
         graph.graph["strategy"] = strategy
     steps = [("frontend", graph)]

@@ -15,7 +15,6 @@ needs more shared memory than the target has are dropped first.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -56,6 +55,7 @@ class Result:
     ms: dict[str, float]
     errors: dict[str, str]
     contention: float | None
+    batch: int = 1
 
     @property
     def choice(self) -> str:
@@ -93,10 +93,11 @@ def block_sparse_input(shape: tuple[int, ...], density: float, block: int = 64,
 
 
 def operands(spec: LayerSpec, density: float = 1.0, device: torch.device | str = "cpu",
-             pattern: str = "random", seed: int = 0) -> dict[str, torch.Tensor]:
-    """The operands of ``spec`` (named as in ``spec.input_shapes``) on ``device`` in the spec's
-    dtype: the data operand (input, or the output gradient of ``conv_grad_input``) random
-    normal at density 1, below it ReLU-like (``pattern`` 'random': :func:`sparse_input`) or
+             pattern: str = "random", seed: int = 0, batch: int = 1
+             ) -> dict[str, torch.Tensor]:
+    """The operands of ``spec`` at ``batch`` (named as in ``spec.input_shapes``) on ``device``
+    in the spec's dtype: the data operand (input, or the output gradient of
+    ``conv_grad_input``) random normal at density 1, below it ReLU-like (``pattern`` 'random': :func:`sparse_input`) or
     block-structured ('blocks': :func:`block_sparse_input`); the others random normal. The
     weight is a frozen ``nn.Parameter``, as in a model."""
     if pattern not in PATTERNS:
@@ -105,7 +106,7 @@ def operands(spec: LayerSpec, density: float = 1.0, device: torch.device | str =
     gen = torch.Generator().manual_seed(seed + 1)
     data = OPERANDS[spec.op][0]
     found = {}
-    for name, shape in spec.input_shapes.items():
+    for name, shape in spec.input_shapes(batch).items():
         if name == data and density < 1.0:
             value = sparse_input(shape, density, seed) if pattern == "random" else \
                 block_sparse_input(shape, density, seed=seed)
@@ -151,9 +152,9 @@ def call(spec: LayerSpec, name: str, t: dict[str, torch.Tensor], backend: str = 
     lhs_name, rhs_name = OPERANDS[spec.op]
     lhs, rhs, bias = kernel.prepare(t[lhs_name]), t[rhs_name], t.get("bias")
     if spec.op == "conv_grad_weight":
-        rhs, shape = kernel.prepare(rhs), spec.output_shape
+        rhs, shape = kernel.prepare(rhs), spec.output_shape()
     else:
-        shape = (lhs.shape[0], *spec.output_shape[1:])
+        shape = (lhs.shape[0], *spec.output_shape()[1:])
 
     def run() -> torch.Tensor:
         return kernel.run(lhs, rhs, kernel.new_output(lhs, shape), bias, variant)
@@ -162,28 +163,30 @@ def call(spec: LayerSpec, name: str, t: dict[str, torch.Tensor], backend: str = 
 
 # --------------------------------------------------------------------------------- tuning
 def tune(spec: LayerSpec, density: float, repeats: int = REPEATS,
-         min_time: float = MIN_TIME_S) -> Result:
-    """Verify, then time, every C candidate of a forward ``spec`` at the spec's batch size on
-    an input of ``density`` (not recorded: :func:`tune_all` records)."""
+         min_time: float = MIN_TIME_S, batch: int = 1) -> Result:
+    """Verify, then time, every C candidate of a forward ``spec`` at ``batch`` on an input of
+    ``density`` (not recorded: :func:`tune_all` records)."""
     if spec.op not in FORWARD:
         raise ValueError(f"tuning covers forward ops (conv, conv_transpose), not {spec.op!r}")
-    return _tune(spec, density, "c", torch.device("cpu"), repeats, min_time, None, "random")
+    return _tune(spec, density, "c", torch.device("cpu"), repeats, min_time, None, "random",
+                 batch)
 
 
-def tune_all(specs: Iterable[LayerSpec], densities: Iterable[float],
+def tune_all(layers: Iterable[LayerSpec | tuple[LayerSpec, int]], densities: Iterable[float],
              db: tuning.TuningDB | None = None, repeats: int = REPEATS,
              min_time: float = MIN_TIME_S, progress: bool = True) -> list[Result]:
-    """Tune every spec at every density on the C backend, recording each winner in ``db``
-    (saved at the end)."""
+    """Tune every layer (a spec, at batch 1, or ``(spec, batch)``) at every density on the C
+    backend, recording each winner in ``db`` (saved at the end)."""
     from tqdm import tqdm
     timing.steady_allocator()      # as the bench does: torch's large buffers otherwise vary 4x
     db = db if db is not None else tuning.database()
-    jobs = [(s, d) for s in specs for d in densities]
+    pairs = [layer if isinstance(layer, tuple) else (layer, 1) for layer in layers]
+    jobs = [(s, n, d) for s, n in pairs for d in densities]
     results = []
     with tqdm(jobs, desc="tuning", unit="case", disable=not progress) as bar:
-        for spec, density in bar:
+        for spec, batch, density in bar:
             bar.set_postfix_str(f"{spec.torch_name} {spec.describe()[:40]} @ {density:g}")
-            result = tune(spec, density, repeats, min_time)
+            result = tune(spec, density, repeats, min_time, batch)
             db.record(spec, density, result.choice, result.ms)
             results.append(result)
     db.save()
@@ -193,9 +196,9 @@ def tune_all(specs: Iterable[LayerSpec], densities: Iterable[float],
 def tune_triton(spec: LayerSpec, density: float = 1.0, device: torch.device | str = "cuda",
                 repeats: int = REPEATS, *, min_time: float = MIN_TIME_S,
                 target: str | None = None, pattern: str = "random",
-                db: tuning.TuningDB | None = None, save: bool = True) -> Result:
-    """Verify, then time, every Triton candidate of ``spec`` on ``device`` at the spec's batch
-    size, on operands of ``density`` (``pattern``: see :func:`operands`), and record the winner
+                db: tuning.TuningDB | None = None, save: bool = True, batch: int = 1) -> Result:
+    """Verify, then time, every Triton candidate of ``spec`` on ``device`` at ``batch``, on
+    operands of ``density`` (``pattern``: see :func:`operands`), and record the winner
     in ``db`` (the process's database by default; saved unless ``save`` is False) under the
     device's :func:`tuning.gpu_fingerprint`. On a GPU the timing is ``triton.testing.do_bench``;
     on a CPU device, under Triton's interpreter, the CPU timing."""
@@ -205,7 +208,7 @@ def tune_triton(spec: LayerSpec, density: float = 1.0, device: torch.device | st
         raise tritonenv.TritonUnavailable(problem)
     if spec.dtype not in TORCH_DTYPES:
         raise ValueError(f"Triton kernels cover {', '.join(TORCH_DTYPES)}, not {spec.dtype}")
-    result = _tune(spec, density, "triton", device, repeats, min_time, target, pattern)
+    result = _tune(spec, density, "triton", device, repeats, min_time, target, pattern, batch)
     db = db if db is not None else tuning.database()
     machine, print_ = tuning.machine_of("triton", device)
     db.record(spec, density, result.choice, result.ms, machine=machine, print_=print_)
@@ -215,9 +218,9 @@ def tune_triton(spec: LayerSpec, density: float = 1.0, device: torch.device | st
 
 
 def _tune(spec: LayerSpec, density: float, backend: str, device: torch.device, repeats: int,
-          min_time: float, target: str | None, pattern: str) -> Result:
+          min_time: float, target: str | None, pattern: str, batch: int = 1) -> Result:
     """The one tuning loop: operands, candidates, check each against torch, time the rest."""
-    t = operands(spec, density, device, pattern)
+    t = operands(spec, density, device, pattern, batch=batch)
     want = reference.op(spec, t)()
     tolerance = reference.tolerance(spec.dtype, device)
     names, errors = ["torch"], {}
@@ -249,7 +252,7 @@ def _tune(spec: LayerSpec, density: float, backend: str, device: torch.device, r
     times, contention = timing.time_device(runs, device, repeats, min_time) if runs \
         else ({}, None)
     ms = {name: times.get(name, math.inf) for name in names}
-    return Result(dataclasses.replace(spec, density=density), density, ms, errors, contention)
+    return Result(spec, density, ms, errors, contention, batch)
 
 
 relative_error = reference.relative_error   # a seam: tests count the checks

@@ -171,7 +171,7 @@ def _convolution_fake(input, weight, bias, config):
     rank = parse_config(config)[1]
     spec = spec_from_config(config, input.shape, weight.shape, bias is not None, input.dtype)
     batched = input.dim() == rank + 2
-    shape = ((input.shape[0],) if batched else ()) + tuple(spec.output_shape[1:])
+    shape = ((input.shape[0],) if batched else ()) + tuple(spec.output_shape()[1:])
     memory_format = torch.channels_last if _channels_last(input, rank) else torch.contiguous_format
     return torch.empty(shape, dtype=input.dtype, device=input.device,
                        memory_format=memory_format)
@@ -405,7 +405,7 @@ def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operat
     # A last cross-check: torch's own shape function on meta tensors.
     meta = torch_op(input.to("meta"), weight.to("meta"), None if bias is None else
                     bias.to("meta"))
-    out_shape = spec.output_shape[1:]
+    out_shape = spec.output_shape()[1:]
     if tuple(meta.shape[-rank - 1:]) != out_shape:
         raise AssertionError(f"zeroskip computed output shape {out_shape} for {spec.describe()}"
                              f", torch {tuple(meta.shape)}")

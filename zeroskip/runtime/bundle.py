@@ -35,7 +35,7 @@ from . import cache, cc, tritonenv
 from .tuning import TuningDB, spec_key
 
 FORMAT = "zeroskip-bundle"
-VERSION = 1
+VERSION = 2            # 2: layers carry their spec and workload (batch, density) apart
 MANIFEST = "manifest.json"
 BACKENDS = ("c", "triton")
 OWNERS = (os.geteuid(), 0)     # files of this user, or root's (deployed read-only by root)

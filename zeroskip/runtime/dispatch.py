@@ -38,12 +38,13 @@ MEASURE_EVERY = 256        # GPU calls between two density measurements (each on
 @dataclasses.dataclass(frozen=True)
 class Dispatched:
     """What one call ran: ``choice`` is 'torch' or a variant name ('dense', 'sparse/v2',
-    'dense/m64n64k32w4s3'); ``density`` the input density it decided on (None: not needed)."""
+    'dense/m64n64k32w4s3'); ``density`` the input density it decided on (1.0 where the
+    decision needed none)."""
 
     spec: LayerSpec
     backend: str
     choice: str
-    density: float | None
+    density: float
     operator: "Operator"
 
 
@@ -100,6 +101,7 @@ class Operator:
         self._tuned: tuple = (None, None, None)  # (records' source, records, their one choice)
         self._served: tuple = (None, None)       # (bundles' generation, the covering bundle)
         self._measured: tuple[int, float] = (0, 1.0)   # (GPU calls since measured, density)
+        self._key = tuning.spec_key(spec)        # the layer's shape, as densities are declared
 
     # ------------------------------------------------------------------ the decision
     def choose(self, x: torch.Tensor) -> str:
@@ -119,10 +121,11 @@ class Operator:
         return "sparse" if density < self.forward.crossover else self.default
 
     def density(self, x: torch.Tensor) -> float:
+        """The density the decision uses (see the module docstring)."""
         if self.backend == "c":
             return self.forward.density(x)
         served = self._served[1]
-        declared = _declared.get(tuning.spec_key(self.spec))
+        declared = _declared.get(self._key)
         if declared is None and served is not None:
             declared = served.density(self.spec)
         if declared is not None:

@@ -13,7 +13,6 @@ A target's runtime half is a module (:mod:`.c_kernel`, :mod:`.triton_kernel`) wi
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -41,16 +40,15 @@ _lock = threading.Lock()
 
 def kernel_for(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT) -> Kernel:
     """The loaded kernel of ``spec`` on ``backend`` ('c' or 'triton') as ``variant`` says
-    (launch-time knobs aside; the spec's batch is ignored: kernels take it at run time).
+    (launch-time knobs aside; kernels take the batch at run time).
     Raises one of :data:`BUILD_ERRORS`, or :class:`bundle.BundleError` where an active bundle
     holds it but is refused."""
-    key = (spec, backend, variant)   # keyed by the spec as given too: no re-validation
+    key = (spec, backend, variant)   # keyed by the variant as given too: no re-parsing
     kernel = _kernels.get(key)
     if kernel is not None:
         stats.add("memo_hits")
         return kernel
-    normal = (dataclasses.replace(spec, batch=1), backend,
-              BACKENDS[backend].target().source_variant(variant),
+    normal = (spec, backend, BACKENDS[backend].target().source_variant(variant),
               backend == "triton" and tritonenv.interpreting())
     with _lock:
         kernel = _kernels.get(normal)
@@ -124,13 +122,13 @@ def forget_packed() -> None:
 def run_spec(spec: LayerSpec, tensors: dict[str, torch.Tensor], variant: Variant = DEFAULT,
              backend: str = "c") -> torch.Tensor:
     """Run the kernel of ``spec`` (as ``variant``) on its operands, named as in
-    ``spec.input_shapes``."""
+    ``spec.input_shapes()``."""
     kernel = kernel_for(spec, backend, variant)
     lhs_name, rhs_name = OPERANDS[spec.op]
     lhs = kernel.prepare(tensors[lhs_name])
     rhs = tensors[rhs_name]
     if spec.op == "conv_grad_weight":
         rhs = kernel.prepare(rhs)
-    shape = spec.output_shape if spec.op == "conv_grad_weight" else \
-        (lhs.shape[0], *spec.output_shape[1:])
+    shape = spec.output_shape() if spec.op == "conv_grad_weight" else \
+        (lhs.shape[0], *spec.output_shape()[1:])
     return kernel.run(lhs, rhs, kernel.new_output(lhs, shape), tensors.get("bias"), variant)

@@ -11,7 +11,7 @@ process, so a record tuned elsewhere is kept but never used here. A corrupt file
 
 A record's key is the layer's shape (:func:`spec_key`), its bucket the density it was tuned at
 (:data:`BUCKETS`, the smallest at or above it); a measured density uses the record tuned
-nearest to it (:func:`nearest`). The batch it was tuned at is kept in the record.
+nearest to it (:func:`nearest`).
 """
 from __future__ import annotations
 
@@ -117,11 +117,8 @@ def gpu_fingerprint_id(device: torch.device | str = "cuda") -> str:
 
 
 def spec_key(spec: LayerSpec) -> str:
-    """The layer without its batch size and density (those are run-time properties)."""
-    data = spec.to_dict()
-    data.pop("batch", None)
-    data.pop("density", None)
-    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+    """The layer's shape as a record key (the workload is the record's bucket)."""
+    return json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
 def default_path() -> Path:

@@ -73,7 +73,7 @@ def decide(macs: int, density: float, reuse: float, channels: int = MIN_SPARSE_C
 
 def choose_strategy(graph: nx.DiGraph) -> nx.DiGraph:
     graph = graph.copy()
-    density = graph.graph["spec"].density
+    density = graph.graph["workload"].density
     forced = graph.graph.get("strategy", "auto")
     if forced not in ("auto", "dense", "sparse"):
         raise ValueError(f"strategy must be 'auto', 'dense' or 'sparse', got {forced!r}")
