@@ -156,7 +156,7 @@ def test_launch_compiled_keeps_what_launches_return():
 # --------------------------------------------------------------------------------- tuning
 def test_tune_triton_on_the_interpreter(monkeypatch, tuning_db):
     """Every candidate is verified; a wrong one and a dropped one score inf with the reason;
-    the choice is filed under the interpreter's fingerprint, where gpu_records finds it."""
+    the choice is filed under the interpreter's fingerprint, where tuning.records finds it."""
     _one_config(monkeypatch)
     config = TritonTarget.default_config(loader.kernel_for(SPEC, "triton", Variant("dense")).plan)
     dense, sparse = Variant("dense", config=config).name, Variant("sparse", config=config).name

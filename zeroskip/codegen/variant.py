@@ -50,7 +50,7 @@ class Config:
 
     @property
     def name(self) -> str:
-        """'m64n64k32w4s3' (and '/split4' where split is fixed)."""
+        """'m64n64k32w4s3' (and 'x4' appended where split is fixed)."""
         text = (f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.warps}s{self.stages}")
         return text + (f"x{self.split}" if self.split else "")
 

@@ -103,7 +103,7 @@ def _zero_padded_conv(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor) -> torc
 
 
 def op(spec: LayerSpec, t: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """torch's own op for ``spec`` on the operands ``t`` (as :func:`triton_operands` names
+    """torch's own op for ``spec`` on the operands ``t`` (as :func:`autotune.operands` names
     them), as a call: the forward through ``torch.nn.functional``, the gradients through
     ``aten.convolution_backward`` (cuDNN on a GPU) of the associated conv."""
     if spec.op in ("conv", "conv_transpose"):
