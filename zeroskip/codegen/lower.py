@@ -220,6 +220,12 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
     c_out_padded = -(-c_out // (vectors * lanes)) * vectors * lanes
     # Few output channels per group (depthwise, RGB outputs): vector lanes run along positions.
     vectorize = "channels" if 2 * c_out >= lanes else "positions"
+    if first.pattern == "grad_weight" and not all(
+            (l.rhs.u, l.rhs.v, l.rhs.c) == (0, 1, 0)
+            for node in contracts for l in op(graph, node).loops[:1]):
+        # The channel tiles read the output gradient in chunks of rows of its outermost axis,
+        # which must be the loop's own steps; otherwise dot products along positions.
+        vectorize = "positions"
     pos_channels = max(d for d in range(1, 5) if c_out % d == 0)
     # A channel tile streams c_red * taps rows of packed weights; keep one block of them in L2.
     row_bytes = math.prod(rhs_shape[2:]) * vectors * vector_bytes
