@@ -99,7 +99,8 @@ class Operator:
         self._resolved: dict[str, tuple[Variant | None, Any]] = {
             self.default: (kernel.default, kernel)}
         self._tuned: tuple = (None, None, None)  # (records' source, records, their one choice)
-        self._served: tuple = (None, None)       # (bundles' generation, the covering bundle)
+        # (bundles' generation, the covering bundle, the density it traced for this layer)
+        self._served: tuple = (None, None, None)
         self._measured: tuple[int, float] = (0, 1.0)   # (GPU calls since measured, density)
         self._key = tuning.spec_key(spec)        # the layer's shape, as densities are declared
 
@@ -124,10 +125,9 @@ class Operator:
         """The density the decision uses (see the module docstring)."""
         if self.backend == "c":
             return self.forward.density(x)
-        served = self._served[1]
         declared = _declared.get(self._key)
-        if declared is None and served is not None:
-            declared = served.density(self.spec)
+        if declared is None:
+            declared = self._served[2]
         if declared is not None:
             return declared
         calls, density = self._measured
@@ -142,7 +142,9 @@ class Operator:
         then), else the tuning database's."""
         generation = bundle.generation()
         if self._served[0] != generation:
-            self._served = (generation, bundle.covering(self.spec))
+            served = bundle.covering(self.spec)
+            self._served = (generation, served,
+                            None if served is None else served.density(self.spec))
         served = self._served[1]
         if served is not None and self.backend == "c":
             key: Any = ("bundle", generation)
