@@ -287,6 +287,24 @@ def test_parameter_updates_are_seen(update, which):
         _close("after update", conv(x), reference(x))
 
 
+def test_a_new_parameter_version_replaces_its_pack():
+    """An optimizer step bumps the weight's version: the kernel repacks it and drops the old
+    pack, so a training loop holds one pack per layer (not one per step, up to the cache size)."""
+    torch.manual_seed(12)
+    conv = ZN.Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(1, 3, 6, 6)
+    kernel = zeroskip.runtime.loader.kernel_for(LayerSpec.conv(3, 8, 3, padding=1, input_size=(6, 6)))
+    kernel.forget_packed()
+    with torch.no_grad():
+        for _ in range(3):
+            conv(x)
+            conv.weight.add_(0.1)
+            conv.bias.add_(0.1)
+        _close("after three updates", conv(x), torch.nn.functional.conv2d(
+            x, conv.weight, conv.bias, padding=1))
+    assert len(kernel._packs) == 1
+
+
 # ----------------------------------------------------------------------------------- nn modules
 MODULES = [  # (name, positional args, keyword args): the torch constructor's own
     ("Conv1d", (4, 6, 3), dict(stride=2, padding=1, bias=False)),

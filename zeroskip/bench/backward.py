@@ -1,7 +1,9 @@
-"""The training-step runner (``zeroskip bench --backward``): each layer timed as forward with
-input, weight and bias requiring gradients, then ``backward`` of a fixed output gradient (the
-output and the three gradients checked against torch first); for strided convs, whose input
-gradient is a strided transposed convolution, that operator is also timed alone."""
+"""The training-step runner (``zeroskip bench --backward``): each layer timed as a training
+step: forward with input, weight and bias requiring gradients, ``backward`` of a fixed output
+gradient, then an SGD step (momentum 0.9) on the weight and bias. The step changes the weights,
+so zeroskip repacks them every step, as in a training loop. The output and the three gradients
+are checked against torch first. For strided convs, whose input gradient is a strided
+transposed convolution, that operator is also timed alone."""
 from __future__ import annotations
 
 from typing import Callable, TextIO
@@ -35,20 +37,30 @@ def train_operands(spec: LayerSpec, seed: int = 0, batch: int = 1) -> tuple:
     return x, w, b, torch.randn(spec.output_shape(batch), generator=gen)
 
 
+LR = 1e-5   # small: the weights drift over thousands of timed steps and must stay finite
+
+
 def _step(fn: Callable, kwargs: dict, x, w, b, g) -> Callable[[], tuple]:
-    """One training step of ``fn`` alone: forward, ``backward(g)``, then the gradients set to
-    None (as ``zero_grad`` does) so that the next step accumulates nothing. Returns the output
-    and the three gradients (the bias one None without a bias)."""
-    params = (x, w) if b is None else (x, w, b)
+    """One training step of ``fn`` alone: forward, ``backward(g)``, an SGD step on ``w`` and
+    ``b``, then the gradients set to None (as ``zero_grad`` does) so that the next step
+    accumulates nothing. Returns the output and the three gradients (the bias one None without
+    a bias)."""
+    weights = [w] if b is None else [w, b]
+    optimizer = torch.optim.SGD(weights, lr=LR, momentum=0.9)
 
     def step() -> tuple:
         out = fn(x, w, b, **kwargs)
         out.backward(g)
-        grads = tuple(p.grad for p in params)
-        for p in params:
-            p.grad = None
+        grads = (x.grad, *(p.grad for p in weights))
+        optimizer.step()
+        x.grad = None
+        optimizer.zero_grad(set_to_none=True)
         return (out.detach(), *grads, None)[:4]
     return step
+
+
+def _copy(p: torch.nn.Parameter | None) -> torch.nn.Parameter | None:
+    return None if p is None else torch.nn.Parameter(p.detach().clone())
 
 
 def grad_input_calls(spec: LayerSpec, w: torch.Tensor, g: torch.Tensor) -> tuple:
@@ -89,8 +101,10 @@ def bench_backward_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
     spec = layer.spec
     x, w, b, g = train_operands(spec, batch=batch)
     kwargs = call_args(spec)
+    # Each side trains its own copy of the weights, from the same values: the first step, which
+    # is checked, sees equal weights.
     torch_step = _step(getattr(F, spec.torch_name), kwargs, x, w, b, g)
-    zs_step = _step(getattr(Z, spec.torch_name), kwargs, x, w, b, g)
+    zs_step = _step(getattr(Z, spec.torch_name), kwargs, x, _copy(w), _copy(b), g)
     error = _checked_step(layer.name, zs_step, torch_step())
     timing = time_interleaved({"torch": torch_step, "zeroskip": zs_step}, repeats, min_time)
     specs = (spec, spec.grad_input(), spec.grad_weight())

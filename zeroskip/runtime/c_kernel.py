@@ -82,21 +82,27 @@ class Kernel:
         cached = isinstance(weight, torch.nn.Parameter) and (
             bias is None or isinstance(bias, torch.nn.Parameter))
         if cached:
-            key = (id(weight), weight._version, weight.data_ptr(),
-                   None if bias is None else (id(bias), bias._version, bias.data_ptr()))
+            # One entry per (weight, bias) pair, holding the versions it was packed at: a new
+            # version (an optimizer step) replaces the entry instead of adding one, so a
+            # training loop keeps one pack per layer, not PACK_CACHE_SIZE stale ones.
+            key = (id(weight), weight.data_ptr(),
+                   None if bias is None else (id(bias), bias.data_ptr()))
+            versions = (weight._version, None if bias is None else bias._version)
             with self._lock:
                 hit = self._packs.get(key)
-                if hit is not None:
+                if hit is not None and hit[0] == versions:
                     self._packs.move_to_end(key)
-                    return hit[0]
+                    return hit[1]
         w = weight.detach().contiguous()
         b = None if bias is None else bias.detach().contiguous()
         packed = torch.empty(self.lib.packed_elems, dtype=weight.dtype)
-        self.lib.pack(w.data_ptr(), 0 if b is None else b.data_ptr(), packed.data_ptr())
+        self.lib.pack(torch.get_num_threads(), w.data_ptr(), 0 if b is None else b.data_ptr(),
+                      packed.data_ptr())
         if cached:
             with self._lock:
                 # The entry holds the tensors, so their ids and storage stay theirs while cached.
-                self._packs[key] = (packed, weight, bias)
+                self._packs[key] = (versions, packed, weight, bias)
+                self._packs.move_to_end(key)
                 while len(self._packs) > PACK_CACHE_SIZE:
                     self._packs.popitem(last=False)
         return packed

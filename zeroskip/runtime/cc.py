@@ -95,6 +95,9 @@ def compile_library(command: tuple[str, ...], flags: tuple[str, ...], source: Pa
     return time.perf_counter() - start
 
 
+ABI_VERSION = 3   # the entry points' signatures (zs_abi_version in layer.c.jinja)
+
+
 class Library:
     """A loaded kernel library and its entry points."""
 
@@ -106,11 +109,14 @@ class Library:
         self.run.argtypes = [ctypes.c_int64, ctypes.c_int, ptr, ptr, ptr, ptr]
         self.run.restype = ctypes.c_int
         self.pack = self._lib.zs_pack
-        self.pack.argtypes = [ptr, ptr, ptr]
+        self.pack.argtypes = [ctypes.c_int, ptr, ptr, ptr]
         self.pack.restype = None
         self._lib.zs_packed_elems.restype = ctypes.c_int64
         self.packed_elems = int(self._lib.zs_packed_elems())
         self.abi_version = int(self._lib.zs_abi_version())
+        if self.abi_version != ABI_VERSION:
+            raise CompileError(f"{path}: kernel ABI version {self.abi_version}, this zeroskip "
+                               f"calls version {ABI_VERSION}")
         self.density = self._lib.zs_density
         self.density.argtypes = [ctypes.c_int64, ptr]
         self.density.restype = ctypes.c_double
