@@ -264,7 +264,7 @@ def test_fuzz_tuning_names(name):
         return
     event("parsed")
     config = dataclasses.astuple(parsed.config) if parsed.config is not None else ()
-    items = (parsed.strategy, parsed.tile_width, parsed.sparse_vectors, *config)
+    items = (parsed.strategy, parsed.tile_width, parsed.vectors, *config)
     assert all(v is None or type(v) in (int, str) for v in items), items
 
 

@@ -61,7 +61,7 @@ def test_forced_sparse_matches_torch(spec, workload, density, dtype, vectors):
     """The sparse strategy forced on every region it can serve, whatever the data's density:
     transposed phases, dilations, groups, padding modes, gradients, merged and per-tap walks."""
     spec = dataclasses.replace(spec, dtype=dtype)
-    variant = lower.Variant("sparse", sparse_vectors=vectors)
+    variant = lower.Variant("sparse", vectors=vectors)
     run_and_compare(spec, random_inputs(spec, workload=Workload(workload.batch, density)),
                     variant)
 
@@ -177,6 +177,23 @@ def test_channels_tile_remainders(dtype):
         assert regions and all(r.axes[-1].u_len == last > width for r in regions)
         assert all((r.axes[-1].u_len % plan.tile_width == 0) == multiple for r in regions)
         run_and_compare(spec, random_inputs(spec, workload=Workload(2)))
+
+
+@pytest.mark.parametrize("make", [lambda s: s, LayerSpec.grad_input, LayerSpec.grad_weight],
+                         ids=["forward", "grad_input", "grad_weight"])
+def test_dense_variant_tile_vectors(make):
+    """A dense variant's v<n> sets its register tiles' vectors of output channels (and, unless
+    w<n> sets it too, a width that fills the registers): fewer channels, more positions."""
+    spec = make(LayerSpec.conv(40, 70, 3, padding=1, input_size=(7, 23)))
+    default = kernel_for(spec).plan
+    assert default.tile_vectors >= 2
+    for variant in (lower.Variant("dense", vectors=1), lower.Variant("dense", 9, 1)):
+        plan = kernel_for(spec, variant=variant).plan
+        assert plan.tile_vectors == 1
+        assert plan.c_out_padded == -(-plan.c_out // plan.lanes) * plan.lanes
+        assert plan.tile_width == (variant.tile_width or min(12, (32 if plan.vector_bytes >= 64
+                                                                  else 16) - 3))
+        run_and_compare(spec, random_inputs(spec, workload=Workload(2)), variant)
 
 
 def test_channels_padded_output_channels():

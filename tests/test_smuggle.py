@@ -334,7 +334,7 @@ def test_variant_and_choice_names(name):
     except ValueError:
         pass
     else:
-        assert _plain((variant.strategy, variant.tile_width or 0, variant.sparse_vectors or 0))
+        assert _plain((variant.strategy, variant.tile_width or 0, variant.vectors or 0))
         assert variant.strategy in ("auto", "dense", "sparse")
         graph = pipeline.run(clean, strategy=variant.strategy)[-1][1]
         source = emit.render(lower.plan(graph, variant=variant))

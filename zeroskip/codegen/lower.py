@@ -216,6 +216,9 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
     ctype = CTYPES[spec.dtype] if backend == "c" else spec.dtype
     lanes = vector_bytes // (8 if ctype == "double" else 4)
     vectors, width = tile_shape(c_out, lanes, vector_bytes)
+    if variant.strategy == "dense" and variant.vectors:    # a dense variant's tile height
+        vectors = min(variant.vectors, vectors)
+        width = tile_shape(vectors * lanes, lanes, vector_bytes)[1]
     width = variant.tile_width or width
     c_out_padded = -(-c_out // (vectors * lanes)) * vectors * lanes
     # Few output channels per group (depthwise, RGB outputs): vector lanes run along positions.
@@ -234,7 +237,8 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
     pos_vectors = min(4, (_registers(vector_bytes) - 4) // (pos_channels + 1))
     # Sparse tiles hold one output position's channels twice over (two accumulator sets).
     row_vectors = c_out_padded // lanes
-    want = variant.sparse_vectors or min(8, _registers(vector_bytes) // 4)
+    want = (variant.vectors if variant.strategy != "dense" else None) or \
+        min(8, _registers(vector_bytes) // 4)
     sparse_vectors = max(v for v in range(1, row_vectors + 1) if row_vectors % v == 0 and
                          v <= want)
     regions = []

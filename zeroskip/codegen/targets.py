@@ -72,17 +72,24 @@ class CTarget(Target):
         return emit.render(plan)
 
     def source_variant(self, variant: Variant) -> Variant:
-        return Variant(variant.strategy, variant.tile_width, variant.sparse_vectors)
+        return Variant(variant.strategy, variant.tile_width, variant.vectors)
 
     def variants(self, plan: lower.KernelPlan, density: float) -> list[Variant]:
-        """The dense kernel at its own tile and at two other widths, and (below density 1: it
-        cannot win on dense data) the sparse kernel at its own and a smaller channel tile."""
-        width = plan.tile_width
+        """The dense kernel at its own register tile and, where its tiles hold output channels
+        in vector lanes, at widths one less and two more, and (with two vectors or more) at
+        half the vectors and 8 or 10 positions: fewer weight loads per multiply, which pays on
+        short contractions and maps whose rows fit the wider tile. Below density 1 (it cannot
+        win on dense data) the sparse kernel at its own and a smaller channel tile."""
         found = [Variant("dense")]
-        found += [Variant("dense", tile_width=w)
-                  for w in sorted({max(2, width // 2), min(16, width + 4)} - {width})]
+        if plan.pattern == "grad_weight" or any(r.vectorize == "channels"
+                                                for r in plan.regions):
+            width, vectors = plan.tile_width, plan.tile_vectors
+            found += [Variant("dense", tile_width=w)
+                      for w in sorted({max(2, width - 1), min(16, width + 2)} - {width})]
+            if vectors >= 2:
+                found += [Variant("dense", tile_width=w, vectors=vectors // 2) for w in (8, 10)]
         if density < 1.0:
-            found += [Variant("sparse"), Variant("sparse", sparse_vectors=2)]
+            found += [Variant("sparse"), Variant("sparse", vectors=2)]
         return found
 
 

@@ -4,11 +4,12 @@ A variant is a strategy and the target's knobs, named ``<strategy>[/<knob>...]``
 
 * strategy: ``auto`` (the cost model's), ``dense`` or ``sparse`` (the IR's choose_strategy pass
   marks regions so; each target implements sparse regions its own way);
-* C knobs: ``w<n>`` register-tile width, ``v<n>`` sparse-tile vectors (they shape the source);
+* C knobs: ``w<n>`` register-tile width (output positions), ``v<n>`` register-tile vectors of
+  output channels: of the sparse tiles, or of a dense variant's tiles (they shape the source);
 * Triton knob: ``m<M>n<N>k<K>w<warps>s<stages>[x<split>]``, a :class:`Config` of launch-time
   block sizes (constexprs: one source serves every config).
 
-``dense``, ``dense/w6``, ``sparse/v8`` and ``sparse/m64n64k32w4s3`` are variant names, and so
+``dense``, ``dense/w6``, ``dense/w10/v2``, ``sparse/v8`` and ``sparse/m64n64k32w4s3`` are variant names, and so
 the choices the tuning database records (besides ``torch``). Names come from a user-writable
 file: :meth:`Variant.parse` accepts nothing else, and every field becomes a plain int or the
 canonical constant before it can reach generated source.
@@ -71,7 +72,8 @@ class Variant:
 
     strategy: str = "auto"            # auto | dense | sparse
     tile_width: int | None = None     # C dense channel tiles: output positions per tile
-    sparse_vectors: int | None = None  # C sparse tiles: vectors of output channels per tile
+    vectors: int | None = None        # C tiles: vectors of output channels per tile (the
+                                      # sparse tiles'; a dense variant's dense tiles')
     config: Config | None = None      # Triton launch-time block sizes
 
     def __post_init__(self):
@@ -84,7 +86,7 @@ class Variant:
         object.__setattr__(self, "strategy", STRATEGIES[STRATEGIES.index(strategy)])
         if self.config is not None and type(self.config) is not Config:
             raise ValueError(f"config must be None or a Config, got {type(self.config).__name__}")
-        for name in ("tile_width", "sparse_vectors"):
+        for name in ("tile_width", "vectors"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -97,12 +99,13 @@ class Variant:
 
     @property
     def name(self) -> str:
-        """A short, stable name: 'sparse', 'dense/w6', 'sparse/v8', 'dense/m64n64k32w4s3'."""
+        """A short, stable name: 'sparse', 'dense/w6', 'dense/w10/v2', 'sparse/v8',
+        'dense/m64n64k32w4s3'."""
         parts = [self.strategy]
         if self.tile_width is not None:
             parts.append(f"w{self.tile_width}")
-        if self.sparse_vectors is not None:
-            parts.append(f"v{self.sparse_vectors}")
+        if self.vectors is not None:
+            parts.append(f"v{self.vectors}")
         if self.config is not None:
             parts.append(self.config.name)
         return "/".join(parts)
@@ -120,7 +123,7 @@ class Variant:
                 if _CONFIG.fullmatch(knob):
                     field, value = "config", Config.parse(knob)
                 else:
-                    field, value = {"w": "tile_width", "v": "sparse_vectors"}[knob[0]], \
+                    field, value = {"w": "tile_width", "v": "vectors"}[knob[0]], \
                         int(knob[1:])
                 if field in fields:
                     raise ValueError(f"{field} given twice")
@@ -130,7 +133,7 @@ class Variant:
             raise ValueError(f"not a kernel variant: {name!r}") from exc
 
     def with_strategy(self, strategy: str) -> "Variant":
-        return Variant(strategy, self.tile_width, self.sparse_vectors, self.config)
+        return Variant(strategy, self.tile_width, self.vectors, self.config)
 
 
 DEFAULT = Variant()

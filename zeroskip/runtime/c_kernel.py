@@ -68,7 +68,7 @@ class Kernel:
         self.macs_per_sample = sum(r.macs_per_sample for r in compiled.plan.regions)
         variant = compiled.variant
         self.default = Variant("sparse" if compiled.plan.sparse else "dense",
-                               variant.tile_width, variant.sparse_vectors)
+                               variant.tile_width, variant.vectors)
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The weights (and bias) in the kernel's layout.
