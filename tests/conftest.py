@@ -33,6 +33,6 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ZEROSKIP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(loader, "_kernels", {})
     monkeypatch.setattr(binding, "_calls", {})
-    binding._gradient_kernel.cache_clear()
+    binding._gradient_operator.cache_clear()
     yield tmp_path / "cache"
-    binding._gradient_kernel.cache_clear()   # its kernels live in the directory just removed
+    binding._gradient_operator.cache_clear()   # its kernels live in the directory just removed

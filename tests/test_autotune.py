@@ -55,6 +55,24 @@ def test_every_bucket_is_its_own():
     assert [tuning.bucket(b) for b in tuning.BUCKETS] == list(tuning.BUCKETS)
 
 
+@pytest.mark.parametrize("batch, key", [(1, "0.5"), (2, "0.5@2"), (12, "0.5@16"),
+                                        (22, "0.5@16"), (23, "0.5@32"), (64, "0.5@64")])
+def test_batch_buckets(batch, key):
+    assert tuning.bucket_key(0.45, batch) == key
+    assert tuning.parse_bucket(key) == (0.5, tuning.batch_bucket(batch))
+
+
+def test_nearest_takes_the_nearest_batch_then_density():
+    layer = {"1": _record("dense"), "0.1": _record("sparse"), "1@16": _record("torch"),
+             "0.1@16": _record("sparse/v2")}
+    choice = {(b, d): tuning.nearest(layer, d, b)["choice"] for b in (1, 3, 16, 32)
+              for d in (1.0, 0.1)}
+    assert choice == {(1, 1.0): "dense", (1, 0.1): "sparse", (3, 1.0): "dense",
+                      (3, 0.1): "sparse", (16, 1.0): "torch", (16, 0.1): "sparse/v2",
+                      (32, 1.0): "torch", (32, 0.1): "sparse/v2"}
+    assert tuning.nearest({"1@16": _record("torch")}, 1.0, 1)["choice"] == "torch"
+
+
 def test_spec_key_is_the_layers_shape():
     key = tuning.spec_key(SPEC)
     assert not {"batch", "density"} & set(json.loads(key))   # the workload is not the layer's
@@ -261,18 +279,52 @@ def test_failing_candidates_score_inf(monkeypatch):
     assert zeroskip.stats()["tune_failures"] == before + 3
 
 
-def test_tune_rejects_gradient_ops():
-    with pytest.raises(ValueError, match="forward ops"):
-        autotune.tune(SPEC.grad_weight(), 0.5, **FAST)
+@pytest.mark.parametrize("which", ["grad_input", "grad_weight"])
+def test_tune_gradient_ops(which):
+    """A gradient operator is tuned like a forward one: torch's op and every variant, each
+    checked against torch."""
+    result = autotune.tune(getattr(SPEC, which)(), 1.0, batch=3, **FAST)
+    assert {"torch", "dense"} <= set(result.ms) and result.batch == 3
+    assert not result.errors and all(math.isfinite(ms) for ms in result.ms.values())
+
+
+def test_gradient_dispatch_follows_the_batch_bucket(db_path):
+    """A training step runs each gradient operator's choice tuned for its batch bucket: here
+    torch's op for the weight gradient at batch 4, the generated kernel at batch 1."""
+    db = tuning.database()
+    db.record(SPEC.grad_weight(), 1.0, "dense", {"dense": 1.0}, batch=1)
+    db.record(SPEC.grad_weight(), 1.0, "torch", {"torch": 1.0}, batch=4)
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.nn.Parameter(torch.randn(16, 8, 3, 3, generator=gen))
+    for batch, want in ((1, "dense"), (4, "torch")):
+        x = torch.randn(batch, 8, 10, 10, generator=gen, requires_grad=True)
+        g = torch.randn(batch, 16, 10, 10, generator=gen)
+        with zeroskip.runtime.dispatch.observe() as ran:
+            zf.conv2d(x, weight, padding=1).backward(g)
+        got = (x.grad, weight.grad)
+        x.grad = weight.grad = None
+        F.conv2d(x, weight, padding=1).backward(g)
+        for a, b in zip(got, (x.grad, weight.grad)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        weight.grad = None
+        choices = {d.spec.op: d.choice for d in ran}
+        assert choices == {"conv": "dense", "conv_grad_input": "dense",
+                           "conv_grad_weight": want}, batch
 
 
 def test_tune_all_records_every_case(db_path):
-    results = autotune.tune_all([SPEC], [1.0, 0.1], progress=False, **FAST)
-    assert [r.density for r in results] == [1.0, 0.1]
+    results = autotune.tune_all([SPEC, (OTHER, 8)], [1.0, 0.1], progress=False,
+                                backward=True, **FAST)
+    cases = [(spec, batch, density) for _, _, spec, batch, density in
+             autotune.jobs([SPEC, (OTHER, 8)], [1.0, 0.1], backward=True)]
+    assert cases == [(SPEC, 1, 1.0), (SPEC, 1, 0.1), (SPEC.grad_input(), 1, 1.0),
+                     (SPEC.grad_weight(), 1, 1.0), (OTHER, 8, 1.0), (OTHER, 8, 0.1),
+                     (OTHER.grad_input(), 8, 1.0), (OTHER.grad_weight(), 8, 1.0)]
+    assert [(r.spec, r.batch, r.density) for r in results] == cases
     saved = tuning.TuningDB(db_path)
     for r in results:
-        assert saved.lookup(SPEC, r.density) == r.choice
-        record = saved.records[saved.here][tuning.spec_key(SPEC)][f"{r.density:g}"]
+        assert saved.lookup(r.spec, r.density, batch=r.batch) == r.choice
+        record = saved.layer(r.spec)[tuning.bucket_key(r.density, r.batch)]
         assert record["ms"]["torch"] == pytest.approx(r.ms["torch"], abs=1e-5)
 
 

@@ -249,11 +249,12 @@ def _spec_file(tmp_path, content) -> Path:
     return path
 
 
-def _tune_rows(out: str) -> dict[tuple[str, str], list[str]]:
-    """The choice table: ``(layer, density)`` -> ``[choice, torch ms, best ms, speedup]``."""
+def _tune_rows(out: str, operator: str = "forward") -> dict[tuple[str, str], list[str]]:
+    """The choice table's rows of ``operator``: ``(layer, density)`` -> ``[choice, torch ms,
+    best ms, speedup]``."""
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
-            if line.startswith("| ") and line.count("|") == 7 and "| layer |" not in line]
-    return {(r[0], r[1]): r[2:] for r in rows}
+            if line.startswith("| ") and line.count("|") == 9 and "| layer |" not in line]
+    return {(r[0], r[3]): r[4:] for r in rows if r[1] == operator}
 
 
 @pytest.fixture
@@ -286,13 +287,33 @@ def test_tune_spec_file(capsys, tmp_path, torch_threads):
     assert out.rstrip().endswith(f"tuning database: {db_path}")
 
 
+def test_tune_backward(capsys, tmp_path, torch_threads):
+    """--backward tunes the input and weight gradients too, at --batch, and files them in that
+    batch's bucket, where the gradient dispatch of a training step at that batch reads them."""
+    specs = _spec_file(tmp_path, [TUNE_SPEC.to_dict()])
+    db_path = tmp_path / "tuning.json"
+    assert main(["tune", "--specs", str(specs), "--densities", "1", "--repeats", "1",
+                 "--threads", "1", "--no-progress", "--db", str(db_path), "--backward",
+                 "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    db = tuning.TuningDB(db_path)
+    name = TUNE_SPEC.describe()
+    for operator, spec in (("forward", TUNE_SPEC), ("grad_input", TUNE_SPEC.grad_input()),
+                           ("grad_weight", TUNE_SPEC.grad_weight())):
+        rows = _tune_rows(out, operator)
+        assert list(rows) == [(name, "1")]
+        assert list(db.layer(spec)) == ["1@4"]
+        assert rows[(name, "1")][0] == db.lookup(spec, 1.0, batch=4)
+        assert set(db.layer(spec)["1@4"]["ms"]) >= {"torch", "dense"}
+
+
 def test_tune_suite_selection(capsys, tmp_path, monkeypatch):
     """Without --specs, the suite's forward layers are tuned (the tuning itself faked here)."""
     from zeroskip import bench
     from zeroskip.runtime import autotune
     seen = {}
 
-    def fake_tune_all(layers, densities, db, repeats, progress):
+    def fake_tune_all(layers, densities, db, repeats, progress, backward):
         seen.update(layers=list(layers), densities=densities, repeats=repeats, progress=progress)
         results = []
         for spec, _ in seen["layers"]:

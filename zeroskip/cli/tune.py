@@ -27,6 +27,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     help="only the suite's layers whose name or family contains one of these")
     tu.add_argument("--densities", type=_densities, default=DENSITIES, metavar="D,D,...",
                     help="input densities to tune at (default 1,0.5,0.3,0.1,0.05)")
+    tu.add_argument("--backward", action="store_true",
+                    help="also tune each layer's input and weight gradients (what a training "
+                         "step runs), at the layer's batch on dense operands; torch's op is a "
+                         "candidate, as for the forward")
+    tu.add_argument("--batch", type=_positive, metavar="N",
+                    help="tune at this batch size (default: the --specs file's, else 1); "
+                         "choices are filed per batch bucket (the nearest power of two)")
     tu.add_argument("--repeats", type=_positive, default=7, metavar="R",
                     help="timed rounds per candidate, the median decides (default 7)")
     tu.add_argument("--threads", type=_positive, metavar="T",
@@ -73,21 +80,22 @@ def _read_db(path: Path, flag: str, parser: argparse.ArgumentParser):
         parser.error(f"{flag}: {exc}")
 
 
-def _named(layers: list[tuple[str, LayerSpec, Workload]], results: list
-           ) -> list[tuple[str, object]]:
-    """Each result with its layer's name (``tune_all`` tunes a layer at every density in turn)."""
-    per_layer = len(results) // len(layers)
-    return [(name, r) for i, (name, *_) in enumerate(layers)
-            for r in results[i * per_layer:(i + 1) * per_layer]]
+def _named(layers: list[tuple[str, LayerSpec, Workload]], jobs: list, results: list
+           ) -> list[tuple[str, str, int, object]]:
+    """``(layer name, operator, batch, result)`` of each result (in :func:`autotune.jobs`
+    order)."""
+    return [(layers[i][0], operator, batch, r)
+            for (i, operator, _, batch, _), r in zip(jobs, results)]
 
 
-def _tune_report(layers: list[tuple[str, LayerSpec, Workload]], results: list, db) -> str:
+def _tune_report(layers: list[tuple[str, LayerSpec, Workload]], jobs: list, results: list,
+                 db) -> str:
     """Every choice against torch, then each layer's crossover, as markdown tables."""
-    lines = ["| layer | density | choice | torch ms | best ms | speedup |",
-             "|---|---:|---|---:|---:|---:|"]
-    for name, r in _named(layers, results):
-        lines.append(f"| {name} | {r.density:g} | {r.choice} | {r.ms['torch']:.3g} | "
-                     f"{r.ms[r.choice]:.3g} | {r.speedup():.2f}x |")
+    lines = ["| layer | operator | batch | density | choice | torch ms | best ms | speedup |",
+             "|---|---|---:|---:|---|---:|---:|---:|"]
+    for name, operator, batch, r in _named(layers, jobs, results):
+        lines.append(f"| {name} | {operator} | {batch} | {r.density:g} | {r.choice} | "
+                     f"{r.ms['torch']:.3g} | {r.ms[r.choice]:.3g} | {r.speedup():.2f}x |")
     lines += ["", "| layer | crossover |", "|---|---:|"]
     for name, spec, _ in layers:
         crossover = db.crossover(spec)
@@ -96,12 +104,14 @@ def _tune_report(layers: list[tuple[str, LayerSpec, Workload]], results: list, d
     return "\n".join(lines)
 
 
-def _tune_notes(layers: list[tuple[str, LayerSpec, Workload]], results: list) -> None:
+def _tune_notes(layers: list[tuple[str, LayerSpec, Workload]], jobs: list, results: list
+                ) -> None:
     """Failed candidates and contended timings, on stderr: they question the choices made."""
     from ..runtime import timing
-    for name, r in _named(layers, results):
+    for name, operator, _, r in _named(layers, jobs, results):
         for candidate, error in r.errors.items():
-            print(f"note: {name} @ {r.density:g}: {candidate} failed: {error}", file=sys.stderr)
+            print(f"note: {name} {operator} @ {r.density:g}: {candidate} failed: {error}",
+                  file=sys.stderr)
     contended = sum(timing.busy(r.contention) for r in results)
     if contended:
         print(f"note: other processes took over {timing.BUSY:.0%} of the CPUs during "
@@ -123,11 +133,12 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         taken = sum(db.merge(_read_db(path, "--merge", parser)) for path in args.merge)
         print(f"merged {taken} records from {len(args.merge)} file(s)")
     if layers:
-        results = autotune.tune_all([(spec, work.batch) for _, spec, work in layers],
-                                    args.densities, db,
-                                    args.repeats, progress=not args.no_progress)
-        print(_tune_report(layers, results, db))
-        _tune_notes(layers, results)
+        pairs = [(spec, args.batch or work.batch) for _, spec, work in layers]
+        jobs = autotune.jobs(pairs, args.densities, args.backward)
+        results = autotune.tune_all(pairs, args.densities, db, args.repeats,
+                                    progress=not args.no_progress, backward=args.backward)
+        print(_tune_report(layers, jobs, results, db))
+        _tune_notes(layers, jobs, results)
     else:
         db.save()
     print(f"tuning database: {db.path}")

@@ -31,7 +31,6 @@ from .timing import MIN_TIME_S, REPEATS
 from .triton_kernel import TORCH_DTYPES
 
 PATTERNS = ("random", "blocks")
-FORWARD = ("conv", "conv_transpose")
 
 
 @dataclass(frozen=True)
@@ -164,30 +163,56 @@ def call(spec: LayerSpec, name: str, t: dict[str, torch.Tensor], backend: str = 
 # --------------------------------------------------------------------------------- tuning
 def tune(spec: LayerSpec, density: float, repeats: int = REPEATS,
          min_time: float = MIN_TIME_S, batch: int = 1) -> Result:
-    """Verify, then time, every C candidate of a forward ``spec`` at ``batch`` on an input of
-    ``density`` (not recorded: :func:`tune_all` records)."""
-    if spec.op not in FORWARD:
-        raise ValueError(f"tuning covers forward ops (conv, conv_transpose), not {spec.op!r}")
+    """Verify, then time, every C candidate of ``spec`` (a forward layer, or its
+    ``grad_input()`` or ``grad_weight()``) at ``batch`` on a data operand of ``density`` (not
+    recorded: :func:`tune_all` records)."""
     return _tune(spec, density, "c", torch.device("cpu"), repeats, min_time, None, "random",
                  batch)
 
 
+def gradients(spec: LayerSpec) -> list[tuple[str, LayerSpec]]:
+    """``(operator, spec)`` of a forward layer's gradient operators that have a spec."""
+    found = []
+    for name in ("grad_input", "grad_weight"):
+        try:
+            found.append((name, getattr(spec, name)()))
+        except NotImplementedError:
+            pass
+    return found
+
+
+def jobs(layers: Iterable[LayerSpec | tuple[LayerSpec, int]], densities: Iterable[float],
+         backward: bool = False) -> list[tuple[int, str, LayerSpec, int, float]]:
+    """``(layer index, operator, spec, batch, density)`` of each case :func:`tune_all` tunes:
+    every layer (a spec, at batch 1, or ``(spec, batch)``) at every density, and with
+    ``backward`` its input and weight gradients at the layer's batch on dense operands (what a
+    training step gives them)."""
+    pairs = [layer if isinstance(layer, tuple) else (layer, 1) for layer in layers]
+    densities = list(densities)
+    found = []
+    for i, (spec, batch) in enumerate(pairs):
+        found += [(i, "forward", spec, batch, d) for d in densities]
+        if backward:
+            found += [(i, name, g, batch, 1.0) for name, g in gradients(spec)]
+    return found
+
+
 def tune_all(layers: Iterable[LayerSpec | tuple[LayerSpec, int]], densities: Iterable[float],
              db: tuning.TuningDB | None = None, repeats: int = REPEATS,
-             min_time: float = MIN_TIME_S, progress: bool = True) -> list[Result]:
-    """Tune every layer (a spec, at batch 1, or ``(spec, batch)``) at every density on the C
-    backend, recording each winner in ``db`` (saved at the end)."""
+             min_time: float = MIN_TIME_S, progress: bool = True,
+             backward: bool = False) -> list[Result]:
+    """Tune every case of :func:`jobs` on the C backend, recording each winner in ``db`` (saved
+    at the end) at its batch and density; results in the order of :func:`jobs`."""
     from tqdm import tqdm
     timing.steady_allocator()      # as the bench does: torch's large buffers otherwise vary 4x
     db = db if db is not None else tuning.database()
-    pairs = [layer if isinstance(layer, tuple) else (layer, 1) for layer in layers]
-    jobs = [(s, n, d) for s, n in pairs for d in densities]
     results = []
-    with tqdm(jobs, desc="tuning", unit="case", disable=not progress) as bar:
-        for spec, batch, density in bar:
+    with tqdm(jobs(layers, densities, backward), desc="tuning", unit="case",
+              disable=not progress) as bar:
+        for _, operator, spec, batch, density in bar:
             bar.set_postfix_str(f"{spec.torch_name} {spec.describe()[:40]} @ {density:g}")
             result = tune(spec, density, repeats, min_time, batch)
-            db.record(spec, density, result.choice, result.ms)
+            db.record(spec, density, result.choice, result.ms, batch=batch)
             results.append(result)
     db.save()
     return results
@@ -211,7 +236,8 @@ def tune_triton(spec: LayerSpec, density: float = 1.0, device: torch.device | st
     result = _tune(spec, density, "triton", device, repeats, min_time, target, pattern, batch)
     db = db if db is not None else tuning.database()
     machine, print_ = tuning.machine_of("triton", device)
-    db.record(spec, density, result.choice, result.ms, machine=machine, print_=print_)
+    db.record(spec, density, result.choice, result.ms, machine=machine, print_=print_,
+              batch=batch)
     if save:
         db.save()
     return result

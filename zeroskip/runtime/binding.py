@@ -23,7 +23,7 @@ from . import loader, reference, stats, tritonenv
 from .arguments import (COVERED_DTYPES, check_arguments, check_shapes, config_of, key_of,
                         overflows_int64, parse_config, scalar_name, spec_from_config,
                         spec_of_call)
-from .dispatch import Operator
+from .dispatch import GradientOperator, Operator
 from .stats import Fallback
 from .triton_kernel import TritonLaunchError
 
@@ -187,7 +187,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     input, weight, output = ctx.saved_tensors
     if output is not None:           # the fused ReLU passes gradients where it passed values
-        grad = grad * (output > 0)
+        grad = torch.ops.aten.threshold_backward(grad, output, 0)   # as torch's ReLU does
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
         gx = torch.ops.zeroskip.convolution_grad_input(grad, weight, list(input.shape),
@@ -275,24 +275,22 @@ _grad_weight_op.register_autograd(_backward_grad_weight, setup_context=_setup_gr
 def _gradient(which: str, grad: torch.Tensor, other: torch.Tensor, size: tuple,
               config: str) -> torch.Tensor:
     """The input gradient (``other``: the weight, ``size``: the input's) or the weight gradient
-    (``other``: the input, ``size``: the weight's) of a call, on a generated kernel."""
+    (``other``: the input, ``size``: the weight's) of a call, on its gradient operator."""
     op, rank = parse_config(config)[:2]
     input_shape, weight_shape = (size, other.shape) if which == "input" else (other.shape, size)
     batched = len(input_shape) == rank + 2
-    kernel = _gradient_kernel(which, config, tuple(input_shape[-rank:]), tuple(weight_shape),
-                              grad.dtype, backend_for(grad))
-    if isinstance(kernel, Fallback):
-        stats.fallback(kernel.reason, kernel.detail)
+    operator = _gradient_operator(which, config, tuple(input_shape[-rank - 1:]),
+                                  tuple(weight_shape), grad.dtype, backend_for(grad))
+    if isinstance(operator, Fallback):
+        stats.fallback(operator.reason, operator.detail)
         return reference.gradient(which, grad, other, size, config)
-    g = kernel.prepare(grad if batched else grad.unsqueeze(0))
+    g = operator.prepare(grad if batched else grad.unsqueeze(0))
     try:
         if which == "input":
-            out = kernel.new_output(g, (g.shape[0], *input_shape[-rank - 1:]))
-            out = kernel.run(g, other, out)
+            out = operator.run(g, other, None)
             return out if batched else out.squeeze(0)
-        x = kernel.prepare(other if batched else other.unsqueeze(0))
-        lhs, rhs = (g, x) if op == "conv_transpose" else (x, g)
-        return kernel.run(lhs, rhs, torch.empty(size, dtype=g.dtype, device=g.device))
+        x = operator.prepare(other if batched else other.unsqueeze(0))
+        return operator.run(*((g, x) if op == "conv_transpose" else (x, g)), None)
     except TritonLaunchError as exc:
         stats.fallback(f"no Triton kernel for the {which} gradient of this layer",
                        f"{type(exc).__name__}: {exc}")
@@ -300,21 +298,32 @@ def _gradient(which: str, grad: torch.Tensor, other: torch.Tensor, size: tuple,
 
 
 @functools.lru_cache(maxsize=4096)
-def _gradient_kernel(which: str, config: str, input_size: tuple, weight_shape: tuple,
-                     dtype, backend: str) -> Any:
-    """The kernel of a call's input or weight gradient on ``backend`` (memoized: a training
-    step asks for it every time; ``input_size``: the input's spatial size), or why there is
-    none."""
-    spec = spec_from_config(config, input_size, weight_shape, False, dtype)
+def _gradient_operator(which: str, config: str, input_shape: tuple, weight_shape: tuple,
+                       dtype, backend: str) -> GradientOperator | Fallback:
+    """The :class:`GradientOperator` of a call's input or weight gradient on ``backend``
+    (memoized: a training step asks for it every time; ``input_shape``: the input's per-sample
+    shape), or why there is none."""
+    spec = spec_from_config(config, input_shape[1:], weight_shape, False, dtype)
     try:
         grad_spec = spec.grad_input() if which == "input" else spec.grad_weight()
-        return loader.kernel_for(grad_spec, backend)
+        kernel = loader.kernel_for(grad_spec, backend)
     except (NotImplementedError, LimitError, *loader.BUILD_ERRORS) as exc:
         where = "Triton kernel" if backend == "triton" else "generated kernel"
         return Fallback(f"no {where} for the {which} gradient of {spec.torch_name}",
                         f"{type(exc).__name__}: {exc}")
-
-
+    torch_op = None
+    if reference.has_gradient(spec):
+        if which == "input":
+            def torch_op(g, w, _bias):
+                return reference.gradient("input", g, w, (g.shape[0], *input_shape), config)
+        else:
+            def torch_op(lhs, rhs, _bias):
+                x, g = (rhs, lhs) if spec.op == "conv_transpose" else (lhs, rhs)
+                return reference.gradient("weight", g, x, weight_shape, config)
+    out_shape = input_shape if which == "input" else weight_shape
+    operator = GradientOperator(grad_spec, kernel, out_shape, torch_op)
+    operator.config = config
+    return operator
 
 
 def _prepare(op, rank, input, weight, bias, args, torch_op) -> Operator | Fallback:

@@ -2,14 +2,17 @@
 
 An :class:`Operator` is a prepared forward operator on one backend (C on CPU tensors, Triton on
 CUDA tensors or under Triton's interpreter): its spec, its dense kernel and, built on first
-use, the variants the decision picks. Per call it runs
+use, the variants the decision picks. A :class:`GradientOperator` is one of a layer's two
+gradient operators (its spec is ``grad_input()`` or ``grad_weight()``), decided the same way.
+Per call it runs
 
-* what the layer's tuning records on this machine chose (an active bundle's records for a
-  layer the bundle was generated for, else the tuning database's), at the density nearest the
-  input's; a layer tuned alike at every density needs no density at all;
-* untuned, on the C backend the sparse kernel below the cost model's crossover density and the
-  dense one above; on the Triton backend the dense kernel (its block-sparse family pays off on
-  structured zeros only, which only a measurement can tell).
+* what the operator's tuning records on this machine chose (an active bundle's records for a
+  layer the bundle was generated for, else the tuning database's), at the batch bucket nearest
+  the call's and the density nearest the input's; an operator tuned alike everywhere needs no
+  density at all;
+* untuned, on the C backend the sparse forward kernel below the cost model's crossover density
+  and the dense one above; on the Triton backend, and for gradients, the dense kernel (the
+  block-sparse family pays off on structured zeros only, which only a measurement can tell).
 
 The input's density: on the CPU it is measured per call (sampled in C, microseconds). On a GPU
 reading it back synchronizes, so it is the density declared for the layer (by the caller with
@@ -54,7 +57,8 @@ _observers_lock = threading.Lock()
 
 @contextlib.contextmanager
 def observe() -> Iterator[list[Dispatched]]:
-    """Collect what every forward call dispatched meanwhile (in this process)::
+    """Collect what every call of an operator (forward or gradient) dispatched meanwhile (in
+    this process)::
 
         with dispatch.observe() as ran:
             model(x)
@@ -86,7 +90,10 @@ def declare_density(spec: LayerSpec, density: float | None) -> None:
 
 
 class Operator:
-    """A prepared forward operator; see the module docstring for what :meth:`run` decides."""
+    """A prepared forward operator; see the module docstring for what :meth:`run` decides.
+    ``torch_op(x, weight, bias)``: torch's op for the same call, run where tuning chose it."""
+
+    sparse_untuned = True          # untuned, the C cost model may pick the sparse kernel
 
     def __init__(self, spec: LayerSpec, kernel: Any, out_shape: tuple[int, ...],
                  torch_op: Any = None):
@@ -114,11 +121,12 @@ class Operator:
         records, same = self._records(x.device)
         if same is not None:             # tuned alike at every density: no need to measure
             return same
-        if not x.numel() or not records and (self.backend != "c" or self.forward.crossover <= 0):
+        if not x.numel() or not records and (self.backend != "c" or not self.sparse_untuned
+                                             or self.forward.crossover <= 0):
             return self.default       # untuned, only the C sparse kernel has a cost model
         density = self.last_density = self.density(x)
         if records:
-            return tuning.nearest(records, density)["choice"]
+            return tuning.nearest(records, density, x.shape[0])["choice"]
         return "sparse" if density < self.forward.crossover else self.default
 
     def density(self, x: torch.Tensor) -> float:
@@ -181,13 +189,15 @@ class Operator:
     def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         """The layer on ``x`` (batched, as :meth:`prepare` gives it)."""
         choice = self.choose(x)
-        if choice == "torch" and self.torch_op is not None:
+        if choice == "torch" and self.torch_op is None:
+            choice = self.default     # torch's op cannot run this call's arguments
+        if choice == "torch":
             self.last = "torch"
             stats.add("torch_choices")
             self._notify("torch")
             return self.torch_op(x, weight, bias)
         variant, kernel = self.resolve(choice)
-        if variant is self._resolved[self.default][0] or choice == "torch":
+        if variant is self._resolved[self.default][0]:
             choice = self.default
         elif variant.strategy == "sparse":
             stats.add("sparse_calls")
@@ -211,3 +221,20 @@ class Operator:
         """Run one of this operator's kernels on ``x`` (batched, prepared)."""
         out = kernel.new_output(x, (x.shape[0], *self.out_shape))
         return kernel.run(x, weight, out, bias, variant)
+
+
+class GradientOperator(Operator):
+    """The input or the weight gradient of a layer as an operator: ``spec`` is the layer's
+    ``grad_input()`` or ``grad_weight()``, ``run(lhs, rhs, None)`` takes the gradient kernel's
+    operands (the output gradient and the weight; the input and the output gradient, in the
+    order the spec contracts them), ``out_shape`` is the input gradient's per-sample shape or
+    the weight gradient's whole one. Untuned it runs the dense kernel."""
+
+    sparse_untuned = False
+
+    def launch(self, kernel: Any, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None, variant: Variant | None = None) -> torch.Tensor:
+        if self.spec.op != "conv_grad_weight":
+            return super().launch(kernel, x, weight, bias, variant)
+        rhs = kernel.prepare(weight)
+        return kernel.run(x, rhs, kernel.new_output(x, self.out_shape), None, variant)

@@ -71,14 +71,20 @@ def _convolution_linear(op, rank, x, w, b, stride, padding, dilation, groups, ou
 
 
 
+def has_gradient(spec: LayerSpec) -> bool:
+    """Whether :func:`gradient` covers the layer's calls: zero, symmetric padding."""
+    return spec.padding_mode == "zeros" and all(lo == hi for lo, hi in spec.padding)
+
+
 def gradient(which: str, grad, other, size, config: str) -> torch.Tensor:
-    """torch's own gradient (aten.convolution_backward), for what no kernel covers."""
+    """torch's own gradient (aten.convolution_backward, as ``torch.nn.grad`` calls it): where
+    no kernel covers a call, and where tuning found torch's op the fastest."""
     op, rank, stride, padding, dilation, groups, output_padding, mode, _ = parse_config(config)
-    input_shape, weight = (size, other) if which == "input" else (other.shape, None)
-    x = other if which == "weight" else grad.new_zeros(size)
-    w = weight if weight is not None else grad.new_zeros(size)
+    # The operand not needed is a one-element tensor expanded to its shape (no memory).
+    x = other if which == "weight" else grad.new_empty(1).expand(size)
+    w = other if which == "input" else grad.new_empty(1).expand(size)
     spec = spec_from_config(config, x.shape, w.shape, False, grad.dtype)
-    if mode != "zeros" or any(lo != hi for lo, hi in spec.padding):
+    if not has_gradient(spec):
         raise stats.FallbackError(f"no gradient for {spec.describe()}: its kernel failed to "
                                   "build and torch's fallback needs symmetric zero padding")
     batched = x.dim() == rank + 2
@@ -91,7 +97,6 @@ def gradient(which: str, grad, other, size, config: str) -> torch.Tensor:
     if which == "input":
         return gx if batched else gx.squeeze(0)
     return gw
-
 
 
 def _zero_padded_conv(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -110,13 +115,13 @@ def op(spec: LayerSpec, t: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor
         return lambda: forward(spec, t["input"], t["weight"], t.get("bias"))
     c_x = spec.conv_channels[0]
     like = t["grad_output"]
+    # The operand not needed is a one-element tensor expanded to its shape, as in gradient().
     x = t.get("input")
     if x is None:
-        x = torch.zeros((like.shape[0], c_x, *spec.input_size), dtype=like.dtype,
-                        device=like.device)
+        x = like.new_empty(1).expand(like.shape[0], c_x, *spec.input_size)
     w = t.get("weight")
     if w is None:
-        w = torch.zeros(spec.weight_shape, dtype=like.dtype, device=like.device)
+        w = like.new_empty(1).expand(spec.weight_shape)
     w = w.detach()
     which = 0 if spec.op == "conv_grad_input" else 1
     if spec.padding_mode == "zeros" and all(lo == hi for lo, hi in spec.padding):

@@ -10,8 +10,10 @@ process, so a record tuned elsewhere is kept but never used here. A corrupt file
 (``.corrupt``) with a warning and rebuilt.
 
 A record's key is the layer's shape (:func:`spec_key`), its bucket the density it was tuned at
-(:data:`BUCKETS`, the smallest at or above it); a measured density uses the record tuned
-nearest to it (:func:`nearest`).
+(:data:`BUCKETS`, the smallest at or above it) and the batch size (the nearest power of two:
+``"0.5"`` at batch 1, ``"0.5@16"`` at 12 to 22). A call uses the records of the batch bucket
+nearest its batch, and of those the one tuned nearest its density (:func:`nearest`): the best
+kernel of a layer at batch 1 and at batch 32 may differ.
 """
 from __future__ import annotations
 
@@ -45,13 +47,38 @@ def bucket(density: float) -> float:
     return next((b for b in BUCKETS if density <= b + 1e-9), 1.0)
 
 
-def nearest(layer: dict[str, dict] | None, density: float) -> dict | None:
-    """Of a layer's records (by bucket), the one tuned at the density nearest ``density`` by
-    ratio: a measured 0.302 uses the record of 0.3, not the untuned bucket 0.4."""
+def batch_bucket(batch: int) -> int:
+    """The power of two nearest ``batch`` (by ratio)."""
+    return 1 << max(0, round(math.log2(max(int(batch), 1))))
+
+
+def bucket_key(density: float, batch: int = 1) -> str:
+    """A record's bucket: ``"0.5"`` (batch 1) or ``"0.5@16"``."""
+    b = batch_bucket(batch)
+    return f"{bucket(density):g}" + (f"@{b}" if b != 1 else "")
+
+
+def parse_bucket(key: str) -> tuple[float, int]:
+    """``(density, batch)`` of a bucket key (ValueError where it is none)."""
+    density, _, batch = key.partition("@")
+    found = (float(density), int(batch) if batch else 1)
+    if not (0.0 <= found[0] <= 1.0 and found[1] >= 1):
+        raise ValueError(f"bad tuning bucket {key!r}")
+    return found
+
+
+def nearest(layer: dict[str, dict] | None, density: float, batch: int = 1) -> dict | None:
+    """Of a layer's records (by bucket), the one of the batch bucket nearest ``batch`` tuned at
+    the density nearest ``density``, both by ratio: a measured 0.302 uses the record of 0.3, not
+    the untuned bucket 0.4; batch 24 uses the records of 32 where there are, else of 16."""
     if not layer:
         return None
+    buckets = {key: parse_bucket(key) for key in layer}
+    n = max(int(batch), 1)
+    b = min({v[1] for v in buckets.values()}, key=lambda v: (abs(math.log(v / n)), v))
     d = max(density, 1e-3)
-    return layer[min(layer, key=lambda b: abs(math.log(max(float(b), 1e-3) / d)))]
+    return layer[min((k for k, v in buckets.items() if v[1] == b),
+                     key=lambda k: abs(math.log(max(buckets[k][0], 1e-3) / d)))]
 
 
 
@@ -187,7 +214,7 @@ class TuningDB:
             for key, buckets in layers.items():
                 LayerSpec.from_dict(json.loads(key))
                 for b, record in buckets.items():
-                    float(b)
+                    parse_bucket(b)
                     if not isinstance(record.get("choice"), str):
                         raise TypeError(f"record {key} @ {b} has no choice")
         return machines, records
@@ -197,10 +224,11 @@ class TuningDB:
         process's CPU, :attr:`here`; :func:`gpu_fingerprint_id` names a GPU), or None."""
         return self.records.get(machine or self.here, {}).get(spec_key(spec)) or None
 
-    def lookup(self, spec: LayerSpec, density: float, machine: str | None = None) -> str | None:
-        """The choice tuned for ``spec`` on this machine (or ``machine``) at the density nearest
+    def lookup(self, spec: LayerSpec, density: float, machine: str | None = None,
+               batch: int = 1) -> str | None:
+        """The choice tuned for ``spec`` on this machine (or ``machine``) nearest ``batch`` and
         ``density``, or None if the layer was not tuned there."""
-        record = nearest(self.layer(spec, machine), density)
+        record = nearest(self.layer(spec, machine), density, batch)
         return record["choice"] if record else None
 
     def crossover(self, spec: LayerSpec, machine: str | None = None) -> float | None:
@@ -209,15 +237,15 @@ class TuningDB:
         layer = self.layer(spec, machine)
         if not layer:
             return None
-        won = [float(b) for b, r in layer.items() if r["choice"].startswith("sparse")]
+        won = [parse_bucket(b)[0] for b, r in layer.items() if r["choice"].startswith("sparse")]
         return max(won, default=0.0)
 
     # writing
     def record(self, spec: LayerSpec, density: float, choice: str, ms: dict[str, float],
-               machine: str | None = None, print_: dict | None = None) -> None:
-        """File a choice under this process's CPU fingerprint, or under ``machine`` (a
-        fingerprint id, e.g. :func:`gpu_fingerprint_id`) described by ``print_`` (needed the
-        first time the database sees that machine)."""
+               machine: str | None = None, print_: dict | None = None, batch: int = 1) -> None:
+        """File a choice tuned at ``density`` and ``batch`` under this process's CPU
+        fingerprint, or under ``machine`` (a fingerprint id, e.g. :func:`gpu_fingerprint_id`)
+        described by ``print_`` (needed the first time the database sees that machine)."""
         with self._lock:
             if machine is None:
                 machine, print_ = self.here, fingerprint()
@@ -227,7 +255,7 @@ class TuningDB:
                 raise ValueError(f"machine {machine!r} is not in the tuning database: pass its "
                                  "fingerprint as print_")
             layer = self.records.setdefault(machine, {}).setdefault(spec_key(spec), {})
-            layer[f"{bucket(density):g}"] = {
+            layer[bucket_key(density, batch)] = {
                 "choice": choice, "date": datetime.date.today().isoformat(),
                 "ms": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in ms.items()}}
             self.generation = next(_generations)
