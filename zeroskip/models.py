@@ -38,6 +38,42 @@ def resnet_stage(cin: int = 64, cout: int = 128) -> nn.Sequential:
     return nn.Sequential(BasicBlock(cin, cout, 2), BasicBlock(cout, cout))
 
 
+class CifarResNet(nn.Module):
+    """A CIFAR-style ResNet: a 3x3 stem (conv-BN-ReLU), then one stage of ``blocks`` basic
+    blocks per width (each later stage downsampling by 2), global average pooling and a linear
+    classifier."""
+
+    def __init__(self, widths: tuple[int, ...] = (64, 128, 256), blocks: int = 1,
+                 classes: int = 10, channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers, cin = [], widths[0]
+        for i, width in enumerate(widths):
+            for j in range(blocks):
+                layers.append(BasicBlock(cin, width, 2 if i and not j else 1))
+                cin = width
+        self.stages = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+def vgg_net(widths: tuple[int, ...] = (64, 128, 256), size: int = 32, classes: int = 10,
+            channels: int = 3) -> nn.Sequential:
+    """A VGG-style net of conv-ReLU pairs: two 3x3 convs per width, each width ending in a 2x2
+    max-pool, then a linear classifier (for ``size`` x ``size`` inputs)."""
+    layers, cin = [], channels
+    for width in widths:
+        for _ in range(2):
+            layers += [nn.Conv2d(cin, width, 3, padding=1), nn.ReLU()]
+            cin = width
+        layers.append(nn.MaxPool2d(2))
+    side = size >> len(widths)
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * side * side, classes))
+
+
 def builtin_workload(seed: int = 0) -> list[tuple[str, nn.Module, torch.Tensor]]:
     """``(name, model, sample input)`` for each built-in network, the input drawn like the
     activations the network sees in use (a latent vector; a post-ReLU feature map)."""
