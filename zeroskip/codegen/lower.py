@@ -128,6 +128,18 @@ class KernelPlan:
         return math.prod(self.kernel)
 
     @property
+    def weight_block(self) -> int:
+        """Output channels per block of the packed weights, ``[g][block][c_red][tap][block's
+        channels]``: one dense register tile's, so a tile streams its weights contiguously
+        (rows of all channels would put a tile's vectors a whole row apart, kilobytes for wide
+        layers); the whole padded row where a sparse region reads them (it scatters each
+        non-zero input into every output channel)."""
+        if self.pattern == "grad_weight" or any(r.family == "sparse_gather"
+                                                for r in self.regions):
+            return self.c_out_padded
+        return self.tile_vectors * self.lanes
+
+    @property
     def packed_elems(self) -> int:
         """Packed weights ``[g][c_red][tap][c_out_padded]`` then bias ``[g][c_out_padded]``."""
         if self.pattern == "grad_weight":
