@@ -1,0 +1,55 @@
+"""The whole-model training benchmark (zeroskip.bench.train) on a tiny model: the losses are
+checked, every conv layer's operators are found in the profile, tuning runs in a database of
+its own, and the report renders."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from zeroskip.bench import train
+from zeroskip.models import CifarResNet
+from zeroskip.runtime import tuning
+
+TINY = train.TrainModel("tiny-resnet", "a tiny ResNet", lambda: CifarResNet((4, 8)), batch=2,
+                        size=8)
+
+
+@pytest.fixture(autouse=True)
+def own_database(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZEROSKIP_TUNING_DB", str(tmp_path / "user-tuning.json"))
+    tuning.reset()
+    yield
+    tuning.reset()
+
+
+def test_tiny_model_untuned_and_tuned(tmp_path):
+    rows = train.run_model(TINY, steps=3, repeats=1, min_time=0.001, profile_steps=1,
+                           tune=True)
+    assert [r.tuned for r in rows] == [False, True]
+    for row in rows:
+        assert row.loss_error <= train.LOSS_RTOL and len(row.losses_torch) == 3
+        assert row.losses_torch[0] != row.losses_torch[-1]          # it trained
+        # stem, two convs per block, one projection: 6 convs, 5 with an input gradient
+        names = [n for layer in row.layers for n in layer.names]
+        assert len(names) == 6 and "stem.0" in names
+        assert row.kernel_calls + row.torch_choices == 6 + 6 + 5
+        for layer in row.layers:
+            assert layer.torch_ms["forward"] > 0 and layer.torch_ms["backward"] > 0
+            assert layer.zeroskip_ms["forward"] > 0 and layer.zeroskip_ms["grad_weight"] > 0
+            assert ("grad_input" in layer.zeroskip_ms) == (layer.names != ["stem.0"])
+    assert rows[0].torch_choices == 0                      # untuned: generated kernels only
+    # The tuning went to the run's own database, not the user's.
+    assert not (tmp_path / "user-tuning.json").exists()
+    report = train.TrainReport(rows, {"date": "2026-11-30T00:00:00", "cpu": "cpu", "threads": 1,
+                                      "torch": torch.__version__, "zeroskip": "0"})
+    text = train.markdown(report)
+    assert "| tiny-resnet | 2 | untuned |" in text and "| tiny-resnet | 2 | tuned |" in text
+    assert json.loads(json.dumps(report.to_json()))["train"][1]["tuned"] is True
+    assert train.plot(report, tmp_path / "train.png").stat().st_size > 0
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(ValueError, match="unknown model"):
+        train.run_train(["alexnet"])
