@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
 from importlib import resources
 from pathlib import Path
@@ -35,7 +36,8 @@ def environment(backend: str = "c") -> jinja2.Environment:
     env.globals.update(affine=affine, flat=flat, strides=strides, prod=math.prod,
                        weight_strides=weight_strides, names=names, at=at,
                        describe_region=describe_region, box=box, taps_of=taps_of,
-                       tap_lens=tap_lens, unflatten=unflatten, offset=offset)
+                       tap_lens=tap_lens, unflatten=unflatten, offset=offset,
+                       box_points=box_points)
     return env
 
 
@@ -126,6 +128,12 @@ def at(region: RegionPlan, which: str, us: list[str], vs: list[str], size: tuple
                      "out": (axis.ou, 0, axis.oc)}[which]
         exprs.append(affine(cu, u, cv, v, c))
     return flat(exprs, size)
+
+
+def box_points(region: RegionPlan) -> list[list[str]]:
+    """Every point of a region's ``u`` box, row-major, as per-axis C constants."""
+    return [[str(u) for u in point] for point in
+            itertools.product(*(range(a.u0, a.u1) for a in region.axes))]
 
 
 def weight_strides(plan: KernelPlan) -> tuple[int, int, int]:
