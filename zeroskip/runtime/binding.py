@@ -321,7 +321,7 @@ def _gradient_operator(which: str, config: str, input_shape: tuple, weight_shape
                 x, g = (rhs, lhs) if spec.op == "conv_transpose" else (lhs, rhs)
                 return reference.gradient("weight", g, x, weight_shape, config)
     out_shape = input_shape if which == "input" else weight_shape
-    operator = GradientOperator(grad_spec, kernel, out_shape, torch_op)
+    operator = GradientOperator(grad_spec, kernel, out_shape, torch_op, layer=spec)
     operator.config = config
     return operator
 

@@ -96,8 +96,9 @@ class Operator:
     sparse_untuned = True          # untuned, the C cost model may pick the sparse kernel
 
     def __init__(self, spec: LayerSpec, kernel: Any, out_shape: tuple[int, ...],
-                 torch_op: Any = None):
+                 torch_op: Any = None, layer: LayerSpec | None = None):
         self.spec, self.forward, self.out_shape, self.torch_op = spec, kernel, out_shape, torch_op
+        self.layer = layer or spec        # the forward layer: what a bundle is generated for
         self.backend = kernel.backend
         self.default = "dense" if self.backend == "c" else kernel.default.name
         self.config = ""                  # the arguments as the custom op takes them
@@ -145,12 +146,12 @@ class Operator:
         return density
 
     def _records(self, device: torch.device) -> tuple[dict | None, str | None]:
-        """This layer's tuned records on this machine, and their choice if they all agree: an
-        active bundle's for a layer it was generated for (the tuning database is not read
-        then), else the tuning database's."""
+        """This operator's tuned records on this machine, and their choice if they all agree:
+        an active bundle's for a layer it was generated for (the tuning database is not read
+        then, for the layer's gradients either), else the tuning database's."""
         generation = bundle.generation()
         if self._served[0] != generation:
-            served = bundle.covering(self.spec)
+            served = self._covering()
             self._served = (generation, served,
                             None if served is None else served.density(self.spec))
         served = self._served[1]
@@ -165,6 +166,10 @@ class Operator:
             if self._tuned[0] != key:
                 self._tune(key, tuning.records(self.spec, self.backend, device))
         return self._tuned[1], self._tuned[2]
+
+    def _covering(self) -> Any:
+        """The active bundle generated for this operator's layer, or None."""
+        return bundle.covering(self.layer)
 
     def _tune(self, key: Any, records: dict | None) -> None:
         choices = {r["choice"] for r in records.values()} if records else set()
@@ -228,9 +233,15 @@ class GradientOperator(Operator):
     ``grad_input()`` or ``grad_weight()``, ``run(lhs, rhs, None)`` takes the gradient kernel's
     operands (the output gradient and the weight; the input and the output gradient, in the
     order the spec contracts them), ``out_shape`` is the input gradient's per-sample shape or
-    the weight gradient's whole one. Untuned it runs the dense kernel."""
+    the weight gradient's whole one, ``layer`` the forward layer. Untuned it runs the dense
+    kernel."""
 
     sparse_untuned = False
+
+    def _covering(self) -> Any:
+        # The backward does not know whether the layer has a bias: either spec is the layer.
+        return bundle.covering(self.layer) or \
+            bundle.covering(dataclasses.replace(self.layer, bias=not self.layer.bias))
 
     def launch(self, kernel: Any, x: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None, variant: Variant | None = None) -> torch.Tensor:
