@@ -411,6 +411,13 @@ def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operat
         if isinstance(exc, RuntimeError):
             raise
         raise RuntimeError(f"{name}: {exc}") from exc   # torch raises RuntimeError for these
+    shape = list(input.shape) if input.dim() == rank + 2 else [1, *input.shape]
+    if shape[0] and shape[1] and 0 in shape[2:]:
+        # torch's CPU op refuses an empty map of a non-empty batch (after the checks above),
+        # showing a 1-D input as the 2-D one it runs.
+        shown = [*shape[:2], 1, *shape[2:]] if rank == 1 else shape
+        raise RuntimeError("Only zero batch or zero channel inputs are supported, but got "
+                           f"input shape: {shown}")
     # A last cross-check: torch's own shape function on meta tensors.
     meta = torch_op(input.to("meta"), weight.to("meta"), None if bias is None else
                     bias.to("meta"))

@@ -247,5 +247,7 @@ class GradientOperator(Operator):
                bias: torch.Tensor | None, variant: Variant | None = None) -> torch.Tensor:
         if self.spec.op != "conv_grad_weight":
             return super().launch(kernel, x, weight, bias, variant)
-        rhs = kernel.prepare(weight)
-        return kernel.run(x, rhs, kernel.new_output(x, self.out_shape), None, variant)
+        # The weight gradient is a plain contiguous tensor, whatever the activations' layout
+        # (a kernel's new_output follows its data operand's: channels_last on the GPU).
+        out = torch.empty(self.out_shape, dtype=x.dtype, device=x.device)
+        return kernel.run(x, kernel.prepare(weight), out, None, variant)
