@@ -74,9 +74,10 @@ def grad_input_calls(spec: LayerSpec, w: torch.Tensor, g: torch.Tensor) -> tuple
             (lambda: loader.run_spec(grad_spec, {"grad_output": g, "weight": w})))
 
 
-def _checked_step(name: str, step: Callable[[], tuple], want: tuple) -> float:
+def _checked_step(name: str, step: Callable[[], tuple], want: tuple) -> tuple[float, int]:
     """Run zeroskip's training ``step`` once: the output and every gradient must match torch's
-    ``want``, and the forward and both gradients must have run generated kernels."""
+    ``want``, and the forward and both gradients must have run generated kernels (or torch's op
+    where tuning chose it). Returns the worst error and how many operators ran torch's op."""
     before = stats.stats()
     got = step()
     after = stats.stats()
@@ -92,7 +93,7 @@ def _checked_step(name: str, step: Callable[[], tuple], want: tuple) -> float:
         raise BenchError(f"{name}: zeroskip did not run generated kernels (or torch's op where "
                          "tuning chose it) for the forward and both gradients: it fell back "
                          "to torch's op")
-    return max(errors)
+    return max(errors), after["torch_choices"] - before["torch_choices"]
 
 
 def bench_backward_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
@@ -106,14 +107,15 @@ def bench_backward_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
     # is checked, sees equal weights.
     torch_step = _step(getattr(F, spec.torch_name), kwargs, x, w, b, g)
     zs_step = _step(getattr(Z, spec.torch_name), kwargs, x, _copy(w), _copy(b), g)
-    error = _checked_step(layer.name, zs_step, torch_step())
+    error, torch_ops = _checked_step(layer.name, zs_step, torch_step())
     timing = time_interleaved({"torch": torch_step, "zeroskip": zs_step}, repeats, min_time)
     specs = (spec, spec.grad_input(), spec.grad_weight())
     row = BackwardRow(layer.name, layer.family, layer.dense, spec.describe(batch),
                       timing.seconds["torch"] * 1e3, timing.seconds["zeroskip"] * 1e3,
                       sum(nonzero_macs(s, batch) for s in specs),
                       sum(dense_macs(s, batch) for s in specs), error, timing.contention,
-                      nonzero_macs(specs[1], batch), dense_macs(specs[1], batch))
+                      nonzero_macs(specs[1], batch), dense_macs(specs[1], batch),
+                      torch_ops=torch_ops)
     if strided_conv(spec):
         torch_call, zs_call = grad_input_calls(spec, w, g)
         row.error = max(error, _checked_call(f"{layer.name}: input gradient alone", zs_call,
@@ -128,6 +130,8 @@ def bench_backward_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
 def _backward_note(row: BackwardRow) -> str:
     notes = [f"others took {c:.0%} of its CPUs" for c in
              (row.contention, row.grad_input_contention) if busy(c)][:1]
+    if row.torch_ops:
+        notes.append(f"{row.torch_ops} of 3 operators on torch's op (tuned)")
     if row.grad_input_ratio is not None:
         notes.insert(0, f"grad_input {row.grad_input_ratio:.2f}x")
     return f"fwd+bwd {row.ratio:.2f}x{''.join(', ' + n for n in notes)}"

@@ -108,23 +108,26 @@ def backward_markdown(report: BackwardReport) -> str:
     lines = [_header(report.machine, report.batch, report.repeats)
              + "; one training step per call: forward + backward", "",
              "| layer | shape | torch ms | zeroskip ms | ratio | skipped "
-             "| grad_input skipped | grad_input ratio |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| grad_input skipped | grad_input ratio | on torch's op |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report.rows:
         gi = ("| - | - |" if r.grad_input_ratio is None else
               f"| {r.grad_input_skipped:.1%} "
               f"| {r.grad_input_ratio:.2f}x{_mark(r.grad_input_contention)} |")
         lines.append(f"| {r.name} | {r.shape} | {r.torch_ms:.3f} | {r.zeroskip_ms:.3f} "
-                     f"| {r.ratio:.2f}x{_mark(r.contention)} | {r.skipped:.1%} {gi}")
+                     f"| {r.ratio:.2f}x{_mark(r.contention)} | {r.skipped:.1%} {gi} "
+                     f"{r.torch_ops} of 3 |")
     lines.append("")
     lines += _geomean_lines("fwd+bwd ratio", report)
     strided = [r for r in report.rows if r.grad_input_ratio is not None]
     if strided:
         lines.append(f"- geomean grad_input ratio over strided convs ({len(strided)}): "
                      f"{report.geomean_grad_input:.2f}x")
-    lines.append("- the weights are the same in every step, so zeroskip reuses their packed "
-                 "layouts (forward and grad_input kernels); after a real optimizer step it "
-                 "repacks them once per step, which these times leave out")
+    lines.append(f"- lowest ratio: {min(r.ratio for r in report.rows):.2f}x "
+                 f"({min(report.rows, key=lambda r: r.ratio).name})")
+    lines.append("- each step ends with an SGD step on the weights, so zeroskip repacks them "
+                 "(forward and grad_input kernels) every step, as in training; operators on "
+                 "torch's op are those the tuning database (if any) found torch fastest for")
     lines += _load_note([r.contention for r in report.rows] +
                         [r.grad_input_contention for r in strided])
     return "\n".join(lines)

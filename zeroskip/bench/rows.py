@@ -85,6 +85,7 @@ class BackwardRow:
     grad_input_torch_ms: float | None = None
     grad_input_zeroskip_ms: float | None = None
     grad_input_contention: float | None = None
+    torch_ops: int = 0      # of the step's 3 operators, those tuning sent to torch's op
 
     @property
     def ratio(self) -> float:
