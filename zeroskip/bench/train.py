@@ -111,7 +111,8 @@ class Trainer:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         self.data = itertools.cycle(data)
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
+        """One training step; returns its loss (detached)."""
         x, target = next(self.data)
         loss = nn.functional.cross_entropy(self.model(x), target)
         self.optimizer.zero_grad(set_to_none=True)

@@ -39,6 +39,7 @@ CTYPES = {"float32": "float", "float64": "double"}
 TRITON_DTYPES = ("float32", "float16", "bfloat16")
 MAX_RANK = 3
 L2_WEIGHT_BYTES = 384 * 1024
+LONG_ROW = 16      # forward and input-gradient tiles along rows this long hold 2 vectors
 
 
 @dataclass(frozen=True)
@@ -241,12 +242,6 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
 
     ctype = CTYPES[spec.dtype] if backend == "c" else spec.dtype
     lanes = vector_bytes // (8 if ctype == "double" else 4)
-    vectors, width = tile_shape(c_out, lanes, vector_bytes)
-    if variant.strategy == "dense" and variant.vectors:    # a dense variant's tile height
-        vectors = min(variant.vectors, vectors)
-        width = tile_shape(vectors * lanes, lanes, vector_bytes)[1]
-    widest = width
-    c_out_padded = -(-c_out // (vectors * lanes)) * vectors * lanes
     # Few output channels per group (depthwise, RGB outputs): vector lanes run along positions.
     vectorize = "channels" if 2 * c_out >= lanes else "positions"
     if first.pattern == "grad_weight" and not all(
@@ -255,18 +250,6 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
         # The channel tiles read the output gradient in chunks of rows of its outermost axis,
         # which must be the loop's own steps; otherwise dot products along positions.
         vectorize = "positions"
-    pos_channels = max(d for d in range(1, 5) if c_out % d == 0)
-    # A channel tile streams c_red * taps rows of packed weights; keep one block of them in L2.
-    row_bytes = math.prod(rhs_shape[2:]) * vectors * vector_bytes
-    blocks = -(-c_red // max(8, L2_WEIGHT_BYTES // row_bytes))
-    red_block = -(-c_red // blocks)
-    pos_vectors = min(4, (_registers(vector_bytes) - 4) // (pos_channels + 1))
-    # Sparse tiles hold one output position's channels twice over (two accumulator sets).
-    row_vectors = c_out_padded // lanes
-    want = (variant.vectors if variant.strategy != "dense" else None) or \
-        min(8, _registers(vector_bytes) // 4)
-    sparse_vectors = max(v for v in range(1, row_vectors + 1) if row_vectors % v == 0 and
-                         v <= want)
     regions = []
     for i, node in enumerate(contracts):
         c: Contract = op(graph, node)
@@ -280,12 +263,36 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
         macs = contract_macs(graph, node) // max(1, lhs_shape[0])
         regions.append(RegionPlan(f"region_{i}", family, c.region, axes, macs, vectorize,
                                   _tile_axis(axes, vectorize, lanes)))
+    rows = [(r.axes[r.tile_axis].u_len, r.macs_per_sample) for r in regions
+            if r.family == "direct" and r.vectorize == "channels"]
+
+    vectors = tile_shape(c_out, lanes, vector_bytes)[0]
+    if variant.strategy == "dense" and variant.vectors:    # a dense variant's tile height
+        vectors = min(variant.vectors, vectors)
+    elif rows and vectors > 2 and max(rows, key=lambda r: r[1])[0] >= LONG_ROW:
+        # Long rows: tiles of 2 vectors x 12 positions load half the weights (from L2) per
+        # multiply-add that 4 x 6 ones do; short rows cannot fill the wider tile.
+        vectors = 2
+    widest = tile_shape(vectors * lanes, lanes, vector_bytes)[1]
     if variant.tile_width:
         width = variant.tile_width
     elif first.pattern != "grad_weight":
-        width = fit_width(widest, [(r.axes[r.tile_axis].u_len, r.macs_per_sample)
-                                   for r in regions
-                                   if r.family == "direct" and r.vectorize == "channels"])
+        width = fit_width(widest, rows)
+    else:
+        width = widest
+    c_out_padded = -(-c_out // (vectors * lanes)) * vectors * lanes
+    pos_channels = max(d for d in range(1, 5) if c_out % d == 0)
+    # A channel tile streams c_red * taps rows of packed weights; keep one block of them in L2.
+    row_bytes = math.prod(rhs_shape[2:]) * vectors * vector_bytes
+    blocks = -(-c_red // max(8, L2_WEIGHT_BYTES // row_bytes))
+    red_block = -(-c_red // blocks)
+    pos_vectors = min(4, (_registers(vector_bytes) - 4) // (pos_channels + 1))
+    # Sparse tiles hold one output position's channels twice over (two accumulator sets).
+    row_vectors = c_out_padded // lanes
+    want = (variant.vectors if variant.strategy != "dense" else None) or \
+        min(8, _registers(vector_bytes) // 4)
+    sparse_vectors = max(v for v in range(1, row_vectors + 1) if row_vectors % v == 0 and
+                         v <= want)
     merge = _sparse_merge(regions, c_red * math.prod(rhs_shape[2:]) * c_out_padded,
                           lhs_shape[-1] * c_out_padded)
     out_shape = op(graph, assemble).shape

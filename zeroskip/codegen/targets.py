@@ -76,20 +76,21 @@ class CTarget(Target):
 
     def variants(self, plan: lower.KernelPlan, density: float) -> list[Variant]:
         """The dense kernel at its own register tile and, where its tiles hold output channels
-        in vector lanes, at widths one less and one more, and (with two vectors or more) at
-        half the vectors, as wide as fits or 8 positions: fewer weight loads per multiply,
-        which pays on short contractions and maps whose rows fit the wider tile. Below density
-        1 (it cannot win on dense data) the sparse kernel at its own and a smaller channel
-        tile."""
+        in vector lanes, at widths one less and one more, at the other of 2 or 4 vectors of
+        channels (as wide as fits: 2 x 12 loads half the weights per multiply-add that 4 x 6
+        does, which pays on long rows and short contractions), and at 2 vectors x 8 positions.
+        Below density 1 (it cannot win on dense data) the sparse kernel at its own and a
+        smaller channel tile."""
         found = [Variant("dense")]
         if plan.pattern == "grad_weight" or any(r.vectorize == "channels"
                                                 for r in plan.regions):
             width, vectors = plan.tile_width, plan.tile_vectors
             found += [Variant("dense", tile_width=w)
                       for w in sorted({max(2, width - 1), min(16, width + 1)} - {width})]
-            if vectors >= 2:
-                found += [Variant("dense", vectors=vectors // 2),
-                          Variant("dense", tile_width=8, vectors=vectors // 2)]
+            most = min(4, -(-plan.c_out // plan.lanes))
+            if most >= 2:
+                found += [Variant("dense", vectors=v) for v in sorted({2, most} - {vectors})]
+                found.append(Variant("dense", tile_width=8, vectors=2))
         if density < 1.0:
             found += [Variant("sparse"), Variant("sparse", vectors=2)]
         return found
