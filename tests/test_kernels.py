@@ -164,18 +164,15 @@ def direct_regions(plan: lower.KernelPlan, vectorize: str):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_channels_tile_remainders(dtype):
     """Many output channels: lanes along channels, register tiles of tile_width positions on
-    the last axis; a last axis of whole tiles and one (too long to balance) with a remainder
-    tile."""
-    probe = plan_of(LayerSpec.conv(4, 64, 3, input_size=(5, 5), dtype=dtype))
-    width = probe.tile_width
-    assert width > 1
-    for last, multiple in ((2 * width, True), (9 * width + 3, False)):
+    the last axis; a short last axis of whole tiles, and one (long, of a prime length) with a
+    remainder tile."""
+    for last, multiple in ((12, True), (113, False)):
         # kernel 3, no padding: one region whose last axis has ``last`` outputs.
         spec = LayerSpec.conv(4, 64, 3, input_size=(5, last + 2), dtype=dtype)
         plan = kernel_for(spec).plan
-        assert plan.tile_width == width
         regions = direct_regions(plan, "channels")
-        assert regions and all(r.axes[-1].u_len == last > width for r in regions)
+        assert plan.tile_width > 1
+        assert regions and all(r.axes[-1].u_len == last > plan.tile_width for r in regions)
         assert all((r.axes[-1].u_len % plan.tile_width == 0) == multiple for r in regions)
         run_and_compare(spec, random_inputs(spec, workload=Workload(2)))
 
@@ -193,7 +190,7 @@ def test_dense_variant_tile_vectors(make):
         assert plan.tile_vectors == 1
         assert plan.c_out_padded == -(-plan.c_out // plan.lanes) * plan.lanes
         assert plan.tile_width == variant.tile_width if variant.tile_width else \
-            plan.tile_width > default.tile_width
+            plan.tile_width >= default.tile_width
         run_and_compare(spec, random_inputs(spec, workload=Workload(2)), variant)
 
 
@@ -202,11 +199,12 @@ def test_dense_variant_tile_vectors(make):
 def test_short_rows_get_balanced_tiles(last, want):
     """Rows of at most 8 tiles are split into tiles of balanced widths (8 -> 4 + 4, not 6 +
     2); longer rows, and rows no wider than one tile, keep the widest tile; a variant's width
-    is kept as given."""
+    is kept as given. Rows of 16 or more get tiles of 2 vectors of channels."""
     assert lower.fit_width(6, [(last, 10), (1, 1)]) == want
     spec = LayerSpec.conv(4, 64, 3, input_size=(5, last + 2))
     plan = kernel_for(spec, variant=lower.Variant("dense")).plan
-    widest = lower.tile_shape(64, plan.lanes, plan.vector_bytes)[1]
+    assert (plan.tile_vectors == 2) == (last >= lower.LONG_ROW)
+    widest = lower.tile_shape(plan.tile_vectors * plan.lanes, plan.lanes, plan.vector_bytes)[1]
     assert plan.tile_width == lower.fit_width(widest, [(last, 1)])
     assert kernel_for(spec, variant=lower.Variant("dense", 7)).plan.tile_width == 7
     run_and_compare(spec, random_inputs(spec, workload=Workload(2)))
