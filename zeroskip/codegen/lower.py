@@ -142,7 +142,8 @@ class KernelPlan:
 
     @property
     def packed_elems(self) -> int:
-        """Packed weights ``[g][c_red][tap][c_out_padded]`` then bias ``[g][c_out_padded]``."""
+        """Packed weights (``groups x c_red x taps x c_out_padded``, in blocks of
+        :attr:`weight_block` channels) then the bias ``[g][c_out_padded]``."""
         if self.pattern == "grad_weight":
             return 0
         return self.groups * self.c_out_padded * (self.c_red * self.taps + 1)
