@@ -27,16 +27,21 @@ class BenchError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _cache_dir(path: str) -> Iterator[None]:
-    old = os.environ.get("ZEROSKIP_CACHE_DIR")
-    os.environ["ZEROSKIP_CACHE_DIR"] = path
+def _environ(name: str, value: str) -> Iterator[None]:
+    """The environment variable ``name`` set to ``value`` meanwhile, then as it was."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["ZEROSKIP_CACHE_DIR"]
+            del os.environ[name]
         else:
-            os.environ["ZEROSKIP_CACHE_DIR"] = old
+            os.environ[name] = old
+
+
+def _cache_dir(path: str) -> contextlib.AbstractContextManager:
+    return _environ("ZEROSKIP_CACHE_DIR", path)
 
 
 # --------------------------------------------------------------------------------- operands

@@ -19,7 +19,6 @@ import contextlib
 import copy
 import dataclasses
 import itertools
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from ..models import CifarResNet, vgg_net
 from ..runtime import autotune, stats, tuning
 from ..runtime.timing import MIN_TIME_S, REPEATS, busy, steady_allocator, time_interleaved
 from ..trace import trace_specs
-from .common import BenchError, machine
+from .common import BenchError, _environ, machine
 
 LOSS_RTOL = 1e-3      # the losses of the two sides after each step, relative
 LR = 0.02
@@ -195,17 +194,12 @@ def _split(ref: Trainer, zs: Trainer, example: torch.Tensor, batch: int, steps: 
 @contextlib.contextmanager
 def _tuning_database(path: Path) -> Iterator[tuning.TuningDB]:
     """The process's tuning database at ``path`` meanwhile (the user's is left alone)."""
-    old = os.environ.get("ZEROSKIP_TUNING_DB")
-    os.environ["ZEROSKIP_TUNING_DB"] = str(path)
-    tuning.reset()
-    try:
-        yield tuning.database()
-    finally:
-        if old is None:
-            del os.environ["ZEROSKIP_TUNING_DB"]
-        else:
-            os.environ["ZEROSKIP_TUNING_DB"] = old
+    with _environ("ZEROSKIP_TUNING_DB", str(path)):
         tuning.reset()
+        try:
+            yield tuning.database()
+        finally:
+            tuning.reset()
 
 
 def tune_model(model: nn.Module, example: torch.Tensor, db: tuning.TuningDB,

@@ -313,13 +313,14 @@ def _gradient_operator(which: str, config: str, input_shape: tuple, weight_shape
                         f"{type(exc).__name__}: {exc}")
     torch_op = None
     if reference.has_gradient(spec):
+        run = reference.gradient_of(which, spec, spec.op == "conv_transpose")
         if which == "input":
             def torch_op(g, w, _bias):
-                return reference.gradient("input", g, w, (g.shape[0], *input_shape), config)
+                return run(g, w, (g.shape[0], *input_shape))
         else:
             def torch_op(lhs, rhs, _bias):
                 x, g = (rhs, lhs) if spec.op == "conv_transpose" else (lhs, rhs)
-                return reference.gradient("weight", g, x, weight_shape, config)
+                return run(g, x, weight_shape)
     out_shape = input_shape if which == "input" else weight_shape
     operator = GradientOperator(grad_spec, kernel, out_shape, torch_op, layer=spec)
     operator.config = config

@@ -77,26 +77,40 @@ def has_gradient(spec: LayerSpec) -> bool:
 
 
 def gradient(which: str, grad, other, size, config: str) -> torch.Tensor:
-    """torch's own gradient (aten.convolution_backward, as ``torch.nn.grad`` calls it): where
-    no kernel covers a call, and where tuning found torch's op the fastest."""
-    op, rank, stride, padding, dilation, groups, output_padding, mode, _ = parse_config(config)
-    # The operand not needed is a one-element tensor expanded to its shape (no memory).
-    x = other if which == "weight" else grad.new_empty(1).expand(size)
-    w = other if which == "input" else grad.new_empty(1).expand(size)
-    spec = spec_from_config(config, x.shape, w.shape, False, grad.dtype)
+    """torch's own gradient (aten.convolution_backward, as ``torch.nn.grad`` calls it), for a
+    call no kernel covers: ``gradient_of`` the call's spec, run once."""
+    op = parse_config(config)[0]
+    shapes = (size, other.shape) if which == "input" else (other.shape, size)
+    spec = spec_from_config(config, *shapes, False, grad.dtype)
     if not has_gradient(spec):
         raise stats.FallbackError(f"no gradient for {spec.describe()}: its kernel failed to "
                                   "build and torch's fallback needs symmetric zero padding")
-    batched = x.dim() == rank + 2
-    if not batched:
-        x, grad = x.unsqueeze(0), grad.unsqueeze(0)
-    gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad, x, w, None, list(spec.stride), [lo for lo, _ in spec.padding],
-        list(spec.dilation), op == "conv_transpose", list(spec.output_padding), spec.groups,
-        [which == "input", which == "weight", False])
-    if which == "input":
-        return gx if batched else gx.squeeze(0)
-    return gw
+    return gradient_of(which, spec, op == "conv_transpose")(grad, other, size)
+
+
+def gradient_of(which: str, spec: LayerSpec, transposed: bool
+                ) -> Callable[[torch.Tensor, torch.Tensor, tuple], torch.Tensor]:
+    """torch's input (``which`` 'input') or weight gradient of the layer ``spec`` (zero,
+    symmetric padding: :func:`has_gradient`; ``transposed``: a conv_transpose layer) as a call
+    ``(grad, other, size)``, the arguments fixed once: ``other`` is the weight, ``size`` the
+    input's shape, or the other way round. The operand it does not read is a one-element tensor
+    expanded to its shape (no memory)."""
+    args = (None, list(spec.stride), [lo for lo, _ in spec.padding], list(spec.dilation),
+            transposed, list(spec.output_padding), spec.groups,
+            [which == "input", which == "weight", False])
+    rank = spec.rank
+
+    def run(grad: torch.Tensor, other: torch.Tensor, size: tuple) -> torch.Tensor:
+        x = other if which == "weight" else grad.new_empty(1).expand(size)
+        w = other if which == "input" else grad.new_empty(1).expand(size)
+        batched = x.dim() == rank + 2
+        if not batched:
+            x, grad = x.unsqueeze(0), grad.unsqueeze(0)
+        gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, w, *args)
+        if which == "input":
+            return gx if batched else gx.squeeze(0)
+        return gw
+    return run
 
 
 def _zero_padded_conv(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

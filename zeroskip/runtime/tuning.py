@@ -58,8 +58,10 @@ def bucket_key(density: float, batch: int = 1) -> str:
     return f"{bucket(density):g}" + (f"@{b}" if b != 1 else "")
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_bucket(key: str) -> tuple[float, int]:
-    """``(density, batch)`` of a bucket key (ValueError where it is none)."""
+    """``(density, batch)`` of a bucket key (ValueError where it is none); cached, as the
+    dispatch reads a layer's keys on every call that measures a density."""
     density, _, batch = key.partition("@")
     found = (float(density), int(batch) if batch else 1)
     if not (0.0 <= found[0] <= 1.0 and found[1] >= 1):
