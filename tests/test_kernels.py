@@ -391,3 +391,35 @@ def test_trimmed_to_one_tap_is_not_pointwise():
                           input_size=(1, 1, 1))
     assert kernel_for(spec).plan.rank == 3
     run_and_compare(spec, random_inputs(spec))
+
+
+@pytest.mark.parametrize("spec", [
+    LayerSpec.conv(16, 32, 3, padding=1, input_size=(8, 9)),
+    LayerSpec.conv(16, 32, 3, stride=2, padding=1, input_size=(9, 9)),
+    LayerSpec.conv(8, 32, 3, stride=3, padding=1, dilation=2, input_size=(20, 13)),
+    LayerSpec.conv(8, 64, 3, padding=1, groups=2, input_size=(6, 6)),
+    LayerSpec.conv(8, 16, 11, padding=5, input_size=(20,)),
+    LayerSpec.conv(8, 32, 3, stride=2, input_size=(7, 7, 9)),
+    LayerSpec.conv(8, 16, 3, padding=1, padding_mode="reflect", input_size=(6, 7)),
+    LayerSpec.conv_transpose(32, 16, 4, stride=2, padding=1, input_size=(5, 6)),
+], ids=lambda s: s.describe())
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_sparse_weight_gradient(spec, density):
+    """The sparse weight gradient: one region over the whole kernel walking the input's
+    non-zeros (taps past the borders read zero margins), strided (per-residue taps), dilated,
+    grouped, 1-D and 3-D, behind a reflect padding, of a transposed conv; all-zero inputs."""
+    grad = spec.grad_weight()
+    plan = kernel_for(grad, "c", SPARSE).plan
+    assert [r.family for r in plan.regions] == ["sparse_weight_grad"]
+    run_and_compare(grad, random_inputs(grad, workload=Workload(3, density)), SPARSE)
+
+
+def test_sparse_weight_gradient_cost_model():
+    """Untuned, the weight gradient goes sparse below the cost model's crossover only, and a
+    weight gradient of few output channels per group (depthwise) never does."""
+    spec = LayerSpec.conv(64, 64, 3, padding=1, input_size=(16, 16)).grad_weight()
+    assert plan_of(spec, Workload(density=0.2)).families == ("sparse_weight_grad",)
+    assert plan_of(spec, Workload(density=0.8)).families == ("weight_grad",)
+    depthwise = LayerSpec.conv(64, 64, 3, padding=1, groups=64,
+                               input_size=(16, 16)).grad_weight()
+    assert plan_of(depthwise, Workload(density=0.1)).families == ("weight_grad",)

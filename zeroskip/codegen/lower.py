@@ -8,7 +8,9 @@ One plan is one C translation unit, whose entry point runs every region of the l
   transposed conv: after the passes they are all a box of taps with affine index maps),
   ``sparse_gather`` (a region marked sparse: it reads the data operand in a compressed pattern,
   each position's non-zero channels, and multiplies only those), ``weight_grad`` (the weight
-  gradient, touching real taps only);
+  gradient, touching real taps only), ``sparse_weight_grad`` (a weight gradient marked sparse:
+  one region over the whole kernel that walks the data operand's non-zeros; the borders it
+  handles itself, so the trimmed regions merge into it);
 * a :class:`~.ir.Pad` in a data-carrying mode (reflect, replicate, circular) becomes index
   tables of a copy into a padded scratch buffer, and a :class:`~.ir.PadAdjoint` the matching
   scatter-add;
@@ -30,10 +32,11 @@ from ..spec import LayerSpec
 from .ir import (Assemble, BiasAdd, Contract, Input, IRError, Output, Pad, PadAdjoint, Relu,
                  contract_channels, nodes_of, op, operand, parts)
 from .macs import contract_macs
+from .passes.choose_strategy import sparse_weight_grad_fits
 from .reference import pad_index
 from .variant import DEFAULT, Variant
 
-FAMILIES = ("direct", "sparse_gather", "weight_grad")
+FAMILIES = ("direct", "sparse_gather", "weight_grad", "sparse_weight_grad")
 CTYPES = {"float32": "float", "float64": "double"}
 # Triton kernels load these and accumulate in float32; the plan's ctype is then the dtype name.
 TRITON_DTYPES = ("float32", "float16", "bfloat16")
@@ -266,6 +269,12 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
                                   _tile_axis(axes, vectorize, lanes)))
     rows = [(r.axes[r.tile_axis].u_len, r.macs_per_sample) for r in regions
             if r.family == "direct" and r.vectorize == "channels"]
+    if first.pattern == "grad_weight" and first.strategy == "sparse" and backend == "c" and \
+            2 * c_out >= lanes:
+        # (Otherwise the dense weight gradient: it serves every layer.)
+        return _sparse_weight_grad_plan(graph, spec, contracts, regions, lhs_shape, rhs_shape,
+                                        c_red, c_out, g, vector_bytes, lanes, ctype, pad,
+                                        variant)
 
     vectors = tile_shape(c_out, lanes, vector_bytes)[0]
     if variant.strategy == "dense" and variant.vectors:    # a dense variant's tile height
@@ -308,6 +317,41 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
         c_out_padded=c_out_padded, tile_vectors=vectors, tile_width=width,
         red_block=red_block, pos_channels=pos_channels, pos_vectors=pos_vectors,
         sparse_vectors=sparse_vectors, sparse_merge=merge, regions=tuple(regions), pad=pad, pad_adjoint=adjoint))
+
+
+def _sparse_weight_grad_plan(graph, spec, contracts, regions, lhs_shape, rhs_shape, c_red,
+                             c_out, g, vector_bytes, lanes, ctype, pad, variant) -> KernelPlan:
+    """The plan of a sparse weight gradient: the regions (which every axis maps alike) merged
+    into one ``sparse_weight_grad`` region over the whole kernel and all output-gradient
+    positions. Its register tiles hold ``tile_width`` kernel columns (taps along the last axis)
+    x ``tile_vectors`` vectors of output channels."""
+    axes = [[(a.lu, a.lv, a.lc, a.ru, a.rv, a.rc, a.ou, a.oc) for a in r.axes] for r in regions]
+    if not sparse_weight_grad_fits(axes):
+        raise IRError("no sparse kernel for this weight gradient: its regions map their axes "
+                      "differently")
+    (assemble,) = nodes_of(graph, Assemble)
+    out_size = tuple(op(graph, assemble).shape[2:])
+    merged = tuple(AxisPlan(0, n, min(r.axes[i].v0 for r in regions),
+                            max(r.axes[i].v1 for r in regions),
+                            a.ou, a.oc, a.lu, a.lv, a.lc, a.ru, a.rv, a.rc)
+                   for i, (n, a) in enumerate(zip(out_size, regions[0].axes)))
+    columns = out_size[-1]
+    width = variant.tile_width or min(columns, 8)
+    want = variant.vectors or min(8, max(1, (_registers(vector_bytes) - 2) // width))
+    vectors = max(1, min(want, -(-c_out // lanes)))
+    c_out_padded = -(-c_out // (vectors * lanes)) * vectors * lanes
+    macs = sum(r.macs_per_sample for r in regions)
+    region = RegionPlan("region_0", "sparse_weight_grad", "all", merged, macs, "channels",
+                        len(merged) - 1)
+    return KernelPlan(
+        spec=spec.describe("N"), history=tuple(graph.graph["history"]), pattern="grad_weight",
+        ctype=ctype, rank=spec.rank, groups=g, c_red=c_red, c_out=c_out,
+        lhs_channels=lhs_shape[1], out_channels=op(graph, assemble).shape[0],
+        lhs_size=tuple(lhs_shape[2:]), rhs_shape=tuple(rhs_shape), out_size=out_size,
+        kernel=tuple(rhs_shape[2:]), bias=False, relu=False, vector_bytes=vector_bytes,
+        c_out_padded=c_out_padded, tile_vectors=vectors, tile_width=width, red_block=c_red,
+        pos_channels=1, pos_vectors=1, sparse_vectors=vectors, sparse_merge=0,
+        regions=(region,), pad=pad)
 
 
 def _flatten_pointwise(plan: KernelPlan) -> KernelPlan:

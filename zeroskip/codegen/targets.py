@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..spec import LayerSpec
 from . import emit, lower, pipeline
-from .passes.choose_strategy import crossover
+from .passes.choose_strategy import crossover, sparse_weight_grad_fits
 from .variant import DEFAULT, Config, Variant
 
 
@@ -80,7 +80,7 @@ class CTarget(Target):
         channels (as wide as fits: 2 x 12 loads half the weights per multiply-add that 4 x 6
         does, which pays on long rows and short contractions), and at 2 vectors x 8 positions.
         Below density 1 (it cannot win on dense data) the sparse kernel at its own and a
-        smaller channel tile."""
+        smaller channel tile (for a weight gradient, where its sparse kernel serves it)."""
         found = [Variant("dense")]
         if plan.pattern == "grad_weight" or any(r.vectorize == "channels"
                                                 for r in plan.regions):
@@ -91,7 +91,9 @@ class CTarget(Target):
             if most >= 2:
                 found += [Variant("dense", vectors=v) for v in sorted({2, most} - {vectors})]
                 found.append(Variant("dense", tile_width=8, vectors=2))
-        if density < 1.0:
+        if density < 1.0 and (plan.pattern != "grad_weight" or sparse_weight_grad_fits(
+                [[(a.lu, a.lv, a.lc, a.ru, a.rv, a.rc, a.ou, a.oc) for a in r.axes]
+                 for r in plan.regions]) and 2 * plan.c_out >= plan.lanes):
             found += [Variant("sparse"), Variant("sparse", vectors=2)]
         return found
 

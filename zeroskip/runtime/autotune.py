@@ -185,15 +185,16 @@ def jobs(layers: Iterable[LayerSpec | tuple[LayerSpec, int]], densities: Iterabl
          backward: bool = False) -> list[tuple[int, str, LayerSpec, int, float]]:
     """``(layer index, operator, spec, batch, density)`` of each case :func:`tune_all` tunes:
     every layer (a spec, at batch 1, or ``(spec, batch)``) at every density, and with
-    ``backward`` its input and weight gradients at the layer's batch on dense operands (what a
-    training step gives them)."""
+    ``backward`` its input and weight gradients at the layer's batch at every density too (of
+    their data operand: the layer's input for the weight gradient, after a ReLU; the output
+    gradient for the input gradient, where the layer's own ReLU masked it)."""
     pairs = [layer if isinstance(layer, tuple) else (layer, 1) for layer in layers]
     densities = list(densities)
     found = []
     for i, (spec, batch) in enumerate(pairs):
         found += [(i, "forward", spec, batch, d) for d in densities]
         if backward:
-            found += [(i, name, g, batch, 1.0) for name, g in gradients(spec)]
+            found += [(i, name, g, batch, d) for name, g in gradients(spec) for d in densities]
     return found
 
 

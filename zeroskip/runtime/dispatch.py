@@ -10,9 +10,11 @@ Per call it runs
   layer the bundle was generated for, else the tuning database's), at the batch bucket nearest
   the call's and the density nearest the input's; an operator tuned alike everywhere needs no
   density at all;
-* untuned, on the C backend the sparse forward kernel below the cost model's crossover density
-  and the dense one above; on the Triton backend, and for gradients, the dense kernel (the
-  block-sparse family pays off on structured zeros only, which only a measurement can tell).
+* untuned, on the C backend the sparse kernel below the cost model's crossover density and
+  the dense one above (forward and gradients alike: the weight gradient's data operand is the
+  layer's input, the input gradient's the output gradient, sparse where the layer's own ReLU
+  masked it); on the Triton backend the dense kernel (the block-sparse family pays off on
+  structured zeros only, which only a measurement can tell).
 
 The input's density: on the CPU it is measured per call (sampled in C, microseconds). On a GPU
 reading it back synchronizes, so it is the density declared for the layer (by the caller with
@@ -93,8 +95,6 @@ class Operator:
     """A prepared forward operator; see the module docstring for what :meth:`run` decides.
     ``torch_op(x, weight, bias)``: torch's op for the same call, run where tuning chose it."""
 
-    sparse_untuned = True          # untuned, the C cost model may pick the sparse kernel
-
     def __init__(self, spec: LayerSpec, kernel: Any, out_shape: tuple[int, ...],
                  torch_op: Any = None, layer: LayerSpec | None = None):
         self.spec, self.forward, self.out_shape, self.torch_op = spec, kernel, out_shape, torch_op
@@ -122,8 +122,8 @@ class Operator:
         records, same = self._records(x.device)
         if same is not None:             # tuned alike at every density: no need to measure
             return same
-        if not x.numel() or not records and (self.backend != "c" or not self.sparse_untuned
-                                             or self.forward.crossover <= 0):
+        if not x.numel() or not records and (self.backend != "c" or
+                                             self.forward.crossover <= 0):
             return self.default       # untuned, only the C sparse kernel has a cost model
         density = self.last_density = self.density(x)
         if records:
@@ -233,10 +233,7 @@ class GradientOperator(Operator):
     ``grad_input()`` or ``grad_weight()``, ``run(lhs, rhs, None)`` takes the gradient kernel's
     operands (the output gradient and the weight; the input and the output gradient, in the
     order the spec contracts them), ``out_shape`` is the input gradient's per-sample shape or
-    the weight gradient's whole one, ``layer`` the forward layer. Untuned it runs the dense
-    kernel."""
-
-    sparse_untuned = False
+    the weight gradient's whole one, ``layer`` the forward layer."""
 
     def _covering(self) -> Any:
         # The backward does not know whether the layer has a bias: either spec is the layer.

@@ -12,6 +12,14 @@ the Contract's pairs per distinct data index); scanning costs once per element r
 too small to repay a sparse pass stay dense, and so do Contracts with few output channels per
 group (a sparse MAC broadcasts one input over them: too few fill too few vector lanes).
 
+A weight gradient's sparse kernel walks the non-zeros of its data operand (the layer's input,
+the ReLU's zeros) and adds each, times a vector of output-gradient channels, into register
+accumulators of every kernel column it meets; it costs ``WEIGHT_GRAD_SCATTER_COST`` dense MACs
+per non-zero MAC (one operand load per multiply-add where the dense tiles share their loads),
+plus the zero margins its rows read at the borders. It serves weight gradients whose axes map
+alike in every region (the plain and strided convs' and the transposed convs'), with enough
+output channels per group to fill vector lanes.
+
 The autotuner measures instead of modelling: it compiles each layer with the strategy forced
 (``graph.graph["strategy"]``: ``dense`` or ``sparse``, on every region that multiplies), and the
 constants here only need the crossover in the right place for untuned layers.
@@ -28,6 +36,26 @@ SCATTER_COST = 3.0     # a sparse MAC: one position's weights per load, no regis
 SCAN_COST = 1.0        # reading one data element and testing it for zero
 MIN_SPARSE_MACS = 4096  # below this, the sparse setup does not pay off
 MIN_SPARSE_CHANNELS = 8  # output channels per group a scattered input must feed
+WEIGHT_GRAD_SCATTER_COST = 2.5   # a sparse weight-gradient MAC (measured at batch 16-32: the sparse
+                                 # kernel overtakes the dense one near density 0.4)
+
+
+def sparse_weight_grad_fits(axes: list[list[tuple[int, ...]]]) -> bool:
+    """Whether the sparse weight-gradient kernel serves a weight gradient whose regions have
+    these axes, each ``(lu, lv, lc, ru, rv, rc, ou, oc)``: every region maps each axis alike,
+    the input index rises with the tap and the position (``lu, lv > 0``), and the output
+    gradient is read at the position itself (``rhs = v``), the weight gradient at the tap."""
+    if not axes:
+        return False
+    first = axes[0]
+    return all(region == first for region in axes) and all(
+        lu > 0 and lv > 0 and (ru, rv, rc, ou, oc) == (0, 1, 0, 1, 0)
+        for lu, lv, lc, ru, rv, rc, ou, oc in first)
+
+
+def _maps(c: Contract) -> list[tuple[int, ...]]:
+    return [(l.lhs.u, l.lhs.v, l.lhs.c, l.rhs.u, l.rhs.v, l.rhs.c, l.out.u, l.out.c)
+            for l in c.loops]
 
 
 def _channels(graph: nx.DiGraph, node: str, c: Contract) -> int:
@@ -71,16 +99,36 @@ def decide(macs: int, density: float, reuse: float, channels: int = MIN_SPARSE_C
                     f"(each input feeds {reuse:.0f} MACs; crossover at density {crossover:.2f})")
 
 
+def decide_weight_grad(macs: int, density: float, channels: int,
+                       forced: str = "auto") -> tuple[str, str]:
+    """``(strategy, reason)`` for a weight gradient the sparse kernel serves."""
+    if forced != "auto" or macs < MIN_SPARSE_MACS or channels < MIN_SPARSE_CHANNELS:
+        return decide(macs, density, 1.0, channels, forced)
+    crossover = 1.0 / WEIGHT_GRAD_SCATTER_COST
+    choice = "sparse" if density < crossover else "dense"
+    return choice, (f"density {density:g}: a sparse weight-gradient MAC costs "
+                    f"{WEIGHT_GRAD_SCATTER_COST:g} dense ones (crossover at density "
+                    f"{crossover:.2f})")
+
+
 def choose_strategy(graph: nx.DiGraph) -> nx.DiGraph:
     graph = graph.copy()
     density = graph.graph["workload"].density
     forced = graph.graph.get("strategy", "auto")
     if forced not in ("auto", "dense", "sparse"):
         raise ValueError(f"strategy must be 'auto', 'dense' or 'sparse', got {forced!r}")
-    for node in nodes_of(graph, Contract):
+    nodes = list(nodes_of(graph, Contract))
+    weight_grad = [op(graph, node) for node in nodes if op(graph, node).pattern == "grad_weight"]
+    # The sparse weight gradient runs every region at once: they all go sparse or none.
+    wg_strategy, wg_reason = "dense", "no sparse kernel for this weight gradient"
+    if weight_grad and sparse_weight_grad_fits([_maps(c) for c in weight_grad]):
+        macs = sum(contract_macs(graph, node) for node in nodes)
+        wg_strategy, wg_reason = decide_weight_grad(
+            macs, density, _channels(graph, nodes[0], weight_grad[0]), forced)
+    for node in nodes:
         c = op(graph, node)
         if c.pattern == "grad_weight":
-            strategy, reason = "dense", "weight gradients run dense"
+            strategy, reason = wg_strategy, wg_reason
         else:
             strategy, reason = decide(contract_macs(graph, node), density,
                                       _reuse(graph, node, c), _channels(graph, node, c), forced)
@@ -92,10 +140,18 @@ def crossover(graph: nx.DiGraph) -> float:
     """The density below which the cost model runs the graph's largest Contract sparse (0 when
     it never does): what per-call dispatch uses for a layer the autotuner has not measured."""
     best, macs = 0.0, -1
-    for node in nodes_of(graph, Contract):
+    nodes = list(nodes_of(graph, Contract))
+    weight_grad = [op(graph, node) for node in nodes if op(graph, node).pattern == "grad_weight"]
+    if weight_grad:
+        total = sum(contract_macs(graph, node) for node in nodes)
+        fits = sparse_weight_grad_fits([_maps(c) for c in weight_grad]) and \
+            total >= MIN_SPARSE_MACS and \
+            _channels(graph, nodes[0], weight_grad[0]) >= MIN_SPARSE_CHANNELS
+        return 1.0 / WEIGHT_GRAD_SCATTER_COST if fits else 0.0
+    for node in nodes:
         c = op(graph, node)
         m = contract_macs(graph, node)
-        if c.pattern == "grad_weight" or m <= macs:
+        if m <= macs:
             continue
         macs = m
         if m < MIN_SPARSE_MACS or _channels(graph, node, c) < MIN_SPARSE_CHANNELS:
