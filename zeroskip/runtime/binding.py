@@ -33,32 +33,42 @@ _calls: dict[tuple, Operator | Fallback] = {}
 
 def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilation, groups,
                 output_padding=0, padding_mode: str = "zeros",
-                activation: str = "none") -> torch.Tensor:
+                activation: str = "none", relu_input: bool = False) -> torch.Tensor:
     """``torch.nn.functional.conv{rank}d`` (op ``conv``) or ``conv_transpose{rank}d``, plus a
-    ``padding_mode`` as ``torch.nn.Conv{rank}d`` applies it and an optional fused ReLU
-    (``activation='relu'``), on generated kernels.
+    ``padding_mode`` as ``torch.nn.Conv{rank}d`` applies it, an optional fused ReLU after
+    (``activation='relu'``) and before (``relu_input``: the conv of ``relu(input)``), on
+    generated kernels.
 
     Under ``torch.compile``, and when a covered call needs gradients, this is the custom op
-    ``zeroskip::convolution`` (shape function and autograd formula registered); otherwise the
-    kernel is called directly, which saves the dispatcher's few microseconds."""
+    ``zeroskip::convolution`` (or ``zeroskip::relu_convolution``; shape function and autograd
+    formula registered); otherwise the kernel is called directly, which saves the dispatcher's
+    few microseconds."""
     args = (stride, padding, dilation, groups, output_padding, padding_mode, activation)
+    custom = torch.ops.zeroskip.relu_convolution if relu_input else \
+        torch.ops.zeroskip.convolution
     if torch.compiler.is_compiling():
         # The config is parsed back with ast.literal_eval: only plain values go into it.
         checked = check_arguments(op, rank, *args[:5])
         if isinstance(checked, Fallback):
             stats.fallback(checked.reason, checked.detail)
-            return reference.convolution(op, rank, input, weight, bias, *args)
-        return torch.ops.zeroskip.convolution(input, weight, bias,
-                                              config_of(op, rank, *checked, *args[5:]))
+            return reference.convolution(op, rank, _relu(input, relu_input), weight, bias,
+                                         *args)
+        return custom(input, weight, bias, config_of(op, rank, *checked, *args[5:]))
     if _needs_autograd(input, weight, bias):
         # A call torch's op serves runs it with torch's autograd: the custom op's backward
         # needs the spec (and kernels) such a call does not have. A prepared call holds its
         # arguments checked and written as the custom op's config.
         _, call, torch_op = _lookup(op, rank, input, weight, bias, args)
         if isinstance(call, Fallback):
-            return _fall_back(call, torch_op, input, weight, bias)
-        return torch.ops.zeroskip.convolution(input, weight, bias, call.config)
-    return _forward(op, rank, input, weight, bias, args)
+            return _fall_back(call, torch_op, _relu(input, relu_input), weight, bias)
+        return custom(input, weight, bias, call.config)
+    return _forward(op, rank, input, weight, bias, args, relu_input)
+
+
+def _relu(input, relu_input: bool):
+    """The conv's data operand: ``relu(input)`` for a ReLU fused before the conv (torch's
+    ReLU: a pointwise op, whose zeros the conv's sparse kernels then skip)."""
+    return torch.relu(input) if relu_input and isinstance(input, torch.Tensor) else input
 
 
 def _device_type(t: torch.Tensor) -> str:
@@ -130,8 +140,10 @@ def _fall_back(why: Fallback, torch_op, input, weight, bias) -> torch.Tensor:
     return torch_op(input, weight, bias)
 
 
-def _forward(op: str, rank: int, input, weight, bias, args: tuple) -> torch.Tensor:
+def _forward(op: str, rank: int, input, weight, bias, args: tuple,
+             relu_input: bool = False) -> torch.Tensor:
     key, call, torch_op = _lookup(op, rank, input, weight, bias, args)
+    input = _relu(input, relu_input)
     if isinstance(call, Fallback):
         return _fall_back(call, torch_op, input, weight, bias)
     batched = input.dim() == rank + 2
@@ -177,6 +189,18 @@ def _convolution_fake(input, weight, bias, config):
                        memory_format=memory_format)
 
 
+@torch.library.custom_op("zeroskip::relu_convolution", mutates_args=())
+def _relu_convolution_op(input: torch.Tensor, weight: torch.Tensor,
+                         bias: Optional[torch.Tensor], config: str) -> torch.Tensor:
+    op, rank, *args = parse_config(config)
+    return _forward(op, rank, input, weight, bias, tuple(args), relu_input=True)
+
+
+@_relu_convolution_op.register_fake
+def _relu_convolution_fake(input, weight, bias, config):
+    return _convolution_fake(input, weight, bias, config)
+
+
 def _setup_context(ctx, inputs, output):
     input, weight, bias, config = inputs
     relu = parse_config(config)[-1] == "relu"
@@ -184,8 +208,24 @@ def _setup_context(ctx, inputs, output):
     ctx.config, ctx.has_bias = config, bias is not None
 
 
+def _relu_backward(ctx, grad):
+    """The gradient of ``conv(relu(z))``: the weight gradient of the conv on ``relu(z)`` (its
+    zeros skipped by the sparse weight gradient), and the pre-activation's gradient ``dz``,
+    the input gradient passed where ``z > 0``."""
+    z, weight, output = ctx.saved_tensors
+    input = torch.relu(z)
+    gx, gw, gb, _ = _gradients(ctx, grad, input, weight, output)
+    if gx is not None:
+        gx = torch.ops.aten.threshold_backward(gx, input, 0)
+    return gx, gw, gb, None
+
+
 def _backward(ctx, grad):
     input, weight, output = ctx.saved_tensors
+    return _gradients(ctx, grad, input, weight, output)
+
+
+def _gradients(ctx, grad, input, weight, output):
     if output is not None:           # the fused ReLU passes gradients where it passed values
         grad = torch.ops.aten.threshold_backward(grad, output, 0)   # as torch's ReLU does
     gx = gw = gb = None
@@ -202,6 +242,7 @@ def _backward(ctx, grad):
 
 
 _convolution_op.register_autograd(_backward, setup_context=_setup_context)
+_relu_convolution_op.register_autograd(_relu_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("zeroskip::convolution_grad_input", mutates_args=())
