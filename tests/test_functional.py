@@ -487,6 +487,7 @@ def test_fused_relu_matches_torch_forward_and_backward(rank):
 
 
 def test_convert_fuses_conv_relu_in_sequential_unless_hooked():
+    """Conv-ReLU and ReLU-Conv pairs of an nn.Sequential fuse, except with a hooked module."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(inplace=True),
@@ -497,7 +498,49 @@ def test_convert_fuses_conv_relu_in_sequential_unless_hooked():
     model[2].register_forward_hook(lambda m, i, o: seen.append(o.clone()))
     zeroskip.convert(model)
     assert type(model[0]) is zeroskip.nn.ConvReLU2d and type(model[1]) is torch.nn.Identity
-    assert type(model[2]) is zeroskip.nn.Conv2d and type(model[3]) is torch.nn.ReLU  # hooked
+    # The hooked conv keeps its ReLU after it to itself; that ReLU fuses into the next conv.
+    assert type(model[2]) is zeroskip.nn.Conv2d and type(model[3]) is torch.nn.Identity
+    assert type(model[4]) is zeroskip.nn.ReLUConv2d
     assert model.state_dict().keys() == state.keys()
     assert torch.allclose(model(x), want, atol=1e-5)
     assert (seen[-1] < 0).any()       # the hook still sees the conv's own output
+
+
+def test_convert_fuses_relu_pairs_of_residual_blocks_by_tracing():
+    """Pairs a forward makes outside nn.Sequential (a ResNet block's relu(bn1(conv1(x))) into
+    conv2) are found with torch.fx: the returned GraphModule keeps module names, state_dict and
+    results; a ReLU with two users (the block's output, read by conv1 and the shortcut) stays."""
+    from zeroskip.models import CifarResNet
+    torch.manual_seed(0)
+    reference = CifarResNet(widths=(8, 16), classes=3)
+    model = copy.deepcopy(reference)
+    converted = zeroskip.convert(model)
+    assert isinstance(converted, torch.fx.GraphModule)
+    assert converted.state_dict().keys() == reference.state_dict().keys()
+    assert type(converted.get_submodule("stages.0.conv2")) is zeroskip.nn.ReLUConv2d
+    assert type(converted.get_submodule("stages.1.conv1")) is zeroskip.nn.Conv2d
+    x = torch.randn(2, 3, 16, 16)
+    want, got = reference(x), converted(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    want.square().sum().backward()
+    got.square().sum().backward()
+    grads = dict(reference.named_parameters())
+    for name, p in converted.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_skips_untraceable_models_with_a_warning():
+    """A forward torch.fx cannot trace (control flow on values) keeps its Sequential fusions
+    and warns that it was not traced."""
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(torch.relu(x)) if x.sum() > 0 else self.conv(x)
+
+    model = Branchy()
+    with pytest.warns(UserWarning, match="not traceable by torch.fx"):
+        converted = zeroskip.convert(model)
+    assert converted is model and type(model.conv) is zeroskip.nn.Conv2d
