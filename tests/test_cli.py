@@ -219,7 +219,7 @@ def test_bench_densities_flag():
 @pytest.mark.parametrize("argv, message", [
     (["--densities", "0"], "expected densities in (0, 1]"),
     (["--densities", "1,x"], "expected densities in (0, 1]"),
-    (["--densities", "--backward"], "does not combine with --backward"),
+    (["--densities", "--backward", "--plot", "x.png"], "does not combine with --backward"),
     (["--plot", "x.png"], "--plot draws a density sweep: it needs --densities"),
 ])
 def test_bench_density_flag_errors(capsys, argv, message):

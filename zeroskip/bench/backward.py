@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .. import functional as Z
 from ..codegen.macs import dense_macs, nonzero_macs
 from ..spec import LayerSpec
-from ..runtime import loader, stats
+from ..runtime import autotune, loader, stats
 from ..runtime.timing import MIN_TIME_S, REPEATS, busy, steady_allocator, time_interleaved
 from .common import (BenchError, _checked_call, _each_layer, call_args, check, machine)
 from .reports import BackwardReport
@@ -24,14 +24,18 @@ from .suite import Layer, strided_conv
 GRADS = ("output", "input gradient", "weight gradient", "bias gradient")
 
 
-def train_operands(spec: LayerSpec, seed: int = 0, batch: int = 1) -> tuple:
+def train_operands(spec: LayerSpec, seed: int = 0, batch: int = 1,
+                   density: float = 1.0) -> tuple:
     """Random ``(input, weight, bias or None, grad_output)`` for one training step at ``batch``:
-    the input
-    requires grad, the weight and bias are trainable ``nn.Parameter``s (zeroskip caches their
-    packing while they are unchanged), ``grad_output`` has the output's shape."""
+    the input requires grad (below density 1 it is ReLU-like, :func:`autotune.sparse_input`),
+    the weight and bias are trainable ``nn.Parameter``s (zeroskip caches their packing while
+    they are unchanged), ``grad_output`` has the output's shape."""
     gen = torch.Generator().manual_seed(seed)
     shapes = spec.input_shapes(batch)
-    x = torch.randn(shapes["input"], generator=gen).requires_grad_()
+    x = torch.randn(shapes["input"], generator=gen)
+    if density < 1.0:
+        x = autotune.sparse_input(tuple(x.shape), density, seed)
+    x = x.requires_grad_()
     w, b = (torch.nn.Parameter(torch.randn(shapes[n], generator=gen)) if n in shapes else None
             for n in ("weight", "bias"))
     return x, w, b, torch.randn(spec.output_shape(batch), generator=gen)
@@ -97,11 +101,12 @@ def _checked_step(name: str, step: Callable[[], tuple], want: tuple) -> tuple[fl
 
 
 def bench_backward_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
-                         min_time: float = MIN_TIME_S) -> BackwardRow:
-    """Check, then time, one training step of the layer against torch; for strided convs also
-    the input gradient alone."""
+                         min_time: float = MIN_TIME_S, density: float = 1.0) -> BackwardRow:
+    """Check, then time, one training step of the layer against torch, on an input of
+    ``density`` (ReLU-like below 1: the forward and the weight gradient may skip its zeros);
+    for strided convs also the input gradient alone."""
     spec = layer.spec
-    x, w, b, g = train_operands(spec, batch=batch)
+    x, w, b, g = train_operands(spec, batch=batch, density=density)
     kwargs = call_args(spec)
     # Each side trains its own copy of the weights, from the same values: the first step, which
     # is checked, sees equal weights.
@@ -110,7 +115,8 @@ def bench_backward_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
     error, torch_ops = _checked_step(layer.name, zs_step, torch_step())
     timing = time_interleaved({"torch": torch_step, "zeroskip": zs_step}, repeats, min_time)
     specs = (spec, spec.grad_input(), spec.grad_weight())
-    row = BackwardRow(layer.name, layer.family, layer.dense, spec.describe(batch),
+    name = layer.name if density >= 1.0 else f"{layer.name}@{density:g}"
+    row = BackwardRow(name, layer.family, layer.dense, spec.describe(batch),
                       timing.seconds["torch"] * 1e3, timing.seconds["zeroskip"] * 1e3,
                       sum(nonzero_macs(s, batch) for s in specs),
                       sum(dense_macs(s, batch) for s in specs), error, timing.contention,
@@ -138,11 +144,16 @@ def _backward_note(row: BackwardRow) -> str:
 
 
 def run_backward(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
-                 min_time: float = MIN_TIME_S, log: TextIO | None = None) -> BackwardReport:
-    """Benchmark one training step of each of ``layers`` (with :func:`steady_allocator`);
-    ``log`` gets one line per layer."""
+                 min_time: float = MIN_TIME_S, log: TextIO | None = None,
+                 densities: list[float] | None = None) -> BackwardReport:
+    """Benchmark one training step of each of ``layers`` (with :func:`steady_allocator`), on
+    dense inputs or, with ``densities``, on ReLU-like inputs of each (rows named
+    ``layer@density``); ``log`` gets one line per row."""
     pinned = steady_allocator()
-    rows = _each_layer(layers,
-                       lambda layer: bench_backward_layer(layer, batch, repeats, min_time),
-                       _backward_note, log)
+    cases = [(layer, d) for layer in layers for d in (densities or [1.0])]
+    rows = _each_layer(cases,
+                       lambda case: bench_backward_layer(case[0], batch, repeats, min_time,
+                                                         case[1]),
+                       _backward_note, log,
+                       label=lambda case: case[0].name + (f"@{case[1]:g}" if case[1] < 1 else ""))
     return BackwardReport(rows, {**machine(), "malloc_pinned": pinned}, batch, repeats)

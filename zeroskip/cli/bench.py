@@ -37,7 +37,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     be.add_argument("--densities", type=_densities, nargs="?", metavar="D,D,...",
                     const=",".join(f"{d:g}" for d in DENSITIES),
                     help="time each layer on ReLU-like inputs of these densities instead "
-                         "(alone: 1,0.5,0.3,0.1,0.05)")
+                         "(alone: 1,0.5,0.3,0.1,0.05); with --backward, a training step of "
+                         "each layer at each input density")
     be.add_argument("--plot", type=Path, metavar="FILE",
                     help="with --densities: also plot speed-up vs density per layer (PNG)")
     be.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON")
@@ -76,6 +77,9 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except bench.GpuUnavailable as exc:
             print(f"zeroskip bench --device cuda could not run: {exc}", file=sys.stderr)
             return 1
+    elif args.densities and args.backward:
+        report = bench.run_backward(layers, args.batch or 1, args.repeats, log=sys.stderr,
+                                    densities=args.densities)
     elif args.densities:
         report = bench.run_sweep(layers, args.densities, args.batch or 1, args.repeats,
                                  log=sys.stderr)
@@ -121,8 +125,8 @@ def _check_device_flags(args: argparse.Namespace, parser: argparse.ArgumentParse
 
 def _check_sweep_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Refuse, before anything is timed, flags a density sweep cannot honour."""
-    if args.densities and args.backward:
-        parser.error("--densities times the forward only; it does not combine with --backward")
+    if args.plot and args.backward:
+        parser.error("--plot draws a forward density sweep; it does not combine with --backward")
     if args.plot and not args.densities:
         parser.error("--plot draws a density sweep: it needs --densities")
     if args.plot:
