@@ -39,7 +39,7 @@ LOSS_RTOL = 1e-3      # the losses of the two sides after each step, relative
 LR = 0.02
 DATA_BATCHES = 4      # distinct synthetic batches, cycled
 TORCH_OPS = {"aten::convolution": "forward", "aten::convolution_backward": "backward"}
-ZEROSKIP_OPS = {"zeroskip::convolution": "forward",
+ZEROSKIP_OPS = {"zeroskip::convolution": "forward", "zeroskip::relu_convolution": "forward",
                 "zeroskip::convolution_grad_input": "grad_input",
                 "zeroskip::convolution_grad_weight": "grad_weight"}
 
@@ -65,10 +65,13 @@ MODELS = {m.name: m for m in (
 @dataclass
 class LayerTimes:
     """One row of the per-layer split: the conv layers of one shape, ms per step summed over
-    them; ``density``: the share of non-zeros in their input (mean over the layers)."""
+    them; ``density``: the share of non-zeros in their input, ``grad_density`` in the gradient
+    of their output (where a ReLU follows the conv, masked by it), means over the layers, as
+    one training step of torch's model has them."""
     names: list[str]
     shape: str
     density: float
+    grad_density: float = 1.0
     torch_ms: dict[str, float] = field(default_factory=dict)
     zeroskip_ms: dict[str, float] = field(default_factory=dict)
 
@@ -108,6 +111,7 @@ class Trainer:
                  lr: float = LR):
         self.model = model.train()
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        self.batches = data
         self.data = itertools.cycle(data)
 
     def step(self) -> torch.Tensor:
@@ -161,16 +165,36 @@ def _profile(trainer: Trainer, steps: int, ops: dict[str, str]
     return found, wall
 
 
+def gradient_densities(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]
+                       ) -> dict[str, float]:
+    """The share of non-zeros in the gradient of each conv module's output (by module name)
+    in one training step of a copy of ``model`` on ``data``: 1 where BatchNorm's backward
+    follows, about the ReLU's density where a ReLU follows the conv."""
+    model = copy.deepcopy(model)
+    found: dict[str, float] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            module.register_full_backward_hook(
+                lambda m, gin, gout, name=name: found.__setitem__(
+                    name, float((gout[0] != 0).float().mean())))
+    x, y = data
+    nn.functional.cross_entropy(model(x), y).backward()
+    return found
+
+
 def _split(ref: Trainer, zs: Trainer, example: torch.Tensor, batch: int, steps: int
            ) -> tuple[list[LayerTimes], float, float]:
     """Each conv layer's operators, ms per step on each side (see the module docstring)."""
     rows: dict[tuple, LayerTimes] = {}
+    grads = gradient_densities(ref.model, ref.batches[0])
     for name, spec, workload in trace_specs(copy.deepcopy(ref.model), example):
         shapes = spec.input_shapes(batch)
         x, w, y = (_shape_key(s) for s in (shapes["input"], shapes["weight"],
                                              spec.output_shape(batch)))
         row = rows.setdefault((x, w, y), LayerTimes([], spec.describe(batch), 0.0))
-        row.density = (row.density * len(row.names) + workload.density) / (len(row.names) + 1)
+        count = len(row.names)
+        row.density = (row.density * count + workload.density) / (count + 1)
+        row.grad_density = (row.grad_density * count + grads.get(name, 1.0)) / (count + 1)
         row.names.append(name)
     by_operands = {}
     for (x, w, y), row in rows.items():
@@ -202,14 +226,20 @@ def _tuning_database(path: Path) -> Iterator[tuning.TuningDB]:
             tuning.reset()
 
 
-def tune_model(model: nn.Module, example: torch.Tensor, db: tuning.TuningDB,
-               repeats: int = REPEATS, min_time: float = MIN_TIME_S) -> int:
-    """Tune every conv layer of ``model`` as a training step runs it: the forward at the batch
-    of ``example`` and the input density the layer sees, both gradients at that batch on dense
-    operands; recorded in ``db``. Returns the number of operators tuned."""
+def tune_model(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
+               db: tuning.TuningDB, repeats: int = REPEATS,
+               min_time: float = MIN_TIME_S) -> int:
+    """Tune every conv layer of ``model`` as a training step on ``data`` runs it, at its batch:
+    the forward and the weight gradient at the input density the layer sees, the input
+    gradient at the density of its output's gradient (:func:`gradient_densities`); recorded in
+    ``db``. Returns the number of operators tuned."""
     done = set()
-    for _, spec, work in trace_specs(copy.deepcopy(model), example):
-        cases = [(spec, work.density)] + [(g, 1.0) for _, g in autotune.gradients(spec)]
+    example = data[0]
+    grads = gradient_densities(model, data)
+    for name, spec, work in trace_specs(copy.deepcopy(model), example):
+        density = {"grad_input": grads.get(name, 1.0), "grad_weight": work.density}
+        cases = [(spec, work.density)] + [(g, density[op])
+                                          for op, g in autotune.gradients(spec)]
         for op_spec, density in cases:
             key = (op_spec, tuning.bucket_key(density, work.batch))
             if key not in done:
@@ -267,8 +297,8 @@ def run_model(model: TrainModel, batch: int | None = None, steps: int = 20,
             _log(log, rows[-1])
             if tune:
                 torch.manual_seed(seed)
-                example = synthetic_data(model, batch, seed)[0][0]
-                tune_model(model.build(), example, db, repeats, min_time)
+                data = synthetic_data(model, batch, seed)[0]
+                tune_model(model.build(), data, db, repeats, min_time)
                 rows.append(_compare(model, batch, steps, repeats, min_time, profile_steps,
                                      seed, True))
                 _log(log, rows[-1])
@@ -336,19 +366,21 @@ def markdown(report: TrainReport) -> str:
         lines += ["", f"## {r.model} ({_mode(r)}): {r.describe}, batch {r.batch}", "",
                   "ms per step, from 3 profiled steps a side (torch's backward is one op for "
                   "both gradients).", "",
-                  "| layers | shape | input density | torch fwd | torch bwd | zeroskip fwd | "
-                  "zeroskip grad_input | zeroskip grad_weight | ratio |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| layers | shape | input density | output-gradient density | torch fwd | "
+                  "torch bwd | zeroskip fwd | zeroskip grad_input | zeroskip grad_weight | "
+                  "ratio |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for layer in r.layers:
             t, z = layer.torch_ms, layer.zeroskip_ms
             ratio = sum(t.values()) / max(sum(z.values()), 1e-9)
             lines.append(f"| {', '.join(layer.names)} | {layer.shape} | {layer.density:.2f} | "
+                         f"{layer.grad_density:.2f} | "
                          f"{t.get('forward', 0):.2f} | {t.get('backward', 0):.2f} | "
                          f"{z.get('forward', 0):.2f} | {z.get('grad_input', 0):.2f} | "
                          f"{z.get('grad_weight', 0):.2f} | {ratio:.2f}x |")
         convs = [sum(sum(getattr(l, s).values()) for l in r.layers)
                  for s in ("torch_ms", "zeroskip_ms")]
-        lines.append(f"| everything else (BN, ReLU, pooling, loss, optimizer, profiler) | | | "
+        lines.append(f"| everything else (BN, ReLU, pooling, loss, optimizer, profiler) | | | | "
                      f"{r.profiled_torch_ms - convs[0]:.2f} | | "
                      f"{r.profiled_zeroskip_ms - convs[1]:.2f} | | | |")
     return "\n".join(lines) + "\n"
