@@ -317,9 +317,12 @@ def test_tune_all_records_every_case(db_path):
                                 backward=True, **FAST)
     cases = [(spec, batch, density) for _, _, spec, batch, density in
              autotune.jobs([SPEC, (OTHER, 8)], [1.0, 0.1], backward=True)]
+    # Gradients at each density too (of their data operand).
     assert cases == [(SPEC, 1, 1.0), (SPEC, 1, 0.1), (SPEC.grad_input(), 1, 1.0),
-                     (SPEC.grad_weight(), 1, 1.0), (OTHER, 8, 1.0), (OTHER, 8, 0.1),
-                     (OTHER.grad_input(), 8, 1.0), (OTHER.grad_weight(), 8, 1.0)]
+                     (SPEC.grad_input(), 1, 0.1), (SPEC.grad_weight(), 1, 1.0),
+                     (SPEC.grad_weight(), 1, 0.1), (OTHER, 8, 1.0), (OTHER, 8, 0.1),
+                     (OTHER.grad_input(), 8, 1.0), (OTHER.grad_input(), 8, 0.1),
+                     (OTHER.grad_weight(), 8, 1.0), (OTHER.grad_weight(), 8, 0.1)]
     assert [(r.spec, r.batch, r.density) for r in results] == cases
     saved = tuning.TuningDB(db_path)
     for r in results:
@@ -423,3 +426,16 @@ def test_sparse_off_forces_dense(call, monkeypatch):
     for density in (0.05, 0.25):
         _run(call, weight, bias, density)
         assert found.last == "dense" and found.last_density == 1.0
+
+
+def test_gradient_candidates_include_sparse_kernels_below_density_1():
+    """Below density 1 the tuner tries the sparse kernels of both gradient operators (the
+    weight gradient's where its sparse kernel serves the layer: not depthwise)."""
+    conv = LayerSpec.conv(16, 32, 3, padding=1, input_size=(10, 10))
+    def names(spec, density):
+        return [c.name for c in autotune.candidates(spec, density)]
+    for grad in (conv.grad_input(), conv.grad_weight()):
+        assert "sparse" in names(grad, 0.3)
+        assert "sparse" not in names(grad, 1.0)
+    depthwise = LayerSpec.conv(16, 16, 3, padding=1, groups=16, input_size=(10, 10))
+    assert "sparse" not in names(depthwise.grad_weight(), 0.3)
