@@ -196,6 +196,22 @@ def test_backward_rows(backward_report):
     assert deconv.grad_input_ratio is None and deconv.grad_input_torch_ms is None
 
 
+def test_backward_at_densities(monkeypatch):
+    """``run_backward(densities=...)``: a training step per layer and density, on ReLU-like
+    inputs of exactly that density, checked against torch like the dense rows; below the
+    crossover the weight gradient runs its sparse kernel."""
+    from zeroskip.runtime import dispatch
+    layer = bench.Layer("tiny.conv", "tiny", LayerSpec.conv(16, 32, 3, padding=1,
+                                                            input_size=(12, 12)), dense=True)
+    with dispatch.observe() as ran:
+        report = bench.run_backward([layer], repeats=1, min_time=0.001, densities=[1.0, 0.1])
+    assert [r.name for r in report.rows] == ["tiny.conv", "tiny.conv@0.1"]
+    assert all(0 <= r.error <= bench.RTOL for r in report.rows)
+    chose = {(d.spec.op, round(d.density, 1), d.choice) for d in ran}
+    assert ("conv_grad_weight", 0.1, "sparse") in chose
+    assert ("conv_grad_weight", 1.0, "dense") in chose
+
+
 def test_backward_summary(backward_report):
     strided, deconv = backward_report.rows
     assert backward_report.geomean_dense == pytest.approx(strided.ratio)

@@ -133,7 +133,8 @@ def asked(monkeypatch) -> list[LayerSpec]:
     seen = []
 
     def record(op, rank, input, weight, bias, stride, padding, dilation, groups,
-               output_padding=0, padding_mode="zeros", activation="none"):
+               output_padding=0, padding_mode="zeros", activation="none", relu_input=False):
+        input = torch.relu(input) if relu_input else input     # the ReLU fused before
         seen.append(_build_spec(op, rank, input.shape, weight.shape, bias is not None,
                                 input.dtype, (stride, padding, dilation, groups,
                                               output_padding, padding_mode, activation)))

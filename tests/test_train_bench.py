@@ -39,6 +39,7 @@ def test_tiny_model_untuned_and_tuned(tmp_path):
             assert layer.torch_ms["forward"] > 0 and layer.torch_ms["backward"] > 0
             assert layer.zeroskip_ms["forward"] > 0 and layer.zeroskip_ms["grad_weight"] > 0
             assert ("grad_input" in layer.zeroskip_ms) == (layer.names != ["stem.0"])
+            assert 0 < layer.density <= 1 and 0 < layer.grad_density <= 1
     assert rows[0].torch_choices == 0                      # untuned: generated kernels only
     # The tuning went to the run's own database, not the user's.
     assert not (tmp_path / "user-tuning.json").exists()
@@ -53,3 +54,17 @@ def test_tiny_model_untuned_and_tuned(tmp_path):
 def test_unknown_model_is_refused():
     with pytest.raises(ValueError, match="unknown model"):
         train.run_train(["alexnet"])
+
+
+def test_gradient_densities_see_the_relu_mask():
+    """A conv followed by a ReLU gets an output gradient about as sparse as the ReLU's output
+    (and sparser after a max-pool); one followed by BatchNorm a dense one."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.MaxPool2d(2),
+                                torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 3))
+    data = (torch.randn(4, 3, 8, 8), torch.randint(3, (4,)))
+    found = train.gradient_densities(model, data)
+    assert set(found) == {"0", "3"}
+    assert found["0"] < 0.3 and found["3"] == 1.0
