@@ -437,5 +437,40 @@ def test_gradient_candidates_include_sparse_kernels_below_density_1():
     for grad in (conv.grad_input(), conv.grad_weight()):
         assert "sparse" in names(grad, 0.3)
         assert "sparse" not in names(grad, 1.0)
+    assert "sparse/rhs" in names(conv.grad_weight(), 0.3)
     depthwise = LayerSpec.conv(16, 16, 3, padding=1, groups=16, input_size=(10, 10))
     assert "sparse" not in names(depthwise.grad_weight(), 0.3)
+
+
+def test_weight_gradient_walks_the_sparser_operand(monkeypatch):
+    """Untuned, a weight gradient whose output gradient is sparse (a ReLU after the layer
+    masked it) and sparser than its input walks the output gradient (on long enough rows);
+    with a dense output gradient it decides on the input's density as before."""
+    from zeroskip.runtime import dispatch
+    monkeypatch.delenv("ZEROSKIP_SPARSE", raising=False)
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(32, 16, 3, 3))
+    x = torch.relu(torch.randn(2, 16, 8, 32)).requires_grad_()
+    for mask, want in ((0.1, "sparse/rhs"), (1.0, "dense")):
+        g = torch.randn(2, 32, 8, 32) * (torch.rand(2, 32, 8, 32) < mask)
+        with dispatch.observe() as ran:
+            y = zf.conv2d(x, w, padding=1)
+            y.backward(g)
+        chose = {d.spec.op: d.choice for d in ran}
+        assert chose["conv_grad_weight"] == want, chose
+        want_grad = torch.ops.aten.convolution_backward(
+            g, x.detach(), w.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [False, True, False])[1]
+        torch.testing.assert_close(w.grad, want_grad, rtol=1e-4, atol=1e-4)
+        w.grad = x.grad = None
+
+
+def test_rhs_variant_names():
+    """``sparse/rhs`` (and with tile knobs) round-trips; ``rhs`` is a knob of the sparse
+    strategy only, given once."""
+    from zeroskip.codegen.variant import Variant
+    for name in ("sparse/rhs", "sparse/v2/rhs", "sparse/w4/rhs"):
+        assert Variant.parse(name).name == name and Variant.parse(name).rhs is True
+    for bad in ("dense/rhs", "sparse/rhs/rhs", "auto/rhs", "sparse/rhs2"):
+        with pytest.raises(ValueError):
+            Variant.parse(bad)

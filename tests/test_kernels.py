@@ -397,21 +397,30 @@ def test_trimmed_to_one_tap_is_not_pointwise():
     LayerSpec.conv(16, 32, 3, padding=1, input_size=(8, 9)),
     LayerSpec.conv(16, 32, 3, stride=2, padding=1, input_size=(9, 9)),
     LayerSpec.conv(8, 32, 3, stride=3, padding=1, dilation=2, input_size=(20, 13)),
-    LayerSpec.conv(8, 64, 3, padding=1, groups=2, input_size=(6, 6)),
+    LayerSpec.conv(16, 64, 3, padding=1, groups=2, input_size=(6, 6)),
     LayerSpec.conv(8, 16, 11, padding=5, input_size=(20,)),
     LayerSpec.conv(8, 32, 3, stride=2, input_size=(7, 7, 9)),
     LayerSpec.conv(8, 16, 3, padding=1, padding_mode="reflect", input_size=(6, 7)),
     LayerSpec.conv_transpose(32, 16, 4, stride=2, padding=1, input_size=(5, 6)),
 ], ids=lambda s: s.describe())
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-def test_sparse_weight_gradient(spec, density):
+@pytest.mark.parametrize("rhs", [False, True], ids=["input", "output-gradient"])
+def test_sparse_weight_gradient(spec, density, rhs):
     """The sparse weight gradient: one region over the whole kernel walking the input's
     non-zeros (taps past the borders read zero margins), strided (per-residue taps), dilated,
-    grouped, 1-D and 3-D, behind a reflect padding, of a transposed conv; all-zero inputs."""
+    grouped, 1-D and 3-D, behind a reflect padding, of a transposed conv; all-zero inputs. And
+    the variant walking the output gradient's non-zeros instead (``sparse/rhs``)."""
     grad = spec.grad_weight()
-    plan = kernel_for(grad, "c", SPARSE).plan
-    assert [r.family for r in plan.regions] == ["sparse_weight_grad"]
-    run_and_compare(grad, random_inputs(grad, workload=Workload(3, density)), SPARSE)
+    variant = lower.Variant("sparse", rhs=rhs)
+    plan = kernel_for(grad, "c", variant).plan
+    assert [r.family for r in plan.regions] == \
+        ["sparse_weight_grad_rhs" if rhs else "sparse_weight_grad"]
+    arrays = random_inputs(grad, workload=Workload(3, density))
+    if rhs:      # the output gradient sparse too, as a ReLU leaves it
+        rng = np.random.default_rng(5)
+        arrays["grad_output"] = arrays["grad_output"] * (rng.random(
+            arrays["grad_output"].shape) < max(density, 0.1))
+    run_and_compare(grad, arrays, variant)
 
 
 def test_sparse_weight_gradient_cost_model():

@@ -36,7 +36,8 @@ from .passes.choose_strategy import sparse_weight_grad_fits
 from .reference import pad_index
 from .variant import DEFAULT, Variant
 
-FAMILIES = ("direct", "sparse_gather", "weight_grad", "sparse_weight_grad")
+FAMILIES = ("direct", "sparse_gather", "weight_grad", "sparse_weight_grad",
+            "sparse_weight_grad_rhs")
 CTYPES = {"float32": "float", "float64": "double"}
 # Triton kernels load these and accumulate in float32; the plan's ctype is then the dtype name.
 TRITON_DTYPES = ("float32", "float16", "bfloat16")
@@ -270,7 +271,7 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
     rows = [(r.axes[r.tile_axis].u_len, r.macs_per_sample) for r in regions
             if r.family == "direct" and r.vectorize == "channels"]
     if first.pattern == "grad_weight" and first.strategy == "sparse" and backend == "c" and \
-            2 * c_out >= lanes:
+            2 * (c_red if variant.rhs else c_out) >= lanes:
         # (Otherwise the dense weight gradient: it serves every layer.)
         return _sparse_weight_grad_plan(graph, spec, contracts, regions, lhs_shape, rhs_shape,
                                         c_red, c_out, g, vector_bytes, lanes, ctype, pad,
@@ -324,7 +325,9 @@ def _sparse_weight_grad_plan(graph, spec, contracts, regions, lhs_shape, rhs_sha
     """The plan of a sparse weight gradient: the regions (which every axis maps alike) merged
     into one ``sparse_weight_grad`` region over the whole kernel and all output-gradient
     positions. Its register tiles hold ``tile_width`` kernel columns (taps along the last axis)
-    x ``tile_vectors`` vectors of output channels."""
+    x ``tile_vectors`` vectors of output channels; with ``variant.rhs`` (family
+    ``sparse_weight_grad_rhs``, walking the output gradient's zeros) of contracted channels,
+    and ``c_out_padded`` is then the contracted channels padded to whole tiles."""
     axes = [[(a.lu, a.lv, a.lc, a.ru, a.rv, a.rc, a.ou, a.oc) for a in r.axes] for r in regions]
     if not sparse_weight_grad_fits(axes):
         raise IRError("no sparse kernel for this weight gradient: its regions map their axes "
@@ -338,11 +341,12 @@ def _sparse_weight_grad_plan(graph, spec, contracts, regions, lhs_shape, rhs_sha
     columns = out_size[-1]
     width = variant.tile_width or min(columns, 8)
     want = variant.vectors or min(8, max(1, (_registers(vector_bytes) - 2) // width))
-    vectors = max(1, min(want, -(-c_out // lanes)))
-    c_out_padded = -(-c_out // (vectors * lanes)) * vectors * lanes
+    lanes_of = c_red if variant.rhs else c_out
+    vectors = max(1, min(want, -(-lanes_of // lanes)))
+    c_out_padded = -(-lanes_of // (vectors * lanes)) * vectors * lanes
     macs = sum(r.macs_per_sample for r in regions)
-    region = RegionPlan("region_0", "sparse_weight_grad", "all", merged, macs, "channels",
-                        len(merged) - 1)
+    family = "sparse_weight_grad_rhs" if variant.rhs else "sparse_weight_grad"
+    region = RegionPlan("region_0", family, "all", merged, macs, "channels", len(merged) - 1)
     return KernelPlan(
         spec=spec.describe("N"), history=tuple(graph.graph["history"]), pattern="grad_weight",
         ctype=ctype, rank=spec.rank, groups=g, c_red=c_red, c_out=c_out,

@@ -72,7 +72,7 @@ class CTarget(Target):
         return emit.render(plan)
 
     def source_variant(self, variant: Variant) -> Variant:
-        return Variant(variant.strategy, variant.tile_width, variant.vectors)
+        return Variant(variant.strategy, variant.tile_width, variant.vectors, rhs=variant.rhs)
 
     def variants(self, plan: lower.KernelPlan, density: float) -> list[Variant]:
         """The dense kernel at its own register tile and, where its tiles hold output channels
@@ -80,7 +80,8 @@ class CTarget(Target):
         channels (as wide as fits: 2 x 12 loads half the weights per multiply-add that 4 x 6
         does, which pays on long rows and short contractions), and at 2 vectors x 8 positions.
         Below density 1 (it cannot win on dense data) the sparse kernel at its own and a
-        smaller channel tile (for a weight gradient, where its sparse kernel serves it)."""
+        smaller channel tile (for a weight gradient, where its sparse kernel serves it, and the
+        one that walks the output gradient's zeros)."""
         found = [Variant("dense")]
         if plan.pattern == "grad_weight" or any(r.vectorize == "channels"
                                                 for r in plan.regions):
@@ -91,10 +92,16 @@ class CTarget(Target):
             if most >= 2:
                 found += [Variant("dense", vectors=v) for v in sorted({2, most} - {vectors})]
                 found.append(Variant("dense", tile_width=8, vectors=2))
-        if density < 1.0 and (plan.pattern != "grad_weight" or sparse_weight_grad_fits(
-                [[(a.lu, a.lv, a.lc, a.ru, a.rv, a.rc, a.ou, a.oc) for a in r.axes]
-                 for r in plan.regions]) and 2 * plan.c_out >= plan.lanes):
-            found += [Variant("sparse"), Variant("sparse", vectors=2)]
+        if density >= 1.0:
+            return found
+        if plan.pattern != "grad_weight":
+            return found + [Variant("sparse"), Variant("sparse", vectors=2)]
+        if sparse_weight_grad_fits([[(a.lu, a.lv, a.lc, a.ru, a.rv, a.rc, a.ou, a.oc)
+                                     for a in r.axes] for r in plan.regions]):
+            if 2 * plan.c_out >= plan.lanes:
+                found += [Variant("sparse"), Variant("sparse", vectors=2)]
+            if 2 * plan.c_red >= plan.lanes:
+                found.append(Variant("sparse", rhs=True))
         return found
 
 

@@ -6,10 +6,11 @@ A variant is a strategy and the target's knobs, named ``<strategy>[/<knob>...]``
   marks regions so; each target implements sparse regions its own way);
 * C knobs: ``w<n>`` register-tile width (output positions), ``v<n>`` register-tile vectors of
   output channels: of the sparse tiles, or of a dense variant's tiles (they shape the source);
+  ``rhs``: a sparse weight gradient that walks the output gradient's zeros, not the input's;
 * Triton knob: ``m<M>n<N>k<K>w<warps>s<stages>[x<split>]``, a :class:`Config` of launch-time
   block sizes (constexprs: one source serves every config).
 
-``dense``, ``dense/w6``, ``dense/w10/v2``, ``sparse/v8`` and ``sparse/m64n64k32w4s3`` are variant names, and so
+``dense``, ``dense/w6``, ``dense/w10/v2``, ``sparse/v8``, ``sparse/rhs`` and ``sparse/m64n64k32w4s3`` are variant names, and so
 the choices the tuning database records (besides ``torch``). Names come from a user-writable
 file: :meth:`Variant.parse` accepts nothing else, and every field becomes a plain int or the
 canonical constant before it can reach generated source.
@@ -75,6 +76,7 @@ class Variant:
     vectors: int | None = None        # C tiles: vectors of output channels per tile (the
                                       # sparse tiles'; a dense variant's dense tiles')
     config: Config | None = None      # Triton launch-time block sizes
+    rhs: bool = False                 # sparse weight gradient: walk the output gradient
 
     def __post_init__(self):
         # Plain values only (the tile width is rendered into the C source): the strategy
@@ -84,6 +86,10 @@ class Variant:
             raise ValueError(f"strategy must be 'auto', 'dense' or 'sparse', got "
                              f"{strategy if strategy is not None else type(self.strategy)!r}")
         object.__setattr__(self, "strategy", STRATEGIES[STRATEGIES.index(strategy)])
+        if type(self.rhs) is not bool:
+            raise ValueError(f"rhs must be a bool, got {type(self.rhs).__name__}")
+        if self.rhs and strategy != "sparse":
+            raise ValueError("rhs (walk the output gradient) is a knob of the sparse strategy")
         if self.config is not None and type(self.config) is not Config:
             raise ValueError(f"config must be None or a Config, got {type(self.config).__name__}")
         for name in ("tile_width", "vectors"):
@@ -106,6 +112,8 @@ class Variant:
             parts.append(f"w{self.tile_width}")
         if self.vectors is not None:
             parts.append(f"v{self.vectors}")
+        if self.rhs:
+            parts.append("rhs")
         if self.config is not None:
             parts.append(self.config.name)
         return "/".join(parts)
@@ -120,7 +128,9 @@ class Variant:
         fields: dict = {}
         try:
             for knob in knobs:
-                if _CONFIG.fullmatch(knob):
+                if knob == "rhs":
+                    field, value = "rhs", True
+                elif _CONFIG.fullmatch(knob):
                     field, value = "config", Config.parse(knob)
                 else:
                     field, value = {"w": "tile_width", "v": "vectors"}[knob[0]], \
@@ -133,7 +143,7 @@ class Variant:
             raise ValueError(f"not a kernel variant: {name!r}") from exc
 
     def with_strategy(self, strategy: str) -> "Variant":
-        return Variant(strategy, self.tile_width, self.vectors, self.config)
+        return Variant(strategy, self.tile_width, self.vectors, self.config, self.rhs)
 
 
 DEFAULT = Variant()

@@ -33,6 +33,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ..codegen.passes.choose_strategy import (WEIGHT_GRAD_RHS_CROSSOVER,
+                                              WEIGHT_GRAD_RHS_MIN_ROW, sparse_weight_grad_fits)
 from ..codegen.variant import Variant
 from ..spec import LayerSpec
 from . import bundle, loader, stats, tuning
@@ -91,6 +93,14 @@ def declare_density(spec: LayerSpec, density: float | None) -> None:
         _declared[key] = float(density)
 
 
+def sampled_density(t: torch.Tensor, samples: int = 16384) -> float:
+    """The share of non-zeros in ``t`` from about ``samples`` elements at a fixed stride
+    (microseconds)."""
+    flat = t.reshape(-1)
+    picked = flat[::max(1, flat.numel() // samples)]
+    return float(torch.count_nonzero(picked)) / max(1, picked.numel())
+
+
 class Operator:
     """A prepared forward operator; see the module docstring for what :meth:`run` decides.
     ``torch_op(x, weight, bias)``: torch's op for the same call, run where tuning chose it."""
@@ -113,9 +123,9 @@ class Operator:
         self._key = tuning.spec_key(spec)        # the layer's shape, as densities are declared
 
     # ------------------------------------------------------------------ the decision
-    def choose(self, x: torch.Tensor) -> str:
-        """The candidate to run on ``x`` (batched, as the kernel reads it): a variant name or
-        'torch'."""
+    def choose(self, x: torch.Tensor, other: torch.Tensor | None = None) -> str:
+        """The candidate to run on ``x`` (batched, as the kernel reads it; ``other``: the second
+        operand): a variant name or 'torch'."""
         self.last_density = 1.0
         if os.environ.get("ZEROSKIP_SPARSE", "1") == "0":
             return self.default
@@ -193,7 +203,7 @@ class Operator:
     # ------------------------------------------------------------------ running
     def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         """The layer on ``x`` (batched, as :meth:`prepare` gives it)."""
-        choice = self.choose(x)
+        choice = self.choose(x, weight)
         if choice == "torch" and self.torch_op is None:
             choice = self.default     # torch's op cannot run this call's arguments
         if choice == "torch":
@@ -234,6 +244,33 @@ class GradientOperator(Operator):
     operands (the output gradient and the weight; the input and the output gradient, in the
     order the spec contracts them), ``out_shape`` is the input gradient's per-sample shape or
     the weight gradient's whole one, ``layer`` the forward layer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        plan = getattr(self.forward, "plan", None)
+        # A weight gradient whose sparse kernel can walk the output gradient's zeros instead.
+        self.rhs_walk = (self.backend == "c" and plan is not None and
+                         plan.pattern == "grad_weight" and 2 * plan.c_red >= plan.lanes and
+                         plan.rhs_shape[-1] >= WEIGHT_GRAD_RHS_MIN_ROW and
+                         sparse_weight_grad_fits([[(a.lu, a.lv, a.lc, a.ru, a.rv, a.rc, a.ou,
+                                                    a.oc) for a in r.axes]
+                                                  for r in plan.regions]))
+
+    def choose(self, x: torch.Tensor, other: torch.Tensor | None = None) -> str:
+        """As :meth:`Operator.choose` on the data operand; and a weight gradient whose output
+        gradient (``other``) is sparser than its input and than
+        ``WEIGHT_GRAD_RHS_CROSSOVER`` (where a ReLU masked it) runs the sparse kernel that
+        walks the output gradient (``sparse/rhs``; tuning records are by the input's density,
+        so this measured rule decides it)."""
+        choice = super().choose(x)
+        if (self.rhs_walk and other is not None and other.numel()
+                and choice in (self.default, "sparse")
+                and os.environ.get("ZEROSKIP_SPARSE", "1") != "0"):
+            density = sampled_density(other)
+            if density < WEIGHT_GRAD_RHS_CROSSOVER and density < self.last_density:
+                self.last_density = density
+                return "sparse/rhs"
+        return choice
 
     def _covering(self) -> Any:
         # The backward does not know whether the layer has a bias: either spec is the layer.

@@ -38,6 +38,12 @@ SCATTER_COST = 5.0     # a sparse MAC: one position's weights per load, no regis
 SCAN_COST = 1.0        # reading one data element and testing it for zero
 MIN_SPARSE_MACS = 4096  # below this, the sparse setup does not pay off
 MIN_SPARSE_CHANNELS = 8  # output channels per group a scattered input must feed
+# The variant that walks the output gradient's zeros instead (its rows are the output's;
+# short rows cost a loop exit per few non-zeros): measured at batch 16 with a half-dense input,
+# on rows of 32 it beats the dense kernel from density 0.2 down; on rows of 16 or 8 it only
+# ties it at 0.1. Dispatch runs it below this density, on rows this long.
+WEIGHT_GRAD_RHS_CROSSOVER = 0.25
+WEIGHT_GRAD_RHS_MIN_ROW = 24
 WEIGHT_GRAD_SCATTER_COST = 2.5   # a sparse weight-gradient MAC (measured at batch 16-32: the sparse
                                  # kernel overtakes the dense one near density 0.4)
 
