@@ -449,3 +449,6 @@ def test_bench_cpu_density_mode():
     assert all("cpu-density-" in f for f in flags if not f.startswith("--"))
     assert module.outputs(["--densities=1,0.1"])[-1].endswith(".png")
     assert "--plot" not in module.outputs(["--quick"])
+    both = module.outputs(["--backward", "--densities", "0.5"])
+    assert "--plot" not in both and all("cpu-backward-density-" in f for f in both
+                                        if not f.startswith("--"))
