@@ -79,8 +79,8 @@ class CTarget(Target):
         in vector lanes, at widths one less and one more, at the other of 2 or 4 vectors of
         channels (as wide as fits: 2 x 12 loads half the weights per multiply-add that 4 x 6
         does, which pays on long rows and short contractions), and at 2 vectors x 8 positions.
-        Below density 1 (it cannot win on dense data) the sparse kernel at its own and a
-        smaller channel tile (for a weight gradient, where its sparse kernel serves it, and the
+        Below density 1 (it cannot win on dense data) the sparse kernel at its own and
+        smaller channel tiles (for a weight gradient, where its sparse kernel serves it, and the
         one that walks the output gradient's zeros)."""
         found = [Variant("dense")]
         if plan.pattern == "grad_weight" or any(r.vectorize == "channels"
@@ -95,7 +95,10 @@ class CTarget(Target):
         if density >= 1.0:
             return found
         if plan.pattern != "grad_weight":
-            return found + [Variant("sparse"), Variant("sparse", vectors=2)]
+            # Fewer channel vectors per sparse tile: a tile's weights (every channel and tap of
+            # its output channels) fit the L2 cache where the widest ones do not.
+            return found + [Variant("sparse")] + [Variant("sparse", vectors=v) for v in (2, 4)
+                                                  if v < plan.sparse_vectors]
         if sparse_weight_grad_fits([[(a.lu, a.lv, a.lc, a.ru, a.rv, a.rc, a.ou, a.oc)
                                      for a in r.axes] for r in plan.regions]):
             if 2 * plan.c_out >= plan.lanes:
