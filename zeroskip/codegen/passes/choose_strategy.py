@@ -44,8 +44,11 @@ MIN_SPARSE_CHANNELS = 8  # output channels per group a scattered input must feed
 # ties it at 0.1. Dispatch runs it below this density, on rows this long.
 WEIGHT_GRAD_RHS_CROSSOVER = 0.25
 WEIGHT_GRAD_RHS_MIN_ROW = 24
-WEIGHT_GRAD_SCATTER_COST = 2.5   # a sparse weight-gradient MAC (measured at batch 16-32: the sparse
-                                 # kernel overtakes the dense one near density 0.4)
+WEIGHT_GRAD_SCATTER_COST = 4.0   # a sparse weight-gradient MAC, where each input feeds 3 or
+                                 # more kernel columns (measured at batch 16-32 over the suite:
+                                 # the sparse kernel overtakes the dense one near density 0.25;
+                                 # feeding fewer, each non-zero's overhead is shared by fewer
+                                 # multiply-adds: 1x1 and stride-2 layers cross lower)
 
 
 def sparse_weight_grad_fits(axes: list[list[tuple[int, ...]]]) -> bool:
@@ -107,16 +110,31 @@ def decide(macs: int, density: float, reuse: float, channels: int = MIN_SPARSE_C
                     f"(each input feeds {reuse:.0f} MACs; crossover at density {crossover:.2f})")
 
 
-def decide_weight_grad(macs: int, density: float, channels: int,
+def weight_grad_crossover(columns: float) -> float:
+    """The sparse weight gradient's crossover density where each input element feeds
+    ``columns`` kernel columns (taps along the last axis over its stride)."""
+    return min(1.0, columns / 3.0) / WEIGHT_GRAD_SCATTER_COST
+
+
+def decide_weight_grad(macs: int, density: float, channels: int, columns: float = 3.0,
                        forced: str = "auto") -> tuple[str, str]:
-    """``(strategy, reason)`` for a weight gradient the sparse kernel serves."""
+    """``(strategy, reason)`` for a weight gradient the sparse kernel serves, each of whose
+    input elements feeds ``columns`` kernel columns."""
     if forced != "auto" or macs < MIN_SPARSE_MACS or channels < MIN_SPARSE_CHANNELS:
         return decide(macs, density, 1.0, channels, forced)
-    crossover = 1.0 / WEIGHT_GRAD_SCATTER_COST
+    crossover = weight_grad_crossover(columns)
     choice = "sparse" if density < crossover else "dense"
     return choice, (f"density {density:g}: a sparse weight-gradient MAC costs "
-                    f"{WEIGHT_GRAD_SCATTER_COST:g} dense ones (crossover at density "
-                    f"{crossover:.2f})")
+                    f"{WEIGHT_GRAD_SCATTER_COST:g} dense ones, each input feeding {columns:g} "
+                    f"kernel columns (crossover at density {crossover:.2f})")
+
+
+def _columns(contracts: list[Contract]) -> float:
+    """Kernel columns each input element of a weight gradient feeds: the last axis's taps
+    over its stride."""
+    last = [c.loops[-1] for c in contracts]
+    taps = max(l.u[1] for l in last) - min(l.u[0] for l in last)
+    return taps / max(1, last[0].lhs.v)
 
 
 def choose_strategy(graph: nx.DiGraph) -> nx.DiGraph:
@@ -132,7 +150,8 @@ def choose_strategy(graph: nx.DiGraph) -> nx.DiGraph:
     if weight_grad and sparse_weight_grad_fits([_maps(c) for c in weight_grad]):
         macs = sum(contract_macs(graph, node) for node in nodes)
         wg_strategy, wg_reason = decide_weight_grad(
-            macs, density, _channels(graph, nodes[0], weight_grad[0]), forced)
+            macs, density, _channels(graph, nodes[0], weight_grad[0]), _columns(weight_grad),
+            forced)
     for node in nodes:
         c = op(graph, node)
         if c.pattern == "grad_weight":
@@ -155,7 +174,7 @@ def crossover(graph: nx.DiGraph) -> float:
         fits = sparse_weight_grad_fits([_maps(c) for c in weight_grad]) and \
             total >= MIN_SPARSE_MACS and \
             _channels(graph, nodes[0], weight_grad[0]) >= MIN_SPARSE_CHANNELS
-        return 1.0 / WEIGHT_GRAD_SCATTER_COST if fits else 0.0
+        return weight_grad_crossover(_columns(weight_grad)) if fits else 0.0
     for node in nodes:
         c = op(graph, node)
         m = contract_macs(graph, node)
