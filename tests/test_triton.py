@@ -105,6 +105,16 @@ def test_fused_relu_and_channels_last(interpreter):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_relu_before_the_conv(interpreter):
+    """``relu_conv2d`` on the Triton kernels: the conv of relu(z), the pre-activation's
+    gradient masked where z <= 0, the weight gradient on relu(z)."""
+    torch.manual_seed(2)
+    z = torch.randn(2, 16, 6, 6)
+    w, b = torch.randn(16, 16, 3, 3), torch.randn(16)
+    run_both(lambda x, w, b: zf.relu_conv2d(x, w, b, padding=1),
+             lambda x, w, b: F.conv2d(F.relu(x), w, b, padding=1), z, w, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_forward(interpreter, dtype):
     torch.manual_seed(2)
