@@ -350,7 +350,7 @@ def test_sweep_markdown_json_and_plot(sweep, tmp_path):
 def test_tuned_torch_choice_is_reported(monkeypatch):
     """Where the tuning database chose torch, zeroskip runs torch's op: allowed, and reported
     as strategy torch; at density 1 the dense kernel is then timed apart for its goal."""
-    monkeypatch.setattr(dispatch.Operator, "choose", lambda call, x: "torch")
+    monkeypatch.setattr(dispatch.Operator, "choose", lambda call, x, *other: "torch")
     rows = bench.sweep_layer(SWEEP_LAYERS[0], (1.0, 0.3), repeats=1, min_time=0.001)
     assert [r.strategy for r in rows] == ["torch", "torch"]
     assert rows[0].dense_ms > 0 and rows[0].dense_ms != rows[0].zeroskip_ms
@@ -358,7 +358,7 @@ def test_tuned_torch_choice_is_reported(monkeypatch):
 
 
 def test_torch_choice_still_checked(monkeypatch):
-    monkeypatch.setattr(dispatch.Operator, "choose", lambda call, x: "torch")
+    monkeypatch.setattr(dispatch.Operator, "choose", lambda call, x, *other: "torch")
     convolution = reference.convolution
     monkeypatch.setattr(reference, "convolution", lambda *args: convolution(*args) * 1.01)
     with pytest.raises(bench.BenchError, match="zeroskip differs from torch"):
