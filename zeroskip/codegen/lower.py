@@ -10,7 +10,8 @@ One plan is one C translation unit, whose entry point runs every region of the l
   each position's non-zero channels, and multiplies only those), ``weight_grad`` (the weight
   gradient, touching real taps only), ``sparse_weight_grad`` (a weight gradient marked sparse:
   one region over the whole kernel that walks the data operand's non-zeros; the borders it
-  handles itself, so the trimmed regions merge into it);
+  handles itself, so the trimmed regions merge into it) and ``sparse_weight_grad_rhs`` (the
+  same walking the output gradient's non-zeros: the ``sparse/rhs`` variant);
 * a :class:`~.ir.Pad` in a data-carrying mode (reflect, replicate, circular) becomes index
   tables of a copy into a padded scratch buffer, and a :class:`~.ir.PadAdjoint` the matching
   scatter-add;
