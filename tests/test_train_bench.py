@@ -29,7 +29,8 @@ def test_tiny_model_untuned_and_tuned(tmp_path):
                            tune=True)
     assert [r.tuned for r in rows] == [False, True]
     for row in rows:
-        assert row.loss_error <= train.LOSS_RTOL and len(row.losses_torch) == 3
+        assert row.loss_error <= max(train.LOSS_RTOL, 2 * row.loss_drift)
+        assert len(row.losses_torch) == 3 and row.loss_drift >= 0
         assert row.losses_torch[0] != row.losses_torch[-1]          # it trained
         # stem, two convs per block, one projection: 6 convs, 5 with an input gradient
         names = [n for layer in row.layers for n in layer.names]

@@ -2,7 +2,9 @@
 weights and the same synthetic batches, trained with SGD (momentum 0.9) side by side.
 
 For each model (:data:`MODELS`): ``steps`` steps on each side first, whose losses must agree to
-:data:`LOSS_RTOL` relative with no call falling back to torch's op; then training steps timed in
+:data:`LOSS_RTOL` relative, or where torch itself does not (BatchNorm makes training chaotic
+in float32: torch from weights one ulp away drifts as far) to twice torch's own drift, with no
+call falling back to torch's op; then training steps timed in
 interleaved rounds (:func:`~zeroskip.runtime.timing.time_interleaved`, medians); then a few
 steps of each under ``torch.profiler``, which splits the step into each conv layer's operators
 (torch: ``aten::convolution`` and ``aten::convolution_backward``; zeroskip: its three custom
@@ -96,6 +98,7 @@ class TrainRow:
     layers: list[LayerTimes]
     profiled_torch_ms: float = 0.0
     profiled_zeroskip_ms: float = 0.0
+    loss_drift: float = 0.0   # torch against torch from weights one ulp away, relative
 
     @property
     def ratio(self) -> float:
@@ -259,6 +262,7 @@ def _compare(model: TrainModel, batch: int, steps: int, repeats: int, min_time: 
     split the steps."""
     torch.manual_seed(seed)
     reference = model.build()
+    reference_copy = copy.deepcopy(reference)
     converted = convert(copy.deepcopy(reference))
     if not any(type(m).__module__ == "zeroskip.nn" for m in converted.modules()):
         raise BenchError(f"{model.name}: convert() replaced no conv module")
@@ -272,17 +276,36 @@ def _compare(model: TrainModel, batch: int, steps: int, repeats: int, min_time: 
                                                         "fallback_calls")}
     if ran["fallback_calls"]:
         raise BenchError(f"{model.name}: zeroskip fell back to torch's op during training")
-    error = max(abs(a - b) / max(abs(b), 1e-12)
-                for a, b in zip(losses["zeroskip"], losses["torch"]))
-    if not error <= LOSS_RTOL:
+    error = _loss_error(losses["zeroskip"], losses["torch"])
+    drift = torch_drift(reference_copy, data, steps, losses["torch"])
+    allowed = max(LOSS_RTOL, 2 * drift)
+    if not error <= allowed:
         raise BenchError(f"{model.name}: zeroskip's losses differ from torch's by {error:.3g} "
-                         f"relative (allowed {LOSS_RTOL:g}): {losses}")
+                         f"relative (allowed {allowed:.3g}; torch from weights one ulp away "
+                         f"drifts {drift:.3g}): {losses}")
     timing = time_interleaved({"torch": ref.step, "zeroskip": zs.step}, repeats, min_time)
     layers, wall_torch, wall_zs = _split(ref, zs, data[0][0], batch, profile_steps)
     return TrainRow(model.name, model.describe, batch, model.size, steps, tuned,
                     timing.seconds["torch"] * 1e3, timing.seconds["zeroskip"] * 1e3,
                     timing.contention, losses["torch"], losses["zeroskip"], error,
-                    ran["kernel_calls"], ran["torch_choices"], layers, wall_torch, wall_zs)
+                    ran["kernel_calls"], ran["torch_choices"], layers, wall_torch, wall_zs,
+                    drift)
+
+
+def _loss_error(losses: list[float], want: list[float]) -> float:
+    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, want))
+
+
+def torch_drift(model: nn.Module, data: list, steps: int, losses: list[float]) -> float:
+    """How far torch's own losses move when it trains ``model`` (a fresh copy of the
+    reference's initial state) from weights one ulp away (each scaled by 1 + 2**-23): the
+    yardstick of float32 rounding amplified by training."""
+    nudged = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in nudged.parameters():
+            p.mul_(1 + 2 ** -23)
+    trainer = Trainer(nudged, data)
+    return _loss_error([float(trainer.step()) for _ in range(steps)], losses)
 
 
 def run_model(model: TrainModel, batch: int | None = None, steps: int = 20,
@@ -351,11 +374,15 @@ def markdown(report: TrainReport) -> str:
     lines = [f"# Whole-model training, torch vs zeroskip ({m['date'][:10]})", "",
              f"{m['cpu']}, {m['threads']} threads, float32, torch {m['torch']}, zeroskip "
              f"{m['zeroskip']}. SGD with momentum 0.9 on synthetic 32x32 images; step = forward, "
-             "cross-entropy, backward, optimizer step; medians of interleaved rounds.", "",
+             "cross-entropy, backward, optimizer step; medians of interleaved rounds. Max loss "
+             "diff: zeroskip against torch over the first N steps, relative; torch's own drift: "
+             "torch against torch trained from weights one ulp away (the yardstick of float32 "
+             "rounding amplified by training; the losses must agree to 1e-3 or to twice it).",
+             "",
              "| model | batch | zeroskip | torch ms | zeroskip ms | ratio | torch img/s | "
              "zeroskip img/s | loss after N steps (torch / zeroskip) | max loss diff | "
-             "operators on torch's op |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---|"]
+             "torch's own drift | operators on torch's op |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in report.rows:
         mark = " *" if busy(r.contention) else ""
         ops = r.kernel_calls + r.torch_choices
@@ -364,7 +391,7 @@ def markdown(report: TrainReport) -> str:
                      f"{r.ratio:.2f}x{mark} | {r.images_per_s('torch'):.0f} | "
                      f"{r.images_per_s('zeroskip'):.0f} | {r.losses_torch[-1]:.6f} / "
                      f"{r.losses_zeroskip[-1]:.6f} (N={r.steps}) | {r.loss_error:.1e} | "
-                     f"{r.torch_choices:g} of {ops:g} |")
+                     f"{r.loss_drift:.1e} | {r.torch_choices:g} of {ops:g} |")
     for r in report.rows:
         lines += ["", f"## {r.model} ({_mode(r)}): {r.describe}, batch {r.batch}", "",
                   "ms per step, from 3 profiled steps a side (torch's backward is one op for "
