@@ -30,7 +30,8 @@ def convert(model: torch.nn.Module, fuse_relu: bool = True) -> torch.nn.Module:
       are found by tracing it with ``torch.fx``: a ReLU (module, ``torch.relu`` or
       ``F.relu``) whose only user is a conv module called once, or a conv whose only user is
       a ReLU. Where there are such pairs the return value is a ``torch.fx.GraphModule`` over
-      the same submodules (same names, parameters and hooks) with the ReLUs fused: use the
+      the same submodules (same names, parameters, buffers and hooks; the ``state_dict`` is
+      unchanged) with the ReLUs fused, the fused ``nn.ReLU`` modules no longer in it: use the
       returned model. A model fx cannot trace is left as the Sequential walk made it, with a
       warning saying why.
     """
