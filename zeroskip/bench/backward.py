@@ -115,8 +115,7 @@ def bench_backward_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
     error, torch_ops = _checked_step(layer.name, zs_step, torch_step())
     timing = time_interleaved({"torch": torch_step, "zeroskip": zs_step}, repeats, min_time)
     specs = (spec, spec.grad_input(), spec.grad_weight())
-    name = layer.name if density >= 1.0 else f"{layer.name}@{density:g}"
-    row = BackwardRow(name, layer.family, layer.dense, spec.describe(batch),
+    row = BackwardRow(_row_name(layer, density), layer.family, layer.dense, spec.describe(batch),
                       timing.seconds["torch"] * 1e3, timing.seconds["zeroskip"] * 1e3,
                       sum(nonzero_macs(s, batch) for s in specs),
                       sum(dense_macs(s, batch) for s in specs), error, timing.contention,
@@ -131,6 +130,11 @@ def bench_backward_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,
         row.grad_input_zeroskip_ms = timing.seconds["zeroskip"] * 1e3
         row.grad_input_contention = timing.contention
     return row
+
+
+def _row_name(layer: Layer, density: float) -> str:
+    """A row's name: the layer's, and ``@density`` below density 1."""
+    return layer.name if density >= 1.0 else f"{layer.name}@{density:g}"
 
 
 def _backward_note(row: BackwardRow) -> str:
@@ -155,5 +159,5 @@ def run_backward(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
                        lambda case: bench_backward_layer(case[0], batch, repeats, min_time,
                                                          case[1]),
                        _backward_note, log,
-                       label=lambda case: case[0].name + (f"@{case[1]:g}" if case[1] < 1 else ""))
+                       label=lambda case: _row_name(*case))
     return BackwardReport(rows, {**machine(), "malloc_pinned": pinned}, batch, repeats)

@@ -321,6 +321,20 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
         sparse_vectors=sparse_vectors, sparse_merge=merge, regions=tuple(regions), pad=pad, pad_adjoint=adjoint))
 
 
+def _axis_maps(regions) -> list[list[tuple[int, ...]]]:
+    """Each region's axes as ``(lu, lv, lc, ru, rv, rc, ou, oc)``."""
+    return [[(a.lu, a.lv, a.lc, a.ru, a.rv, a.rc, a.ou, a.oc) for a in r.axes] for r in regions]
+
+
+def serves_sparse_weight_grad(plan: KernelPlan, rhs: bool = False) -> bool:
+    """Whether a weight gradient of this plan (dense or sparse) has a sparse kernel: walking
+    its input (enough output channels to fill vector lanes) or with ``rhs`` its output
+    gradient (enough contracted channels)."""
+    return plan.pattern == "grad_weight" and \
+        2 * (plan.c_red if rhs else plan.c_out) >= plan.lanes and \
+        sparse_weight_grad_fits(_axis_maps(plan.regions))
+
+
 def _sparse_weight_grad_plan(graph, spec, contracts, regions, lhs_shape, rhs_shape, c_red,
                              c_out, g, vector_bytes, lanes, ctype, pad, variant) -> KernelPlan:
     """The plan of a sparse weight gradient: the regions (which every axis maps alike) merged
@@ -329,7 +343,7 @@ def _sparse_weight_grad_plan(graph, spec, contracts, regions, lhs_shape, rhs_sha
     x ``tile_vectors`` vectors of output channels; with ``variant.rhs`` (family
     ``sparse_weight_grad_rhs``, walking the output gradient's zeros) of contracted channels,
     and ``c_out_padded`` is then the contracted channels padded to whole tiles."""
-    axes = [[(a.lu, a.lv, a.lc, a.ru, a.rv, a.rc, a.ou, a.oc) for a in r.axes] for r in regions]
+    axes = _axis_maps(regions)
     if not sparse_weight_grad_fits(axes):
         raise IRError("no sparse kernel for this weight gradient: its regions map their axes "
                       "differently")

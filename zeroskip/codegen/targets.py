@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..spec import LayerSpec
 from . import emit, lower, pipeline
-from .passes.choose_strategy import crossover, sparse_weight_grad_fits
+from .passes.choose_strategy import crossover
 from .variant import DEFAULT, Config, Variant
 
 
@@ -99,12 +99,10 @@ class CTarget(Target):
             # its output channels) fit the L2 cache where the widest ones do not.
             return found + [Variant("sparse")] + [Variant("sparse", vectors=v) for v in (2, 4)
                                                   if v < plan.sparse_vectors]
-        if sparse_weight_grad_fits([[(a.lu, a.lv, a.lc, a.ru, a.rv, a.rc, a.ou, a.oc)
-                                     for a in r.axes] for r in plan.regions]):
-            if 2 * plan.c_out >= plan.lanes:
-                found += [Variant("sparse"), Variant("sparse", vectors=2)]
-            if 2 * plan.c_red >= plan.lanes:
-                found.append(Variant("sparse", rhs=True))
+        if lower.serves_sparse_weight_grad(plan):
+            found += [Variant("sparse"), Variant("sparse", vectors=2)]
+        if lower.serves_sparse_weight_grad(plan, rhs=True):
+            found.append(Variant("sparse", rhs=True))
         return found
 
 

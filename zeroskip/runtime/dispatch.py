@@ -33,8 +33,8 @@ from typing import Any, Iterator
 
 import torch
 
-from ..codegen.passes.choose_strategy import (WEIGHT_GRAD_RHS_CROSSOVER,
-                                              WEIGHT_GRAD_RHS_MIN_ROW, sparse_weight_grad_fits)
+from ..codegen.lower import serves_sparse_weight_grad
+from ..codegen.passes.choose_strategy import WEIGHT_GRAD_RHS_CROSSOVER, WEIGHT_GRAD_RHS_MIN_ROW
 from ..codegen.variant import Variant
 from ..spec import LayerSpec
 from . import bundle, loader, stats, tuning
@@ -250,11 +250,8 @@ class GradientOperator(Operator):
         plan = getattr(self.forward, "plan", None)
         # A weight gradient whose sparse kernel can walk the output gradient's zeros instead.
         self.rhs_walk = (self.backend == "c" and plan is not None and
-                         plan.pattern == "grad_weight" and 2 * plan.c_red >= plan.lanes and
                          plan.rhs_shape[-1] >= WEIGHT_GRAD_RHS_MIN_ROW and
-                         sparse_weight_grad_fits([[(a.lu, a.lv, a.lc, a.ru, a.rv, a.rc, a.ou,
-                                                    a.oc) for a in r.axes]
-                                                  for r in plan.regions]))
+                         serves_sparse_weight_grad(plan, rhs=True))
 
     def choose(self, x: torch.Tensor, other: torch.Tensor | None = None) -> str:
         """As :meth:`Operator.choose` on the data operand; and a weight gradient whose output

@@ -137,6 +137,16 @@ def _columns(contracts: list[Contract]) -> float:
     return taps / max(1, last[0].lhs.v)
 
 
+def _weight_grad(graph: nx.DiGraph, nodes: list[str]) -> tuple[int, int, float] | None:
+    """``(MACs, output channels per group, kernel columns per input)`` of a weight gradient the
+    sparse kernel serves (all its regions at once), else None."""
+    weight_grad = [op(graph, node) for node in nodes if op(graph, node).pattern == "grad_weight"]
+    if not weight_grad or not sparse_weight_grad_fits([_maps(c) for c in weight_grad]):
+        return None
+    return (sum(contract_macs(graph, node) for node in nodes),
+            _channels(graph, nodes[0], weight_grad[0]), _columns(weight_grad))
+
+
 def choose_strategy(graph: nx.DiGraph) -> nx.DiGraph:
     graph = graph.copy()
     density = graph.graph["workload"].density
@@ -144,14 +154,12 @@ def choose_strategy(graph: nx.DiGraph) -> nx.DiGraph:
     if forced not in ("auto", "dense", "sparse"):
         raise ValueError(f"strategy must be 'auto', 'dense' or 'sparse', got {forced!r}")
     nodes = list(nodes_of(graph, Contract))
-    weight_grad = [op(graph, node) for node in nodes if op(graph, node).pattern == "grad_weight"]
     # The sparse weight gradient runs every region at once: they all go sparse or none.
     wg_strategy, wg_reason = "dense", "no sparse kernel for this weight gradient"
-    if weight_grad and sparse_weight_grad_fits([_maps(c) for c in weight_grad]):
-        macs = sum(contract_macs(graph, node) for node in nodes)
-        wg_strategy, wg_reason = decide_weight_grad(
-            macs, density, _channels(graph, nodes[0], weight_grad[0]), _columns(weight_grad),
-            forced)
+    served = _weight_grad(graph, nodes)
+    if served is not None:
+        macs, channels, columns = served
+        wg_strategy, wg_reason = decide_weight_grad(macs, density, channels, columns, forced)
     for node in nodes:
         c = op(graph, node)
         if c.pattern == "grad_weight":
@@ -168,13 +176,11 @@ def crossover(graph: nx.DiGraph) -> float:
     it never does): what per-call dispatch uses for a layer the autotuner has not measured."""
     best, macs = 0.0, -1
     nodes = list(nodes_of(graph, Contract))
-    weight_grad = [op(graph, node) for node in nodes if op(graph, node).pattern == "grad_weight"]
-    if weight_grad:
-        total = sum(contract_macs(graph, node) for node in nodes)
-        fits = sparse_weight_grad_fits([_maps(c) for c in weight_grad]) and \
-            total >= MIN_SPARSE_MACS and \
-            _channels(graph, nodes[0], weight_grad[0]) >= MIN_SPARSE_CHANNELS
-        return weight_grad_crossover(_columns(weight_grad)) if fits else 0.0
+    if any(op(graph, node).pattern == "grad_weight" for node in nodes):
+        served = _weight_grad(graph, nodes)
+        if served is None or served[0] < MIN_SPARSE_MACS or served[1] < MIN_SPARSE_CHANNELS:
+            return 0.0
+        return weight_grad_crossover(served[2])
     for node in nodes:
         c = op(graph, node)
         m = contract_macs(graph, node)
