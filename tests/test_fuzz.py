@@ -543,16 +543,38 @@ def test_empty_batch_like_torch(op, w_shape, kwargs):
     _compare(op, (1, "x_batch0", x, w, None, kwargs), fuzzing=False)
 
 
-@pytest.mark.parametrize("batch", (1, 2))
-@pytest.mark.parametrize("kernel, kwargs", [(1, dict(dilation=0)), (2, dict(dilation=0)),
-                                            (1, dict(padding=1))])
-def test_transposed_conv_checks_depend_on_the_batch_like_torch(batch, kernel, kwargs):
+@pytest.mark.parametrize("batch", (None, 1, 2, 3))
+@pytest.mark.parametrize("rank, kernel, kwargs", [
+    (1, 1, dict(dilation=0)), (2, 1, dict(dilation=0, stride=2, output_padding=1)),
+    (2, (1, 3), dict(dilation=(0, 1))), (1, 2, dict(padding=1)), (2, 2, dict(padding=(1, 0))),
+    (3, 2, dict(padding=1))])
+def test_transposed_conv_checks_depend_on_the_batch_like_torch(batch, rank, kernel, kwargs,
+                                                              monkeypatch):
     """torch's CPU conv_transpose checks a batch of 2 (oneDNN) less than a batch of 1: a
-    dilation of 0 with a 1-tap kernel runs, an output of size 0 comes back empty."""
-    x, w = torch.randn(batch, 1, 2), torch.randn(1, 1, kernel)
-    kwargs = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0,
-              **kwargs}
-    _compare("conv_transpose", (1, "none", x, w, None, kwargs), fuzzing=False)
+    dilation of 0 with a 1-tap kernel runs, an output of size 0 comes back empty. zeroskip runs
+    those on its kernels (strict mode: no fallback), with their gradients, and raises torch's
+    own message for a batch of one."""
+    monkeypatch.setenv("ZEROSKIP_STRICT", "1")
+    shape = (2,) + (1 if "padding" in kwargs else 3,) * rank
+    x = torch.randn(*shape) if batch is None else torch.randn(batch, *shape)
+    w = torch.randn(2, 3, *((kernel,) * rank if isinstance(kernel, int) else kernel))
+    name = f"conv_transpose{rank}d"
+    want, torch_exc = _outcome(lambda: getattr(F, name)(x, w, **kwargs))
+    got, zs_exc = _outcome(lambda: getattr(zf, name)(x, w, **kwargs))
+    if torch_exc is not None:
+        assert type(zs_exc) is type(torch_exc) and str(zs_exc) == str(torch_exc), \
+            (torch_exc, zs_exc)
+        return
+    assert zs_exc is None, zs_exc
+    torch.testing.assert_close(got, want)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = getattr(zf, name)(xs, ws, **kwargs)
+    torch.testing.assert_close(out, want)
+    gx, gw = torch.autograd.grad(out.sum(), (xs, ws))
+    xt, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want_gx, want_gw = torch.autograd.grad(getattr(F, name)(xt, wt, **kwargs).sum(), (xt, wt))
+    torch.testing.assert_close(gx, want_gx)
+    torch.testing.assert_close(gw, want_gw)
 
 
 def test_layerspec_replicate_padding_of_empty_input_raises_like_torch():
@@ -565,8 +587,7 @@ def test_layerspec_replicate_padding_of_empty_input_raises_like_torch():
 @pytest.mark.parametrize("op, batch, kwargs", [
     ("conv", 1, dict(dilation=2 ** 31 - 1)),      # beyond the kernels' limits
     ("conv_transpose", 1, dict(stride=2 ** 20)),
-    ("conv", 0, dict(dilation=0)),                # an empty batch torch checks less
-    ("conv_transpose", 2, dict(dilation=0))])     # oneDNN's checks (batch > 1)
+    ("conv", 0, dict(dilation=0))])               # an empty batch torch checks less
 def test_fallback_calls_get_torch_gradients(op, batch, kwargs):
     """A call that needs gradients and runs torch's op runs it with torch's autograd (the
     custom op's backward builds a spec such a call does not have)."""

@@ -141,16 +141,19 @@ def test_conv_transpose_backward_operand_roles(kind, kw, size, batch):
         w.grad)
 
 
-def test_conv_transpose_grad_input_unrepresentable_raises():
-    # output_padding - stride + 1 > padding: the input gradient is a conv of the output gradient
-    # with its last elements cropped, which needs negative padding. LayerSpec raises rather than
-    # describe a conv with one output too many.
+def test_conv_transpose_grad_crops_unreached_outputs():
+    # output_padding - stride + 1 > padding: the last outputs meet no input, so the gradient
+    # operators read the output gradient cropped (gradient_crop) and yield input_size outputs.
     spec = LayerSpec.conv_transpose(2, 3, 2, padding=0, output_padding=1, dilation=2,
                                     input_size=(5,))
-    with pytest.raises(RuntimeError, match=_field("padding")):
-        spec.grad_input()
-    with pytest.raises(RuntimeError, match=_field("padding")):
-        spec.grad_weight()
+    assert spec.output_size == (8,) and spec.gradient_crop == (1,)
+    grad_input = spec.grad_input()
+    assert grad_input.input_size == (7,) and grad_input.padding == ((0, 0),)
+    assert grad_input.output_size == spec.input_size
+    assert spec.grad_weight().input_size == (7,)
+    uncropped = LayerSpec.conv_transpose(2, 3, 2, stride=2, padding=1, output_padding=1,
+                                         input_size=(5,))
+    assert uncropped.gradient_crop == (0,) and uncropped.grad_input().input_size == (9,)
 
 
 C2 = dict(in_channels=4, out_channels=4, kernel_size=3)

@@ -79,6 +79,8 @@ CASES = [
      (32, 16, 4, 4), dict(stride=2, padding=1)),
     ("conv_transpose1d output_padding", "conv_transpose1d", (1, 16, 9), (16, 8, 3),
      dict(stride=2, padding=1, output_padding=1)),
+    ("conv_transpose1d output_padding >= stride (cropped gradient)", "conv_transpose1d",
+     (1, 16, 5), (16, 8, 3), dict(stride=2, output_padding=2, dilation=3)),
 ]
 
 

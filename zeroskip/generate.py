@@ -118,7 +118,7 @@ def plan(layers: Iterable[tuple[str, LayerSpec]], targets: Iterable[str] = ("sm_
                                          ("grad_weight", typed.grad_weight)):
                         try:
                             kernels.append((role, "dense", derive()))
-                        except (NotImplementedError, ValueError) as exc:
+                        except ValueError as exc:
                             skipped.append({"layer": name, "role": role, "dtype": dtype,
                                             "spec": typed.describe(),
                                             "reason": f"{type(exc).__name__}: {exc}"})
@@ -346,7 +346,7 @@ def c_kernels(spec: LayerSpec, choices: Iterable[str] = (), include_grads: bool 
                                                                    served.grad_weight)):
             try:
                 kernels.append((role, lower.DEFAULT.name, derive()))
-            except (NotImplementedError, ValueError) as exc:
+            except ValueError as exc:
                 skipped.append({"role": role, "spec": served.describe(),
                                 "reason": f"{type(exc).__name__}: {exc}"})
     return kernels, skipped

@@ -32,8 +32,7 @@ equivalent mistake, the exception type is the one torch raises for it:
 * ``RuntimeError``: geometry torch's forward rejects: negative padding, size (or batch, of a
   :class:`Workload`),
   non-positive stride, dilation or kernel size, a kernel larger than the padded input, an output
-  size below 1. (:meth:`grad_input` also raises ``NotImplementedError``, a ``RuntimeError``,
-  for the gradient of a transposed conv no spec can state.)
+  size below 1.
 
 Nothing else escapes (never OverflowError: Python ints do not overflow, a float that does is a
 ValueError). A spec holds only plain built-ins: every int is a plain ``int`` (an int subclass or
@@ -431,21 +430,34 @@ class LayerSpec:
         if self.op == "conv_transpose":
             c_x, c_y = self.conv_channels
             # output_padding >= stride (allowed when dilation > stride) leaves trailing outputs
-            # no input reaches; trim pad_hi so the conv yields exactly input_size outputs.
-            padding = tuple((lo, hi - max(0, op - s + 1)) for (lo, hi), op, s in
+            # no input reaches: pad_hi shrinks so the conv yields exactly input_size outputs,
+            # and where it would go negative the conv reads a cropped output gradient
+            # (gradient_crop) instead.
+            crop = self.gradient_crop
+            padding = tuple((lo, max(0, hi - (op - s + 1))) for (lo, hi), op, s in
                             zip(self.padding, self.output_padding, self.stride))
-            if any(hi < 0 for _, hi in padding):
-                # It would be a conv of a cropped output gradient, which a spec cannot state.
-                raise NotImplementedError(
-                    f"the input gradient of a transposed conv with output_padding="
-                    f"{self.output_padding} >= stride={self.stride} + padding="
-                    f"{tuple(lo for lo, _ in self.padding)} is not representable as a conv spec")
+            size = tuple(n - c for n, c in zip(self._transpose_output_size(), crop))
             return LayerSpec(op="conv", in_channels=c_x, out_channels=c_y,
                              kernel_size=self.kernel_size, stride=self.stride,
                              padding=padding, dilation=self.dilation, groups=self.groups,
                              output_padding=(0,) * self.rank, padding_mode="zeros", bias=False,
-                             input_size=self._transpose_output_size(), dtype=self.dtype)
+                             input_size=size, dtype=self.dtype)
         raise ValueError(f"grad_input() is defined for 'conv' and 'conv_transpose', not {self.op!r}")
+
+    @property
+    def gradient_crop(self) -> tuple[int, ...]:
+        """Per axis, how many trailing elements of a transposed conv's output gradient its
+        gradient operators do not read (zeros for every other operator).
+
+        An output_padding >= stride + padding (allowed when dilation > stride) appends
+        ``output_padding - padding`` outputs that no input reaches; the gradient operators
+        (a conv over the output gradient, and its weight gradient) skip the last
+        ``output_padding - stride + 1 - padding`` of them, exactly: those elements meet no
+        input and no weight."""
+        if self.op != "conv_transpose":
+            return (0,) * self.rank
+        return tuple(max(0, op - s + 1 - hi) for (_, hi), op, s in
+                     zip(self.padding, self.output_padding, self.stride))
 
     def grad_weight(self) -> "LayerSpec":
         """The operator computing the gradient w.r.t. the weight: ``conv_grad_weight`` of the

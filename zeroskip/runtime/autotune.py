@@ -171,14 +171,8 @@ def tune(spec: LayerSpec, density: float, repeats: int = REPEATS,
 
 
 def gradients(spec: LayerSpec) -> list[tuple[str, LayerSpec]]:
-    """``(operator, spec)`` of a forward layer's gradient operators that have a spec."""
-    found = []
-    for name in ("grad_input", "grad_weight"):
-        try:
-            found.append((name, getattr(spec, name)()))
-        except NotImplementedError:
-            pass
-    return found
+    """``(operator, spec)`` of a forward layer's two gradient operators."""
+    return [("grad_input", spec.grad_input()), ("grad_weight", spec.grad_weight())]
 
 
 def jobs(layers: Iterable[LayerSpec | tuple[LayerSpec, int]], densities: Iterable[float],

@@ -20,8 +20,8 @@ import torch
 
 from ..spec import LimitError
 from . import loader, reference, stats, tritonenv
-from .arguments import (COVERED_DTYPES, check_arguments, check_shapes, config_of, key_of,
-                        overflows_int64, parse_config, scalar_name, spec_from_config,
+from .arguments import (COVERED_DTYPES, _per_axis, check_arguments, check_shapes, config_of,
+                        key_of, overflows_int64, parse_config, scalar_name, spec_from_config,
                         spec_of_call)
 from .dispatch import GradientOperator, Operator
 from .stats import Fallback
@@ -61,6 +61,8 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
         _, call, torch_op = _lookup(op, rank, input, weight, bias, args)
         if isinstance(call, Fallback):
             return _fall_back(call, torch_op, _relu(input, relu_input), weight, bias)
+        if isinstance(call, PerBatch):
+            call.check(input, rank)
         return custom(input, weight, bias, call.config)
     return _forward(op, rank, input, weight, bias, args, relu_input)
 
@@ -320,11 +322,17 @@ def _gradient(which: str, grad: torch.Tensor, other: torch.Tensor, size: tuple,
     op, rank = parse_config(config)[:2]
     input_shape, weight_shape = (size, other.shape) if which == "input" else (other.shape, size)
     batched = len(input_shape) == rank + 2
+    if not grad.numel() or not other.numel():
+        # An empty output (or operand) meets nothing: its gradients are zeros, no kernel's.
+        return grad.new_zeros(size)
     operator = _gradient_operator(which, config, tuple(input_shape[-rank - 1:]),
                                   tuple(weight_shape), grad.dtype, backend_for(grad))
     if isinstance(operator, Fallback):
         stats.fallback(operator.reason, operator.detail)
         return reference.gradient(which, grad, other, size, config)
+    if any(operator.crop):      # trailing outputs no input reaches (LayerSpec.gradient_crop)
+        grad = grad[(..., *(slice(0, n - c) for n, c in zip(grad.shape[-rank:],
+                                                            operator.crop)))]
     g = operator.prepare(grad if batched else grad.unsqueeze(0))
     try:
         if which == "input":
@@ -348,22 +356,27 @@ def _gradient_operator(which: str, config: str, input_shape: tuple, weight_shape
     try:
         grad_spec = spec.grad_input() if which == "input" else spec.grad_weight()
         kernel = loader.kernel_for(grad_spec, backend)
-    except (NotImplementedError, LimitError, *loader.BUILD_ERRORS) as exc:
+    except (LimitError, *loader.BUILD_ERRORS) as exc:
         where = "Triton kernel" if backend == "triton" else "generated kernel"
         return Fallback(f"no {where} for the {which} gradient of {spec.torch_name}",
                         f"{type(exc).__name__}: {exc}")
     torch_op = None
+    crop = spec.gradient_crop
     if reference.has_gradient(spec):
         run = reference.gradient_of(which, spec, spec.op == "conv_transpose")
+        # torch's op reads the whole output gradient: the cropped elements come back as zeros.
+        whole = [p for c in reversed(crop) for p in (0, c)]
         if which == "input":
             def torch_op(g, w, _bias):
-                return run(g, w, (g.shape[0], *input_shape))
+                return run(torch.nn.functional.pad(g, whole), w, (g.shape[0], *input_shape))
         else:
             def torch_op(lhs, rhs, _bias):
                 x, g = (rhs, lhs) if spec.op == "conv_transpose" else (lhs, rhs)
+                if spec.op == "conv_transpose":
+                    g = torch.nn.functional.pad(g, whole)
                 return run(g, x, weight_shape)
     out_shape = input_shape if which == "input" else weight_shape
-    operator = GradientOperator(grad_spec, kernel, out_shape, torch_op, layer=spec)
+    operator = GradientOperator(grad_spec, kernel, out_shape, torch_op, layer=spec, crop=crop)
     operator.config = config
     return operator
 
@@ -383,7 +396,7 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Operator | Fallba
     args = (*checked, *args[5:])
     try:
         call = _prepare_call(name, op, rank, input, weight, bias, args, torch_op)
-        if not isinstance(call, Fallback):
+        if isinstance(call, Operator) and not call.config:
             call.config = config_of(op, rank, *args)
         return call
     except (TypeError, ValueError, RuntimeError, IndexError):
@@ -438,6 +451,7 @@ def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operat
         # torch computes sizes in int64 and wraps (a dilation of 2**62 may pass its checks):
         # what it then does is its own.
         return Fallback("arguments whose sizes overflow int64")
+    groups = args[3]
     try:
         spec = spec_of_call(op, rank, input.shape, weight.shape, bias is not None, input.dtype,
                            args)
@@ -446,9 +460,19 @@ def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operat
                         str(exc))
     except (ValueError, RuntimeError) as exc:
         if op == "conv_transpose":
-            # torch's CPU op checks a batch of one and a larger batch (oneDNN) differently: a
-            # dilation of 0 with a 1-tap kernel, an output size below 1 pass for 2 samples and
-            # raise for 1. Its op answers each call as it would.
+            degenerate = _degenerate_transpose(rank, input, weight, args)
+            if degenerate is not None:
+                plain, error, out = degenerate
+                if not all(out):
+                    return PerBatch(None, error, (weight.shape[1] * groups, *out),
+                                    config_of(op, rank, *args))
+                call = _prepare_call(name, op, rank, input, weight, bias, plain, torch_op)
+                if isinstance(call, Operator):
+                    call.config = config_of(op, rank, *plain)
+                    return PerBatch(call, error, call.out_shape, call.config)
+                return call
+            # Other faults torch's CPU op checks per batch size (its message differs for a
+            # batch of one and a larger one): its op answers each call as it would.
             return Fallback("a transposed conv zeroskip rejects (torch's op decides per batch)")
         if isinstance(exc, RuntimeError):
             raise
@@ -474,3 +498,66 @@ def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operat
         return Fallback(f"the {what} of {spec.describe()} failed to build",
                         f"{type(exc).__name__}: {exc}")
     return Operator(spec, kernel, out_shape, torch_op=torch_op)
+
+
+def _degenerate_transpose(rank, input, weight, args) -> tuple[tuple, str | None, tuple] | None:
+    """A transposed conv torch's CPU op runs for a batch of 2 or more (on oneDNN) and rejects
+    for a batch of one (its own shape checks): a dilation of 0 on an axis whose kernel has one
+    tap (1-D and 2-D), or an output size of 0. Returns the arguments with those dilations 1
+    (the same conv: one tap spans one element whatever its dilation), torch's message for a
+    batch of one (None off the CPU, where torch's checks differ) and the output's spatial size;
+    None for any other call."""
+    per_axis = _per_axis(rank, args)
+    if per_axis is None:
+        return None
+    stride, padding, dilation, output_padding = per_axis
+    kernel, size = tuple(weight.shape[2:]), tuple(input.shape[-rank:])
+    if any(d < 0 or d == 0 and (k != 1 or rank == 3) for d, k in zip(dilation, kernel)):
+        return None
+    plain = tuple(d or 1 for d in dilation)
+    out = tuple((n - 1) * s - 2 * p + d * (k - 1) + o + 1 for n, s, p, d, k, o in
+                zip(size, stride, padding, plain, kernel, output_padding))
+    if all(dilation) and all(out) or min(out) < 0 or min(size) < 1 or min(stride) < 1 or \
+            min(padding) < 0 or any(not 0 <= o < max(s, d) for o, s, d in
+                                    zip(output_padding, stride, plain)):
+        return None
+
+    def shown(values):      # torch's CPU op runs a 1-D conv as a 2-D one of height 1
+        return (1, *values) if rank == 1 else tuple(values)
+    if not all(dilation):
+        names = ("dilation_depth", "dilation_height", "dilation_width")[-len(shown(dilation)):]
+        error = "dilation should be greater than zero, but got " + ", ".join(
+            f"{name}: {d}" for name, d in zip(names, shown(dilation)))
+    else:
+        error = (f"Given input size per channel: ({' x '.join(map(str, shown(size)))}). "
+                 f"Calculated output size per channel: ({' x '.join(map(str, shown(out)))}). "
+                 "Output size is too small")
+    args = (args[0], args[1], plain, *args[3:])
+    return args, error if input.device.type == "cpu" else None, out
+
+
+class PerBatch:
+    """A call torch's op accepts for some batch sizes only (:func:`_degenerate_transpose`):
+    raises torch's error for a batch of one, else runs ``operator`` (the same conv, stated as a
+    spec) or, where the output is empty, returns it (no kernel has work)."""
+
+    def __init__(self, operator: Operator | None, error: str | None, out_shape: tuple,
+                 config: str):
+        self.operator, self.error, self.out_shape, self.config = operator, error, out_shape, \
+            config
+        self.backend = "c" if operator is None else operator.backend
+        self.spec = None if operator is None else operator.spec
+
+    def check(self, input: torch.Tensor, rank: int) -> None:
+        """torch's RuntimeError where ``input`` is a batch of one (or unbatched)."""
+        if self.error and (input.dim() == rank + 1 or input.shape[0] == 1):
+            raise RuntimeError(self.error)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.operator is None else self.operator.prepare(x)
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        self.check(x, x.dim() - 2)
+        if self.operator is None:
+            return x.new_empty((x.shape[0], *self.out_shape))
+        return self.operator.run(x, weight, bias)

@@ -243,10 +243,13 @@ class GradientOperator(Operator):
     ``grad_input()`` or ``grad_weight()``, ``run(lhs, rhs, None)`` takes the gradient kernel's
     operands (the output gradient and the weight; the input and the output gradient, in the
     order the spec contracts them), ``out_shape`` is the input gradient's per-sample shape or
-    the weight gradient's whole one, ``layer`` the forward layer."""
+    the weight gradient's whole one, ``layer`` the forward layer, ``crop`` the layer's
+    :attr:`~zeroskip.spec.LayerSpec.gradient_crop` (trailing output-gradient elements the
+    kernels do not read)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, crop: tuple[int, ...] = (), **kwargs):
         super().__init__(*args, **kwargs)
+        self.crop = crop
         plan = getattr(self.forward, "plan", None)
         # A weight gradient whose sparse kernel can walk the output gradient's zeros instead.
         self.rhs_walk = (self.backend == "c" and plan is not None and
