@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -311,6 +312,47 @@ def test_a_new_parameter_version_replaces_its_pack():
         _close("after three updates", conv(x), torch.nn.functional.conv2d(
             x, conv.weight, conv.bias, padding=1))
     assert len(kernel._packs) == 1
+
+
+def _counting_packs(kernel, monkeypatch) -> list:
+    packed = []
+    pack = kernel._pack
+    monkeypatch.setattr(kernel, "_pack", lambda w, b: packed.append(1) or pack(w, b))
+    return packed
+
+
+def test_plain_tensor_weights_are_packed_once_per_version(monkeypatch):
+    """Weights passed as plain tensors (not Parameters) are packed once and reused while their
+    storage and version are the same; an in-place change repacks."""
+    torch.manual_seed(13)
+    x, w, b = torch.randn(1, 3, 6, 6), torch.randn(8, 3, 3, 3), torch.randn(8)
+    kernel = zeroskip.runtime.loader.kernel_for(LayerSpec.conv(3, 8, 3, padding=1,
+                                                               input_size=(6, 6)))
+    kernel.forget_packed()
+    packed = _counting_packs(kernel, monkeypatch)
+    with torch.no_grad():
+        for _ in range(3):
+            ZF.conv2d(x, w, b, padding=1)
+        ZF.conv2d(x, w.view(8, 3, 3, 3), b, padding=1)    # a view: same storage, same version
+        assert len(packed) == 1
+        w.mul_(-1)
+        _close("after an in-place change", ZF.conv2d(x, w, b, padding=1),
+               F.conv2d(x, w, b, padding=1))
+    assert len(packed) == 2 and len(kernel._packs) == 1
+
+
+def test_no_stale_pack_after_a_storage_is_freed_and_its_memory_reused():
+    """A new tensor over the memory of a freed one (same data pointer, strides and version 0)
+    gets its own pack: the cache holds a weak reference to the storage it packed."""
+    torch.manual_seed(14)
+    x = torch.randn(1, 3, 6, 6)
+    memory = np.empty((8, 3, 3, 3), dtype=np.float32)
+    for step in range(3):
+        memory[:] = np.random.default_rng(step).standard_normal(memory.shape)
+        w = torch.from_numpy(memory)             # a new storage over the same memory
+        assert w._version == 0
+        _close(f"tensor {step}", ZF.conv2d(x, w, padding=1), F.conv2d(x, w, padding=1))
+        del w
 
 
 # ----------------------------------------------------------------------------------- nn modules

@@ -31,7 +31,7 @@ from typing import Any
 
 from .. import __version__
 from ..spec import LayerSpec
-from . import cache, cc, tritonenv
+from . import cache, cc, env, tritonenv
 from .tuning import TuningDB, spec_key
 
 FORMAT = "zeroskip-bundle"
@@ -220,7 +220,7 @@ def active() -> list[Bundle]:
     """The bundles in use: :func:`load_bundle`'s, then ``ZEROSKIP_BUNDLE``'s (loaded, and
     verified, when the variable is first seen or changes)."""
     global _env, _generation
-    wanted = os.environ.get("ZEROSKIP_BUNDLE", "")
+    wanted = env.get("ZEROSKIP_BUNDLE", "")
     if wanted != _env[0]:
         with _lock:
             if wanted != _env[0]:
@@ -232,7 +232,8 @@ def active() -> list[Bundle]:
 
 def generation() -> int:
     """Changes whenever the active bundles do."""
-    active()
+    if env.get("ZEROSKIP_BUNDLE", "") != _env[0]:
+        active()
     return _generation
 
 

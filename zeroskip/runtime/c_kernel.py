@@ -5,9 +5,7 @@ A :class:`Kernel` runs on contiguous tensors of any batch size; the loader
 """
 from __future__ import annotations
 
-import collections
 import functools
-import threading
 from pathlib import Path
 
 import torch
@@ -16,8 +14,8 @@ from ..codegen import targets
 from ..codegen.targets import Compiled
 from ..codegen.variant import Variant
 from . import cc, stats
+from .packs import PackCache
 
-PACK_CACHE_SIZE = 16
 MACS_PER_THREAD = 1 << 16   # below this much work per thread, waking another costs more
 ERRORS = (cc.CompileError,)  # what building a C kernel raises besides the loader's own
 
@@ -63,53 +61,29 @@ class Kernel:
         self.variant, self.crossover = compiled.variant, compiled.crossover
         self.folder, self.source = folder, folder / "kernel.c"
         self.lib = cc.Library(folder / "kernel.so")
-        self._packs: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._packs = PackCache()
         self.macs_per_sample = sum(r.macs_per_sample for r in compiled.plan.regions)
         variant = compiled.variant
         self.default = Variant("sparse" if compiled.plan.sparse else "dense",
                                variant.tile_width, variant.vectors)
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The weights (and bias) in the kernel's layout.
-
-        Packs of ``nn.Parameter`` weights are cached per tensor version, which optimizers and
-        in-place ops under ``no_grad`` advance; edits through ``.data`` do not (call
-        :func:`zeroskip.runtime.loader.forget_packed` after them). Plain tensors are packed on
-        every call."""
+        """The weights (and bias) in the kernel's layout, cached by storage and version
+        (:mod:`.packs`)."""
         if self.lib.packed_elems == 0:
             return weight
-        cached = isinstance(weight, torch.nn.Parameter) and (
-            bias is None or isinstance(bias, torch.nn.Parameter))
-        if cached:
-            # One entry per (weight, bias) pair, holding the versions it was packed at: a new
-            # version (an optimizer step) replaces the entry instead of adding one, so a
-            # training loop keeps one pack per layer, not PACK_CACHE_SIZE stale ones.
-            key = (id(weight), weight.data_ptr(),
-                   None if bias is None else (id(bias), bias.data_ptr()))
-            versions = (weight._version, None if bias is None else bias._version)
-            with self._lock:
-                hit = self._packs.get(key)
-                if hit is not None and hit[0] == versions:
-                    self._packs.move_to_end(key)
-                    return hit[1]
+        return self._packs.get(weight, bias, self._pack)
+
+    def _pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = weight.detach().contiguous()
         b = None if bias is None else bias.detach().contiguous()
         packed = torch.empty(self.lib.packed_elems, dtype=weight.dtype)
         self.lib.pack(torch.get_num_threads(), w.data_ptr(), 0 if b is None else b.data_ptr(),
                       packed.data_ptr())
-        if cached:
-            with self._lock:
-                # The entry holds the tensors, so their ids and storage stay theirs while cached.
-                self._packs[key] = (versions, packed, weight, bias)
-                self._packs.move_to_end(key)
-                while len(self._packs) > PACK_CACHE_SIZE:
-                    self._packs.popitem(last=False)
         return packed
 
     def forget_packed(self) -> None:
-        with self._lock:
-            self._packs.clear()
+        self._packs.clear()
 
     @staticmethod
     def prepare(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +92,7 @@ class Kernel:
 
     @staticmethod
     def new_output(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.empty(shape, dtype=like.dtype)
+        return like.new_empty(shape)
 
     def density(self, x: torch.Tensor) -> float:
         """The share of non-zeros in ``x`` (contiguous, batched), sampled in C: microseconds."""
@@ -130,7 +104,8 @@ class Kernel:
         weight gradient the second operand), writing ``out``. ``variant``: the launch knobs
         (C kernels have none: their knobs shape the source)."""
         packed = self.pack(rhs, bias)
-        return self.launch(lhs, packed, rhs.detach().contiguous(), out)
+        return self.launch(lhs, packed, rhs if rhs.is_contiguous() else rhs.detach().contiguous(),
+                           out)
 
     def launch(self, lhs: torch.Tensor, packed: torch.Tensor, rhs: torch.Tensor,
                out: torch.Tensor) -> torch.Tensor:

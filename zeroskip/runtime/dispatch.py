@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import threading
 from typing import Any, Iterator
 
@@ -37,7 +36,7 @@ from ..codegen.lower import serves_sparse_weight_grad
 from ..codegen.passes.choose_strategy import WEIGHT_GRAD_RHS_CROSSOVER, WEIGHT_GRAD_RHS_MIN_ROW
 from ..codegen.variant import Variant
 from ..spec import LayerSpec
-from . import bundle, loader, stats, tuning
+from . import bundle, env, loader, stats, tuning
 
 MEASURE_EVERY = 256        # GPU calls between two density measurements (each one syncs)
 
@@ -127,7 +126,7 @@ class Operator:
         """The candidate to run on ``x`` (batched, as the kernel reads it; ``other``: the second
         operand): a variant name or 'torch'."""
         self.last_density = 1.0
-        if os.environ.get("ZEROSKIP_SPARSE", "1") == "0":
+        if env.get("ZEROSKIP_SPARSE", "1") == "0":
             return self.default
         records, same = self._records(x.device)
         if same is not None:             # tuned alike at every density: no need to measure
@@ -211,7 +210,7 @@ class Operator:
             stats.add("torch_choices")
             self._notify("torch")
             return self.torch_op(x, weight, bias)
-        variant, kernel = self.resolve(choice)
+        variant, kernel = self._resolved.get(choice) or self.resolve(choice)
         if variant is self._resolved[self.default][0]:
             choice = self.default
         elif variant.strategy == "sparse":
@@ -265,7 +264,7 @@ class GradientOperator(Operator):
         choice = super().choose(x)
         if (self.rhs_walk and other is not None and other.numel()
                 and choice in (self.default, "sparse")
-                and os.environ.get("ZEROSKIP_SPARSE", "1") != "0"):
+                and env.get("ZEROSKIP_SPARSE", "1") != "0"):
             density = sampled_density(other)
             if density < WEIGHT_GRAD_RHS_CROSSOVER and density < self.last_density:
                 self.last_density = density

@@ -19,7 +19,6 @@ import math
 import re
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from ..codegen.targets import Compiled
 from ..codegen.variant import Config, Variant
 from ..spec import LayerSpec
 from . import stats
+from .packs import PackCache
 from .tritonenv import TritonUnavailable, interpreting, triton_version
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -86,35 +86,24 @@ class Kernel:
         self.variant = compiled.variant
         self.default = Variant("sparse" if self.family == "block_sparse" else "dense",
                                config=TARGET.default_config(compiled.plan))
-        self._packs: dict = {}
-        self._lock = threading.Lock()
+        self._packs = PackCache()
         self._launch_args: dict = {}
         self._launched: set = set()      # configs launched once (Triton compiled them)
 
     # The packed weight layout is [group][tap][c_red][c_out]: a k-block's rows are contiguous
     # along output channels.
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight in the kernel's layout (cached per Parameter version, as the C path)."""
+        """The weight in the kernel's layout, cached by storage and version (:mod:`.packs`)."""
+        return self._packs.get(weight, None, self._pack)
+
+    def _pack(self, weight: torch.Tensor, _bias: None) -> torch.Tensor:
         p = self.plan
-        cached = isinstance(weight, torch.nn.Parameter)
-        key = (id(weight), weight._version, weight.data_ptr(), weight.device)
-        if cached:
-            with self._lock:
-                hit = self._packs.get(key)
-            if hit is not None:
-                return hit[0]
         sg, so, si = emit.weight_strides(p)
         w = weight.detach().contiguous()
-        packed = w.as_strided((p.groups, p.taps, p.c_red, p.c_out), (sg, 1, si, so)).contiguous()
-        if cached:
-            with self._lock:
-                self._packs.clear()     # one layer, one weight: keep the latest version only
-                self._packs[key] = (packed, weight)
-        return packed
+        return w.as_strided((p.groups, p.taps, p.c_red, p.c_out), (sg, 1, si, so)).contiguous()
 
     def forget_packed(self) -> None:
-        with self._lock:
-            self._packs.clear()
+        self._packs.clear()
 
     @staticmethod
     def prepare(x: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,17 @@
 """Whether Triton kernels can run here: installed, on a GPU or under Triton's interpreter.
 
 A bottom-floor module: the tuning fingerprints, bundles, the Triton launcher and the dispatch
-all ask it, and it imports nothing of zeroskip.
+all ask it, and it imports nothing of zeroskip but :mod:`.env`.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import sys
 
 import torch
+
+from . import env
 
 
 class TritonUnavailable(RuntimeError):
@@ -22,7 +23,7 @@ def available() -> bool:
 
 
 def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def interpreting() -> bool:

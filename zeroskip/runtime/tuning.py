@@ -32,7 +32,7 @@ import torch
 
 from .. import __version__
 from ..spec import LayerSpec
-from . import cache, cc, tritonenv
+from . import cache, cc, env, tritonenv
 
 BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 FORMAT = 1
@@ -151,7 +151,7 @@ def spec_key(spec: LayerSpec) -> str:
 
 
 def default_path() -> Path:
-    path = os.environ.get("ZEROSKIP_TUNING_DB")
+    path = env.get("ZEROSKIP_TUNING_DB")
     return Path(path).expanduser() if path else cache.cache_dir() / "tuning.json"
 
 
@@ -310,7 +310,7 @@ def database() -> TuningDB:
     """The process's tuning database (loaded on first use, and again when the environment
     variables that locate it or the thread count, part of the fingerprint, change)."""
     global _db
-    where = (*(os.environ.get(name) for name in _ENV), torch.get_num_threads())
+    where = (env.get(_ENV[0]), env.get(_ENV[1]), env.get(_ENV[2]), torch.get_num_threads())
     found = _db
     if found is not None and found[0] == where:
         return found[1]
