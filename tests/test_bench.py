@@ -53,6 +53,19 @@ def test_select():
     assert {layer.family for layer in bench.select(patterns=["dw", "unet3d"])} == \
         {"mobilenetv2-dw", "unet3d"}
     assert bench.select(quick=True, patterns=["vgg16"]) == []
+    wide = bench.select(suite="wide")
+    assert len(wide) >= 30 and all(layer.wide for layer in wide)
+    assert not any(layer.wide for layer in bench.select())
+    assert len(bench.select(suite="all")) == len(bench.SUITE) + len(wide)
+    channels = {c for layer in wide for c in (layer.spec.in_channels, layer.spec.out_channels)}
+    assert {24, 40, 80, 112, 192, 320} <= channels           # MobileNet / EfficientNet
+    assert {147, 35, 17, 8} <= {layer.spec.input_size[0] for layer in wide}   # Inception
+    for layer in wide:
+        bench.call_args(layer.spec)
+        if layer.dense:
+            assert layer.spec.groups == 1 and set(layer.spec.dilation) == {1}
+    with pytest.raises(ValueError, match="suite"):
+        bench.select(suite="everything")
 
 
 def test_call_args_refuse_asymmetric_padding():

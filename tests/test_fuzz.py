@@ -577,6 +577,30 @@ def test_transposed_conv_checks_depend_on_the_batch_like_torch(batch, rank, kern
     torch.testing.assert_close(gw, want_gw)
 
 
+@pytest.mark.parametrize("x_shape, w_shape, dtype, kwargs", [
+    # groups > 1: torch's oneDNN path even for a batch of one (an empty result)
+    ((1, 2, 2), (2, 1, 1), torch.float32, dict(padding=1, groups=2)),
+    # float64 never runs on oneDNN: torch's own loops reject every batch
+    ((2, 2, 2), (2, 1, 1), torch.float64, dict(padding=1)),
+    ((2, 2, 5), (2, 3, 1), torch.float64, dict(dilation=0)),
+    # output_padding >= stride keeps torch off oneDNN
+    ((2, 1, 1, 1, 2), (1, 1, 1, 1, 1), torch.float32,
+     dict(padding=(0, 0, 1), dilation=2, output_padding=(0, 1, 0))),
+])
+def test_degenerate_transposed_convs_follow_torchs_backend_choice(x_shape, w_shape, dtype,
+                                                                  kwargs):
+    x, w = torch.randn(x_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
+    name = f"conv_transpose{len(x_shape) - 2}d"
+    want, torch_exc = _outcome(lambda: getattr(F, name)(x, w, **kwargs))
+    got, zs_exc = _outcome(lambda: getattr(zf, name)(x, w, **kwargs))
+    if torch_exc is not None:
+        assert type(zs_exc) is type(torch_exc) and str(zs_exc) == str(torch_exc), \
+            (torch_exc, zs_exc)
+    else:
+        assert zs_exc is None, zs_exc
+        torch.testing.assert_close(got, want)
+
+
 def test_layerspec_replicate_padding_of_empty_input_raises_like_torch():
     """F.pad(mode='replicate') refuses an empty spatial size even in an empty batch."""
     with pytest.raises(RuntimeError, match="replicate"):

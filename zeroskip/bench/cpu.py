@@ -87,7 +87,7 @@ def _timed_row(layer: Layer, batch: int, density: float, compile_s: float | None
                compile_s=compile_s, nonzero_macs=nonzero, dense_macs=dense, error=error,
                contention=timing.contention, density=density, strategy=strategy,
                dense_ms=None if dense_s is None else dense_s * 1e3,
-               wide_3x3=wide_3x3(spec))
+               wide_3x3=wide_3x3(spec), wide=layer.wide)
 
 
 def bench_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,

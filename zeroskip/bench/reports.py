@@ -119,6 +119,13 @@ class Report(JsonReport):
             if r.family == "convT1d-long":
                 found.append((f"{r.name} >= 2x torch", r.ratio, r.ratio >= 2,
                               busy(r.contention)))
+        wide = [r for r in self.rows if r.wide]
+        if wide:
+            worst = min(wide, key=lambda r: r.ratio)
+            found.append(_goal(f"wide suite: every layer >= 0.95x torch (lowest: {worst.name})",
+                               worst.ratio, worst.ratio >= 0.95, [worst]))
+            value = geomean([r.ratio for r in wide])
+            found.append(_goal("wide suite: geomean >= 1.3x torch", value, value >= 1.3, wide))
         if self.geomean_dense is not None:
             found.append(("geomean over dense layers >= 0.5x torch", self.geomean_dense,
                           self.geomean_dense >= 0.5,

@@ -30,6 +30,7 @@ class Row:
     strategy: str           # what zeroskip's dispatch ran: dense, sparse, a variant, torch
     dense_ms: float | None  # the generated dense kernel, timed at density 1 only
     wide_3x3: bool          # see :func:`wide_3x3`
+    wide: bool = False      # a layer of the wide suite (shapes the kernels were not tuned on)
 
     @property
     def ratio(self) -> float:

@@ -23,6 +23,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                     "with --device cuda, the Triton kernels against torch "
                                     "(cuDNN) on the GPU per dtype, with the issue's GPU goals.")
     be.add_argument("--quick", action="store_true", help="only the quick subset of the suite")
+    be.add_argument("--suite", choices=("main", "wide", "all"), default="main",
+                    help="main (default): the suite's layers; wide: real-model shapes the "
+                         "kernels were not tuned on (MobileNet, EfficientNet, Inception, U-Net, "
+                         "diffusion, FCN, ...); all: both")
     be.add_argument("--layers", nargs="+", metavar="SUBSTR",
                     help="only the layers whose name or family contains one of these")
     be.add_argument("--batch", type=_positive, default=None,
@@ -62,9 +66,10 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
     from .. import bench
-    layers = bench.select(args.quick, args.layers)
+    layers = bench.select(args.quick, args.layers, args.suite)
     if not layers:
-        parser.error(f"no layer of the suite matches --layers {' '.join(args.layers)}")
+        parser.error(f"no layer of the {args.suite} suite matches "
+                     f"{'--quick' if args.quick else ''} --layers {' '.join(args.layers or [])}")
     _check_device_flags(args, parser)
     _check_sweep_flags(args, parser)
     if args.threads:

@@ -49,6 +49,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     ge.add_argument("--out", type=Path, default=Path("zeroskip-kernels"), metavar="DIR",
                     help="output folder (default zeroskip-kernels)")
     ge.add_argument("--quick", action="store_true", help="only the quick subset of the suite")
+    ge.add_argument("--suite", choices=("main", "wide", "all"), default="main",
+                    help="main (default): the suite's layers; wide: real-model shapes the "
+                         "kernels were not tuned on (MobileNet, EfficientNet, Inception, U-Net, "
+                         "diffusion, FCN, ...); all: both")
     ge.add_argument("--layers", nargs="+", metavar="SUBSTR",
                     help="only the layers whose name (or suite family) contains one of these")
     ge.add_argument("--jobs", type=_positive, default=2, metavar="J",
@@ -73,7 +77,7 @@ def _generate_layers(args: argparse.Namespace, parser: argparse.ArgumentParser
     else:
         from .. import bench
         layers = [(layer.name, layer.spec, Workload())
-                  for layer in bench.select(args.quick, args.layers)]
+                  for layer in bench.select(args.quick, args.layers, args.suite)]
     if not layers:
         parser.error(f"no layer matches --layers {' '.join(args.layers)}")
     return layers

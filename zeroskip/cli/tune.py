@@ -23,6 +23,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     help="a JSON list of layers (LayerSpec.to_dict() objects) to tune instead of "
                          "the benchmark suite's forward layers")
     tu.add_argument("--quick", action="store_true", help="only the quick subset of the suite")
+    tu.add_argument("--suite", choices=("main", "wide", "all"), default="main",
+                    help="main (default): the suite's layers; wide: real-model shapes the "
+                         "kernels were not tuned on (MobileNet, EfficientNet, Inception, U-Net, "
+                         "diffusion, FCN, ...); all: both")
     tu.add_argument("--layers", nargs="+", metavar="SUBSTR",
                     help="only the suite's layers whose name or family contains one of these")
     tu.add_argument("--densities", type=_densities, default=DENSITIES, metavar="D,D,...",
@@ -61,7 +65,8 @@ def _tune_layers(args: argparse.Namespace, parser: argparse.ArgumentParser
         return _spec_file(args.specs, parser)
     from .. import bench
     layers = [(layer.name, layer.spec, Workload()) for layer in bench.select(args.quick,
-                                                                             args.layers)
+                                                                             args.layers,
+                                                                             args.suite)
               if layer.spec.op in FORWARD]
     if not layers:
         parser.error(f"no forward layer of the suite matches --layers {' '.join(args.layers)}")

@@ -13,16 +13,15 @@ backward. What no kernel covers runs on torch's op (:mod:`.reference`) through
 from __future__ import annotations
 
 import functools
-import os
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import torch
 
 from ..spec import LimitError
-from . import loader, reference, stats, tritonenv
-from .arguments import (COVERED_DTYPES, _per_axis, check_arguments, check_shapes, config_of,
-                        key_of, overflows_int64, parse_config, scalar_name, spec_from_config,
-                        spec_of_call)
+from . import env, loader, reference, stats, tritonenv
+from .arguments import (COVERED_DTYPES, TorchDecides, check_arguments, check_call, config_of,
+                        degenerate_transpose, key_of, overflows_int64, parse_config,
+                        spec_from_config, spec_of_call)
 from .dispatch import GradientOperator, Operator
 from .stats import Fallback
 from .triton_kernel import TritonLaunchError
@@ -44,6 +43,8 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
     formula registered); otherwise the kernel is called directly, which saves the dispatcher's
     few microseconds."""
     args = (stride, padding, dilation, groups, output_padding, padding_mode, activation)
+    if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        return _forward(op, rank, input, weight, bias, args, relu_input)   # the fast path
     custom = torch.ops.zeroskip.relu_convolution if relu_input else \
         torch.ops.zeroskip.convolution
     if torch.compiler.is_compiling():
@@ -58,11 +59,11 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
         # A call torch's op serves runs it with torch's autograd: the custom op's backward
         # needs the spec (and kernels) such a call does not have. A prepared call holds its
         # arguments checked and written as the custom op's config.
-        _, call, torch_op = _lookup(op, rank, input, weight, bias, args)
+        _, call = _lookup(op, rank, input, weight, bias, args)
         if isinstance(call, Fallback):
-            return _fall_back(call, torch_op, _relu(input, relu_input), weight, bias)
+            return _fall_back(call, op, rank, args, _relu(input, relu_input), weight, bias)
         if isinstance(call, PerBatch):
-            call.check(input, rank)
+            call.check(input if input.dim() == rank + 2 else input.unsqueeze(0))
         return custom(input, weight, bias, call.config)
     return _forward(op, rank, input, weight, bias, args, relu_input)
 
@@ -87,7 +88,7 @@ def backend_for(t: torch.Tensor) -> str | None:
         return "triton"
     if device != "cpu":
         return None
-    wanted = os.environ.get("ZEROSKIP_BACKEND", "") or "c"
+    wanted = env.get("ZEROSKIP_BACKEND", "") or "c"
     if wanted not in BACKENDS:
         raise ValueError(f"ZEROSKIP_BACKEND must be one of {BACKENDS}, got {wanted!r}")
     return wanted
@@ -112,42 +113,52 @@ def _needs_autograd(input, weight, bias) -> bool:
 
 
 def _lookup(op: str, rank: int, input, weight, bias, args: tuple
-            ) -> tuple[tuple | None, Operator | Fallback, Any]:
-    """The key, the prepared :class:`Operator` (or :class:`Fallback`) and torch's op of a call:
-    one dict lookup keyed by everything but the batch size, else :func:`_prepare` (which
-    raises what torch raises). The key is None where the arguments are not hashable."""
-    def torch_op(x, w, b):
-        return reference.convolution(op, rank, x, w, b, *args)
-
+            ) -> tuple[tuple | None, Operator | Fallback]:
+    """The key and the prepared :class:`Operator` (or :class:`Fallback`) of a call: one dict
+    lookup keyed by everything but the batch size, else :func:`_prepare` (which raises what
+    torch raises). The key is None where the arguments are not hashable."""
     stride, padding, dilation, groups, output_padding, padding_mode, activation = args
     try:
-        key = (op, rank, input.dtype, input.device, os.environ.get("ZEROSKIP_BACKEND"),
-               input.dim(), tuple(input.shape[1:]),
-               weight.dtype, weight.device, tuple(weight.shape),
-               None if bias is None else (bias.dtype, bias.device, tuple(bias.shape)),
-               key_of(stride), key_of(padding), key_of(dilation), key_of(groups),
-               key_of(output_padding), padding_mode, activation)
+        key = (op, rank, input.dtype, input.device, env.get("ZEROSKIP_BACKEND"),
+               input.dim(), input.shape[1:], weight.dtype, weight.device, weight.shape,
+               None if bias is None else (bias.dtype, bias.device, bias.shape),
+               # (key_of keeps 1, True and 1.0 apart; a plain int is its own key)
+               stride if type(stride) is int else key_of(stride),
+               padding if type(padding) is int else key_of(padding),
+               dilation if type(dilation) is int else key_of(dilation),
+               groups if type(groups) is int else key_of(groups),
+               output_padding if type(output_padding) is int else key_of(output_padding),
+               padding_mode, activation)
         call = _calls.get(key)
     except (AttributeError, TypeError):   # not tensors, unhashable arguments: torch says why
         key, call = None, None
     if call is None:
-        call = _prepare(op, rank, input, weight, bias, args, torch_op)
+        call = _prepare(op, rank, input, weight, bias, args, _torch_op(op, rank, args))
         if key is not None:
             _calls[key] = call
-    return key, call, torch_op
+    return key, call
 
 
-def _fall_back(why: Fallback, torch_op, input, weight, bias) -> torch.Tensor:
+def _torch_op(op: str, rank: int, args: tuple):
+    """torch's op for a call's arguments, as ``(x, weight, bias) -> output``."""
+    def torch_op(x, w, b):
+        return reference.convolution(op, rank, x, w, b, *args)
+    return torch_op
+
+
+def _fall_back(why: Fallback, op: str, rank: int, args: tuple, input, weight, bias
+               ) -> torch.Tensor:
     stats.fallback(why.reason, why.detail)
-    return torch_op(input, weight, bias)
+    return reference.convolution(op, rank, input, weight, bias, *args)
 
 
 def _forward(op: str, rank: int, input, weight, bias, args: tuple,
              relu_input: bool = False) -> torch.Tensor:
-    key, call, torch_op = _lookup(op, rank, input, weight, bias, args)
-    input = _relu(input, relu_input)
+    key, call = _lookup(op, rank, input, weight, bias, args)
+    if relu_input:
+        input = _relu(input, relu_input)
     if isinstance(call, Fallback):
-        return _fall_back(call, torch_op, input, weight, bias)
+        return _fall_back(call, op, rank, args, input, weight, bias)
     batched = input.dim() == rank + 2
     x = input if batched else input.unsqueeze(0)
     try:
@@ -157,8 +168,7 @@ def _forward(op: str, rank: int, input, weight, bias, args: tuple,
                           "launch", str(exc))
         if key is not None:       # from now on this layer runs torch's op
             _calls[key] = failed
-        stats.fallback(failed.reason, failed.detail)
-        return torch_op(input, weight, bias)
+        return _fall_back(failed, op, rank, args, input, weight, bias)
     if not batched:
         return out.squeeze(0)
     if call.backend == "c" and _channels_last(input, rank):
@@ -382,7 +392,8 @@ def _gradient_operator(which: str, config: str, input_shape: tuple, weight_shape
 
 
 def _prepare(op, rank, input, weight, bias, args, torch_op) -> Operator | Fallback:
-    """Validate a new call as torch would; return its :class:`Operator`, or the reason it runs on
+    """Validate a new call as torch would (its checks in its order, by
+    :func:`.arguments.check_call`); return its :class:`Operator`, or the reason it runs on
     torch's op instead."""
     name = f"{'conv_transpose' if op == 'conv_transpose' else 'conv'}{rank}d"
     for position, (arg, value) in enumerate((("input", input), ("weight", weight),
@@ -390,9 +401,16 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Operator | Fallba
         if not isinstance(value, torch.Tensor) and not (arg == "bias" and value is None):
             raise TypeError(f"{name}(): argument '{arg}' (position {position}) must be Tensor, "
                             f"not {type(value).__name__}")
-    checked = check_arguments(op, rank, *args[:5])
-    if isinstance(checked, Fallback):
-        return checked
+    parsed = check_arguments(op, rank, *args[:5], expand=False)
+    if isinstance(parsed, Fallback):
+        return parsed
+    unmodelled = _unmodelled(input, weight, bias)
+    if unmodelled is not None:
+        return unmodelled
+    checked = check_call(name, op, rank, input, weight, bias, parsed, args[5])
+    if isinstance(checked, TorchDecides):
+        torch_op(input, weight, bias)   # raises what torch raises for this call, if anything:
+        return checked                  # else its op answers such calls
     args = (*checked, *args[5:])
     try:
         call = _prepare_call(name, op, rank, input, weight, bias, args, torch_op)
@@ -407,8 +425,28 @@ def _prepare(op, rank, input, weight, bias, args, torch_op) -> Operator | Fallba
         raise
 
 
+def _unmodelled(input, weight, bias) -> Fallback | None:
+    """Why torch checks this call along another path than :func:`.arguments.check_call` takes,
+    if it does: a tensor subclass (its __torch_function__), a non-strided or nested tensor, a
+    complex input (complex_convolution checks the operands' types first), a device off the CPU
+    and CUDA (meta kernels). torch's op answers these."""
+    tensors = [t for t in (input, weight, bias) if t is not None]
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return Fallback("tensor subclasses are not covered by the C kernels")
+    if any(t.layout != torch.strided or t.is_nested for t in tensors):
+        return Fallback("sparse or non-strided tensors are not covered by the kernels")
+    if input.is_complex():
+        return Fallback(f"dtype {input.dtype} is not covered by the kernels")
+    for t in tensors:
+        if t.device.type not in ("cpu", "cuda"):
+            return Fallback(f"device {t.device.type} is not covered (CPU tensors run C kernels, "
+                            "CUDA tensors Triton kernels)")
+    return None
+
+
 def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operator | Fallback:
-    """:func:`_prepare` once the arguments parsed as torch parses them."""
+    """:func:`_prepare` once the call passed torch's checks (the transposed conv's faults torch's
+    verdict on depends on the batch aside)."""
     tensors = [t for t in (input, weight, bias) if t is not None]
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
         return Fallback("tensor subclasses are not covered by the C kernels")
@@ -428,19 +466,9 @@ def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operat
             return Fallback(problem)
     if any(t.layout != torch.strided for t in tensors):
         return Fallback("sparse or non-strided tensors are not covered by the kernels")
-    if weight.dtype != input.dtype:
-        raise RuntimeError(f"{name}: expected scalar type {scalar_name(input.dtype)} but found "
-                           f"{scalar_name(weight.dtype)} (input is {input.dtype}, weight is "
-                           f"{weight.dtype}; they must be the same)")
-    if bias is not None and bias.dtype != input.dtype:
-        if op == "conv_transpose":   # torch's CPU conv_transpose1d/2d cast it, 3d raises
-            return Fallback("a transposed conv's bias of another dtype than its input")
-        raise RuntimeError(f"{name}: Input type ({scalar_name(input.dtype).lower()}) and bias type "
-                           f"({scalar_name(bias.dtype).lower()}) should be the same")
     if input.dtype not in _covered_dtypes(backend):
         names = ", ".join(_covered_dtypes(backend).values())
         return Fallback(f"dtype {input.dtype} has no {backend} kernel ({names} do)")
-    check_shapes(name, op, rank, input, weight, bias, args[3])
     if weight.shape[1] == 0 or (input.dim() == rank + 2 and not input.shape[0] and
                                 0 in input.shape[2:]):
         # No channels to contract, or an empty batch of empty inputs: torch accepts some of
@@ -460,16 +488,16 @@ def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operat
                         str(exc))
     except (ValueError, RuntimeError) as exc:
         if op == "conv_transpose":
-            degenerate = _degenerate_transpose(rank, input, weight, args)
+            degenerate = degenerate_transpose(rank, input, weight, args)
             if degenerate is not None:
-                plain, error, out = degenerate
+                plain, check, out = degenerate
                 if not all(out):
-                    return PerBatch(None, error, (weight.shape[1] * groups, *out),
+                    return PerBatch(None, check, (weight.shape[1] * groups, *out),
                                     config_of(op, rank, *args))
                 call = _prepare_call(name, op, rank, input, weight, bias, plain, torch_op)
                 if isinstance(call, Operator):
                     call.config = config_of(op, rank, *plain)
-                    return PerBatch(call, error, call.out_shape, call.config)
+                    return PerBatch(call, check, call.out_shape, call.config)
                 return call
             # Other faults torch's CPU op checks per batch size (its message differs for a
             # batch of one and a larger one): its op answers each call as it would.
@@ -477,13 +505,6 @@ def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operat
         if isinstance(exc, RuntimeError):
             raise
         raise RuntimeError(f"{name}: {exc}") from exc   # torch raises RuntimeError for these
-    shape = list(input.shape) if input.dim() == rank + 2 else [1, *input.shape]
-    if shape[0] and shape[1] and 0 in shape[2:]:
-        # torch's CPU op refuses an empty map of a non-empty batch (after the checks above),
-        # showing a 1-D input as the 2-D one it runs.
-        shown = [*shape[:2], 1, *shape[2:]] if rank == 1 else shape
-        raise RuntimeError("Only zero batch or zero channel inputs are supported, but got "
-                           f"input shape: {shown}")
     # A last cross-check: torch's own shape function on meta tensors.
     meta = torch_op(input.to("meta"), weight.to("meta"), None if bias is None else
                     bias.to("meta"))
@@ -500,64 +521,22 @@ def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operat
     return Operator(spec, kernel, out_shape, torch_op=torch_op)
 
 
-def _degenerate_transpose(rank, input, weight, args) -> tuple[tuple, str | None, tuple] | None:
-    """A transposed conv torch's CPU op runs for a batch of 2 or more (on oneDNN) and rejects
-    for a batch of one (its own shape checks): a dilation of 0 on an axis whose kernel has one
-    tap (1-D and 2-D), or an output size of 0. Returns the arguments with those dilations 1
-    (the same conv: one tap spans one element whatever its dilation), torch's message for a
-    batch of one (None off the CPU, where torch's checks differ) and the output's spatial size;
-    None for any other call."""
-    per_axis = _per_axis(rank, args)
-    if per_axis is None:
-        return None
-    stride, padding, dilation, output_padding = per_axis
-    kernel, size = tuple(weight.shape[2:]), tuple(input.shape[-rank:])
-    if any(d < 0 or d == 0 and (k != 1 or rank == 3) for d, k in zip(dilation, kernel)):
-        return None
-    plain = tuple(d or 1 for d in dilation)
-    out = tuple((n - 1) * s - 2 * p + d * (k - 1) + o + 1 for n, s, p, d, k, o in
-                zip(size, stride, padding, plain, kernel, output_padding))
-    if all(dilation) and all(out) or min(out) < 0 or min(size) < 1 or min(stride) < 1 or \
-            min(padding) < 0 or any(not 0 <= o < max(s, d) for o, s, d in
-                                    zip(output_padding, stride, plain)):
-        return None
-
-    def shown(values):      # torch's CPU op runs a 1-D conv as a 2-D one of height 1
-        return (1, *values) if rank == 1 else tuple(values)
-    if not all(dilation):
-        names = ("dilation_depth", "dilation_height", "dilation_width")[-len(shown(dilation)):]
-        error = "dilation should be greater than zero, but got " + ", ".join(
-            f"{name}: {d}" for name, d in zip(names, shown(dilation)))
-    else:
-        error = (f"Given input size per channel: ({' x '.join(map(str, shown(size)))}). "
-                 f"Calculated output size per channel: ({' x '.join(map(str, shown(out)))}). "
-                 "Output size is too small")
-    args = (args[0], args[1], plain, *args[3:])
-    return args, error if input.device.type == "cpu" else None, out
-
-
 class PerBatch:
-    """A call torch's op accepts for some batch sizes only (:func:`_degenerate_transpose`):
-    raises torch's error for a batch of one, else runs ``operator`` (the same conv, stated as a
-    spec) or, where the output is empty, returns it (no kernel has work)."""
+    """A call torch's op accepts for some batches only (:func:`.arguments.degenerate_transpose`):
+    ``check`` raises torch's error where torch would, else this runs ``operator`` (the same
+    conv, stated as a spec) or, where the output is empty, returns it (no kernel has work)."""
 
-    def __init__(self, operator: Operator | None, error: str | None, out_shape: tuple,
-                 config: str):
-        self.operator, self.error, self.out_shape, self.config = operator, error, out_shape, \
+    def __init__(self, operator: Operator | None, check, out_shape: tuple, config: str):
+        self.operator, self.check, self.out_shape, self.config = operator, check, out_shape, \
             config
         self.backend = "c" if operator is None else operator.backend
         self.spec = None if operator is None else operator.spec
-
-    def check(self, input: torch.Tensor, rank: int) -> None:
-        """torch's RuntimeError where ``input`` is a batch of one (or unbatched)."""
-        if self.error and (input.dim() == rank + 1 or input.shape[0] == 1):
-            raise RuntimeError(self.error)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.operator is None else self.operator.prepare(x)
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-        self.check(x, x.dim() - 2)
+        self.check(x)
         if self.operator is None:
             return x.new_empty((x.shape[0], *self.out_shape))
         return self.operator.run(x, weight, bias)
