@@ -43,11 +43,12 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
     formula registered); otherwise the kernel is called directly, which saves the dispatcher's
     few microseconds."""
     args = (stride, padding, dilation, groups, output_padding, padding_mode, activation)
-    if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+    compiling = torch.compiler.is_compiling()
+    if not compiling and not _needs_autograd(input, weight, bias):
         return _forward(op, rank, input, weight, bias, args, relu_input)   # the fast path
     custom = torch.ops.zeroskip.relu_convolution if relu_input else \
         torch.ops.zeroskip.convolution
-    if torch.compiler.is_compiling():
+    if compiling:
         # The config is parsed back with ast.literal_eval: only plain values go into it.
         checked = check_arguments(op, rank, *args[:5])
         if isinstance(checked, Fallback):
@@ -55,17 +56,15 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
             return reference.convolution(op, rank, _relu(input, relu_input), weight, bias,
                                          *args)
         return custom(input, weight, bias, config_of(op, rank, *checked, *args[5:]))
-    if _needs_autograd(input, weight, bias):
-        # A call torch's op serves runs it with torch's autograd: the custom op's backward
-        # needs the spec (and kernels) such a call does not have. A prepared call holds its
-        # arguments checked and written as the custom op's config.
-        _, call = _lookup(op, rank, input, weight, bias, args)
-        if isinstance(call, Fallback):
-            return _fall_back(call, op, rank, args, _relu(input, relu_input), weight, bias)
-        if isinstance(call, PerBatch):
-            call.check(input if input.dim() == rank + 2 else input.unsqueeze(0))
-        return custom(input, weight, bias, call.config)
-    return _forward(op, rank, input, weight, bias, args, relu_input)
+    # A call torch's op serves runs it with torch's autograd: the custom op's backward needs
+    # the spec (and kernels) such a call does not have. A prepared call holds its arguments
+    # checked and written as the custom op's config.
+    _, call = _lookup(op, rank, input, weight, bias, args)
+    if isinstance(call, Fallback):
+        return _fall_back(call, op, rank, args, _relu(input, relu_input), weight, bias)
+    if isinstance(call, PerBatch):
+        call.check(input if input.dim() == rank + 2 else input.unsqueeze(0))
+    return custom(input, weight, bias, call.config)
 
 
 def _relu(input, relu_input: bool):
@@ -101,9 +100,10 @@ def _covered_dtypes(backend: str | None) -> dict:
 def _needs_autograd(input, weight, bias) -> bool:
     """A call whose result needs a gradient, on tensors a backend covers (other calls run
     torch's op with torch's own autograd)."""
+    if not torch.is_grad_enabled():
+        return False
     tensors = (input, weight) if bias is None else (input, weight, bias)
-    if not (torch.is_grad_enabled()
-            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+    if not (all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
             and any(t.requires_grad for t in tensors)):
         return False
     try:
