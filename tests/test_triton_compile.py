@@ -141,17 +141,19 @@ def test_generate_cli_writes_kernels_and_meta(tmp_path, capsys):
 
 
 def test_plan_skips_what_has_no_kernel():
-    """The gradients of a transposed conv no spec can state, and dtypes Triton lacks, are
-    skipped with the reason; --dtype overrides the layers' own."""
+    """Dtypes Triton lacks are skipped with the reason (a transposed conv with output_padding
+    past its stride gets its gradients, on a cropped output gradient); --dtype overrides the
+    layers' own."""
     convt = LayerSpec.conv_transpose(16, 8, 3, 1, 0, 1, dilation=2, input_size=(6, 6))
+    assert convt.gradient_crop == (1, 1)
     wide = LayerSpec.conv(8, 8, 1, input_size=(4, 4), dtype="float64")
     tasks, skipped = generate.plan([("convT", convt), ("wide", wide)], TARGETS, dtypes=None)
     assert [(t.layer, t.name, t.target) for t in tasks] == [
         ("convT", name, target) for target in TARGETS
-        for name in ("forward-direct-float32", "forward-block_sparse-float32")]
-    assert [(s["layer"], s["role"]) for s in skipped] == [
-        ("convT", "grad_input"), ("convT", "grad_weight"), ("wide", "every")]
-    assert "not representable" in skipped[0]["reason"]
+        for name in ("forward-direct-float32", "forward-block_sparse-float32",
+                     "grad_input-direct-float32", "grad_weight-weight_grad-float32")]
+    assert [(s["layer"], s["role"]) for s in skipped] == [("wide", "every")]
+    assert "float32" in skipped[0]["reason"]
     tasks, skipped = generate.plan([("wide", wide)], ["sm_90"], dtypes=["bfloat16"],
                                    layouts=["contiguous", "channels_last"])
     assert skipped == [] and [t.name for t in tasks] == [
