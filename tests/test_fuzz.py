@@ -543,6 +543,20 @@ def test_empty_batch_like_torch(op, w_shape, kwargs):
     _compare(op, (1, "x_batch0", x, w, None, kwargs), fuzzing=False)
 
 
+def _same_outcome(name: str, x, w, kwargs) -> torch.Tensor | None:
+    """torch's and zeroskip's ``name`` on the same call: the same exception type and message,
+    or the same result (returned; None where both raised)."""
+    want, torch_exc = _outcome(lambda: getattr(F, name)(x, w, **kwargs))
+    got, zs_exc = _outcome(lambda: getattr(zf, name)(x, w, **kwargs))
+    if torch_exc is not None:
+        assert type(zs_exc) is type(torch_exc) and str(zs_exc) == str(torch_exc), \
+            (torch_exc, zs_exc)
+        return None
+    assert zs_exc is None, zs_exc
+    torch.testing.assert_close(got, want)
+    return want
+
+
 @pytest.mark.parametrize("batch", (None, 1, 2, 3))
 @pytest.mark.parametrize("rank, kernel, kwargs", [
     (1, 1, dict(dilation=0)), (2, 1, dict(dilation=0, stride=2, output_padding=1)),
@@ -559,14 +573,9 @@ def test_transposed_conv_checks_depend_on_the_batch_like_torch(batch, rank, kern
     x = torch.randn(*shape) if batch is None else torch.randn(batch, *shape)
     w = torch.randn(2, 3, *((kernel,) * rank if isinstance(kernel, int) else kernel))
     name = f"conv_transpose{rank}d"
-    want, torch_exc = _outcome(lambda: getattr(F, name)(x, w, **kwargs))
-    got, zs_exc = _outcome(lambda: getattr(zf, name)(x, w, **kwargs))
-    if torch_exc is not None:
-        assert type(zs_exc) is type(torch_exc) and str(zs_exc) == str(torch_exc), \
-            (torch_exc, zs_exc)
+    want = _same_outcome(name, x, w, kwargs)
+    if want is None:
         return
-    assert zs_exc is None, zs_exc
-    torch.testing.assert_close(got, want)
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
     out = getattr(zf, name)(xs, ws, **kwargs)
     torch.testing.assert_close(out, want)
@@ -590,15 +599,7 @@ def test_transposed_conv_checks_depend_on_the_batch_like_torch(batch, rank, kern
 def test_degenerate_transposed_convs_follow_torchs_backend_choice(x_shape, w_shape, dtype,
                                                                   kwargs):
     x, w = torch.randn(x_shape, dtype=dtype), torch.randn(w_shape, dtype=dtype)
-    name = f"conv_transpose{len(x_shape) - 2}d"
-    want, torch_exc = _outcome(lambda: getattr(F, name)(x, w, **kwargs))
-    got, zs_exc = _outcome(lambda: getattr(zf, name)(x, w, **kwargs))
-    if torch_exc is not None:
-        assert type(zs_exc) is type(torch_exc) and str(zs_exc) == str(torch_exc), \
-            (torch_exc, zs_exc)
-    else:
-        assert zs_exc is None, zs_exc
-        torch.testing.assert_close(got, want)
+    _same_outcome(f"conv_transpose{len(x_shape) - 2}d", x, w, kwargs)
 
 
 def test_layerspec_replicate_padding_of_empty_input_raises_like_torch():

@@ -20,8 +20,8 @@ class Layer:
 
 
 def _conv(name: str, family: str, *args, dense: bool = False, quick: bool = False,
-          wide: bool = False, **kwargs) -> Layer:
-    return Layer(name, family, LayerSpec.conv(*args, **kwargs), dense, quick, wide)
+          **kwargs) -> Layer:
+    return Layer(name, family, LayerSpec.conv(*args, **kwargs), dense, quick)
 
 
 def _deconv(name: str, family: str, *args, quick: bool = False, wide: bool = False,
@@ -100,15 +100,15 @@ WIDE: list[Layer] = [
     _w("mobilenetv2.b17.project", "mobilenetv2", 960, 320, 1, bias=False, input_size=(7, 7)),
     _w("mobilenetv2.head", "mobilenetv2", 320, 1280, 1, bias=False, input_size=(7, 7)),
     # MobileNetV3-Large: 5x5 depthwise stride 2, 1x1 convs with 40/80/112 channels.
-    _conv("mobilenetv3.b4.dw5-s2", "mobilenetv3", 72, 72, 5, 2, 2, groups=72, bias=False,
-          input_size=(56, 56), wide=True),
+    _w("mobilenetv3.b4.dw5-s2", "mobilenetv3", 72, 72, 5, 2, 2, groups=72, bias=False,
+       input_size=(56, 56)),
     _w("mobilenetv3.b5.expand", "mobilenetv3", 40, 120, 1, bias=False, input_size=(28, 28)),
     _w("mobilenetv3.b8.expand", "mobilenetv3", 80, 200, 1, bias=False, input_size=(14, 14)),
     _w("mobilenetv3.b12.expand", "mobilenetv3", 112, 672, 1, bias=False, input_size=(14, 14)),
     # EfficientNet-B0: 1x1 convs around 5x5 depthwise ones.
     _w("efficientnet.b3.project", "efficientnet", 240, 40, 1, bias=False, input_size=(28, 28)),
-    _conv("efficientnet.b6.dw5", "efficientnet", 480, 480, 5, 1, 2, groups=480, bias=False,
-          input_size=(14, 14), wide=True),
+    _w("efficientnet.b6.dw5", "efficientnet", 480, 480, 5, 1, 2, groups=480, bias=False,
+       input_size=(14, 14)),
     _w("efficientnet.b11.project", "efficientnet", 672, 192, 1, bias=False,
        input_size=(7, 7)),
     _w("efficientnet.b15.expand", "efficientnet", 192, 1152, 1, bias=False,

@@ -375,16 +375,17 @@ def _gradient_operator(which: str, config: str, input_shape: tuple, weight_shape
     if reference.has_gradient(spec):
         run = reference.gradient_of(which, spec, spec.op == "conv_transpose")
         # torch's op reads the whole output gradient: the cropped elements come back as zeros.
-        whole = [p for c in reversed(crop) for p in (0, c)]
+        whole = [p for c in reversed(crop) for p in (0, c)] if any(crop) else None
+
+        def uncrop(g):
+            return g if whole is None else torch.nn.functional.pad(g, whole)
         if which == "input":
             def torch_op(g, w, _bias):
-                return run(torch.nn.functional.pad(g, whole), w, (g.shape[0], *input_shape))
+                return run(uncrop(g), w, (g.shape[0], *input_shape))
         else:
             def torch_op(lhs, rhs, _bias):
                 x, g = (rhs, lhs) if spec.op == "conv_transpose" else (lhs, rhs)
-                if spec.op == "conv_transpose":
-                    g = torch.nn.functional.pad(g, whole)
-                return run(g, x, weight_shape)
+                return run(uncrop(g), x, weight_shape)
     out_shape = input_shape if which == "input" else weight_shape
     operator = GradientOperator(grad_spec, kernel, out_shape, torch_op, layer=spec, crop=crop)
     operator.config = config

@@ -210,7 +210,7 @@ class Operator:
             stats.add("torch_choices")
             self._notify("torch")
             return self.torch_op(x, weight, bias)
-        variant, kernel = self._resolved.get(choice) or self.resolve(choice)
+        variant, kernel = self.resolve(choice)
         if variant is self._resolved[self.default][0]:
             choice = self.default
         elif variant.strategy == "sparse":
