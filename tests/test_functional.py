@@ -270,9 +270,8 @@ def _update_in_place(p):
 
 
 def _update_data(p):
-    # .data edits do not bump the tensor's version counter, so they are announced (README).
+    # .data edits do not bump the tensor's version counter: the packs' content check sees them.
     p.data.mul_(-2).add_(0.5)
-    zeroskip.runtime.loader.forget_packed()
 
 
 def _update_copy(p):
@@ -321,9 +320,10 @@ def _counting_packs(kernel, monkeypatch) -> list:
     return packed
 
 
-def test_plain_tensor_weights_are_packed_once_per_version(monkeypatch):
-    """Weights passed as plain tensors (not Parameters) are packed once and reused while their
-    storage and version are the same; an in-place change repacks."""
+def test_plain_tensor_weights_are_packed_twice_per_version(monkeypatch):
+    """Weights passed as plain tensors (not Parameters) are reused like a Parameter's: packed
+    on the first call, packed with a copy of their bytes on the second, then reused while
+    their bytes are the same; an in-place change repacks."""
     torch.manual_seed(13)
     x, w, b = torch.randn(1, 3, 6, 6), torch.randn(8, 3, 3, 3), torch.randn(8)
     kernel = zeroskip.runtime.loader.kernel_for(LayerSpec.conv(3, 8, 3, padding=1,
@@ -334,11 +334,11 @@ def test_plain_tensor_weights_are_packed_once_per_version(monkeypatch):
         for _ in range(3):
             ZF.conv2d(x, w, b, padding=1)
         ZF.conv2d(x, w.view(8, 3, 3, 3), b, padding=1)    # a view: same storage, same version
-        assert len(packed) == 1
+        assert len(packed) == 2
         w.mul_(-1)
         _close("after an in-place change", ZF.conv2d(x, w, b, padding=1),
                F.conv2d(x, w, b, padding=1))
-    assert len(packed) == 2 and len(kernel._packs) == 1
+    assert len(packed) == 3 and len(kernel._packs) == 1
 
 
 def test_no_stale_pack_after_a_storage_is_freed_and_its_memory_reused():

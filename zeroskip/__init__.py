@@ -4,7 +4,8 @@ Public API: :class:`LayerSpec` (a validated layer descriptor: the layer's shape)
 :class:`Workload` (what it runs on: batch and input density), :func:`explain` (the compiler's
 passes on a spec: MACs skipped and strategy chosen), ``zeroskip.functional`` and ``zeroskip.nn``
 (drop-ins for torch's convolutions on generated kernels), :func:`convert` (swap a model's
-convolution modules), :func:`stats` (what ran) and :func:`load_bundle` (serve kernels compiled
+convolution modules), :func:`freeze` (keep a served model's packed weights without proving them
+each call), :func:`stats` (what ran) and :func:`load_bundle` (serve kernels compiled
 ahead of time by ``zeroskip generate``, with no compiler). The torch-facing parts load on first use, so
 the compiler itself imports without torch.
 """
@@ -12,8 +13,8 @@ from .explain import Report, explain
 from .spec import LayerSpec, Workload
 
 __version__ = "0.1.0"
-__all__ = ["LayerSpec", "Workload", "explain", "Report", "functional", "nn", "convert", "stats",
-           "load_bundle", "__version__"]
+__all__ = ["LayerSpec", "Workload", "explain", "Report", "functional", "nn", "convert", "freeze",
+           "unfreeze", "stats", "load_bundle", "__version__"]
 
 
 def __getattr__(name: str):
@@ -22,6 +23,8 @@ def __getattr__(name: str):
         return importlib.import_module(f".{name}", __name__)
     if name == "convert":
         return importlib.import_module(".conversion", __name__).convert
+    if name in ("freeze", "unfreeze"):
+        return getattr(importlib.import_module(".freezing", __name__), name)
     if name == "load_bundle":
         return importlib.import_module(".runtime.bundle", __name__).load_bundle
     if name == "stats":

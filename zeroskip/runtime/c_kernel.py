@@ -61,15 +61,15 @@ class Kernel:
         self.variant, self.crossover = compiled.variant, compiled.crossover
         self.folder, self.source = folder, folder / "kernel.c"
         self.lib = cc.Library(folder / "kernel.so")
-        self._packs = PackCache()
+        self._packs = PackCache(same=self.lib.same)
         self.macs_per_sample = sum(r.macs_per_sample for r in compiled.plan.regions)
         variant = compiled.variant
         self.default = Variant("sparse" if compiled.plan.sparse else "dense",
                                variant.tile_width, variant.vectors)
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The weights (and bias) in the kernel's layout, cached by storage and version
-        (:mod:`.packs`)."""
+        """The weights (and bias) in the kernel's layout, reused across calls only while proven
+        current (:mod:`.packs`)."""
         if self.lib.packed_elems == 0:
             return weight
         return self._packs.get(weight, bias, self._pack)

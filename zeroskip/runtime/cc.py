@@ -95,7 +95,7 @@ def compile_library(command: tuple[str, ...], flags: tuple[str, ...], source: Pa
     return time.perf_counter() - start
 
 
-ABI_VERSION = 3   # the entry points' signatures (zs_abi_version in layer.c.jinja)
+ABI_VERSION = 4   # the entry points' signatures (zs_abi_version in layer.c.jinja)
 
 
 class Library:
@@ -120,3 +120,6 @@ class Library:
         self.density = self._lib.zs_density
         self.density.argtypes = [ctypes.c_int64, ptr]
         self.density.restype = ctypes.c_double
+        self.same = self._lib.zs_same
+        self.same.argtypes = [ctypes.c_int, ptr, ptr, ctypes.c_int64]
+        self.same.restype = ctypes.c_int

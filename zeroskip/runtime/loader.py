@@ -114,7 +114,8 @@ def loaded() -> list[Kernel]:
 
 
 def forget_packed() -> None:
-    """Drop every cached weight pack (needed only after editing a Parameter through ``.data``)."""
+    """Drop every cached weight pack (needed only after writing to a frozen weight's memory
+    behind torch's back: :func:`.packs.freeze`)."""
     for kernel in loaded():
         kernel.forget_packed()
 

@@ -93,7 +93,8 @@ class Kernel:
     # The packed weight layout is [group][tap][c_red][c_out]: a k-block's rows are contiguous
     # along output channels.
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight in the kernel's layout, cached by storage and version (:mod:`.packs`)."""
+        """The weight in the kernel's layout: one device copy per call, kept across calls for
+        frozen weights only (:mod:`.packs`)."""
         return self._packs.get(weight, None, self._pack)
 
     def _pack(self, weight: torch.Tensor, _bias: None) -> torch.Tensor:
