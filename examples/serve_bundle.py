@@ -5,7 +5,8 @@
     ZEROSKIP_BUNDLE=bundle ZEROSKIP_CC=/bin/false python examples/serve_bundle.py layers.json
 
 This script rebuilds the traced model (the ``model`` and ``input_shape`` that ``layers.json``
-records), converts it with ``zeroskip.convert`` and runs it forward and backward on a seeded
+records), converts it with ``zeroskip.convert``, freezes its weights (``zeroskip.freeze``: packed
+weights kept with no check per call) and runs it forward and backward on a seeded
 input, next to torch's own model. With ``ZEROSKIP_CC=/bin/false`` no kernel can be compiled, so
 every kernel that runs comes from the bundle. It prints the largest difference from torch and
 the counters, and exits 1 if the outputs differ or any call fell back to torch.
@@ -36,6 +37,7 @@ def main() -> int:
     model = build_model(traced["model"]).eval()
     reference = copy.deepcopy(model)
     zeroskip.convert(model)
+    zeroskip.freeze(model)    # a server's weights do not change: packs are kept unchecked
 
     torch.manual_seed(traced.get("seed", 0) + 1)
     x = torch.randn(traced["input_shape"])

@@ -9,6 +9,7 @@ from typing import Callable, TextIO
 import torch
 import torch.nn.functional as F
 
+from .. import freezing
 from .. import functional as Z
 from ..codegen.macs import dense_macs, nonzero_macs
 from ..spec import LayerSpec
@@ -67,18 +68,26 @@ def _dense_kernel_call(call: dispatch.Operator, x, w, b) -> Callable[[], torch.T
 def _timed_row(layer: Layer, batch: int, density: float, compile_s: float | None,
                repeats: int, min_time: float) -> Row:
     """Check, then time, the layer against torch on an input of ``batch`` and ``density``; at
-    density 1, where the dispatch ran something other than the dense kernel, that kernel is
-    timed too."""
+    density 1 also on frozen copies of the weights (packs kept with no comparison, as a server
+    that called ``zeroskip.freeze`` runs), and where the dispatch ran something other than the
+    dense kernel, that kernel is timed too."""
     spec = layer.spec
     x, w, b = operands(spec, density=density, batch=batch)
     torch_call, zs_call = _calls(spec, x, w, b)
     error, call = _checked_dispatch(layer.name, zs_call, torch_call())
     strategy = call.last
     fns = {"torch": torch_call, "zeroskip": zs_call}
+    frozen = _frozen_copies(w, b) if density == 1.0 else ()
+    if frozen:
+        fns["frozen"] = _calls(spec, x, *frozen)[1]
+        _checked_dispatch(f"{layer.name} (frozen weights)", fns["frozen"], torch_call())
     if density == 1.0 and strategy != "dense":
         fns["dense kernel"] = _dense_kernel_call(call, x, w, b)
     timing = time_interleaved(fns, repeats, min_time)
     times = timing.seconds
+    for t in frozen:
+        if t is not None:
+            freezing.unfreeze(t)
     dense_s = times.get("dense kernel", times["zeroskip"]) if density == 1.0 else None
     nonzero, dense = round(nonzero_macs(spec, batch) * density), dense_macs(spec, batch)
     return Row(layer.name, layer.family, layer.dense, spec.describe(batch),
@@ -87,7 +96,15 @@ def _timed_row(layer: Layer, batch: int, density: float, compile_s: float | None
                compile_s=compile_s, nonzero_macs=nonzero, dense_macs=dense, error=error,
                contention=timing.contention, density=density, strategy=strategy,
                dense_ms=None if dense_s is None else dense_s * 1e3,
-               wide_3x3=wide_3x3(spec), wide=layer.wide)
+               wide_3x3=wide_3x3(spec), wide=layer.wide,
+               frozen_ms=times["frozen"] * 1e3 if "frozen" in times else None)
+
+
+def _frozen_copies(w: torch.Tensor, b: torch.Tensor | None) -> tuple:
+    """Copies of the weight and bias, frozen (:func:`zeroskip.freeze`): what a server that
+    promised its weights will not change runs."""
+    return tuple(t if t is None else freezing.freeze(
+        torch.nn.Parameter(t.detach().clone(), requires_grad=False)) for t in (w, b))
 
 
 def bench_layer(layer: Layer, batch: int = 1, repeats: int = REPEATS,

@@ -54,16 +54,20 @@ def _cell(text: str) -> str:
 
 def forward_markdown(report: Report) -> str:
     lines = [_header(report.machine, report.batch, report.repeats), "",
-             "| layer | shape | torch ms | zeroskip ms | ratio | GFLOP/s | skipped "
+             "| layer | shape | torch ms | zeroskip ms | ratio | frozen | GFLOP/s | skipped "
              "| compile s | strategy |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report.rows:
+        frozen = "" if r.frozen_ratio is None else f"{r.frozen_ratio:.2f}x"
         lines.append(f"| {r.name} | {r.shape} | {r.torch_ms:.3f} | {r.zeroskip_ms:.3f} "
-                     f"| {r.ratio:.2f}x{_mark(r.contention)} | {r.gflops:.1f} "
+                     f"| {r.ratio:.2f}x{_mark(r.contention)} | {frozen} | {r.gflops:.1f} "
                      f"| {r.skipped:.1%} "
                      f"| {r.compile_s:.2f} | {r.strategy} |")
     lines.append("")
     lines += _geomean_lines("ratio", report)
+    if report.geomean_frozen is not None:
+        lines.append(f"- geomean ratio on frozen weights (zeroskip.freeze: packs kept with no "
+                     f"comparison) over all layers: {report.geomean_frozen:.2f}x")
     o = report.overhead
     lines.append(f"- per-call overhead on {o.shape}: zeroskip.functional "
                  f"{o.functional_us:.1f} us, bare kernel {o.kernel_us:.1f} us "

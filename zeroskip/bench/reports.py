@@ -105,6 +105,11 @@ class Report(JsonReport):
     def geomean_all(self) -> float | None:
         return geomean([r.ratio for r in self.rows])
 
+    @property
+    def geomean_frozen(self) -> float | None:
+        """Geometric mean of the ratios on frozen weights over every layer that has one."""
+        return geomean([r.frozen_ratio for r in self.rows if r.frozen_ratio])
+
     def goals(self) -> list[Goal]:
         """``(goal, measured value, met, measured under load)`` for each speed goal the run
         measured."""
@@ -134,7 +139,8 @@ class Report(JsonReport):
 
     def _body(self) -> dict:
         return {"rows": self.rows, "geomean_dense": self.geomean_dense,
-                "geomean_all": self.geomean_all, "overhead": self.overhead,
+                "geomean_all": self.geomean_all, "geomean_frozen": self.geomean_frozen,
+                "overhead": self.overhead,
                 "goals": _goal_dicts(self.goals())}
 
     def markdown(self) -> str:

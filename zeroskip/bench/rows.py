@@ -11,7 +11,7 @@ class Row:
     """The figures of one layer on an input of one density (times in milliseconds, per call,
     medians). Non-zero MACs skip the activation zeros too: ``nonzero_macs(spec) * density``."""
 
-    JSON_EXTRAS: ClassVar[tuple[str, ...]] = ("ratio",)
+    JSON_EXTRAS: ClassVar[tuple[str, ...]] = ("ratio", "frozen_ratio")
 
     name: str
     family: str
@@ -31,11 +31,17 @@ class Row:
     dense_ms: float | None  # the generated dense kernel, timed at density 1 only
     wide_3x3: bool          # see :func:`wide_3x3`
     wide: bool = False      # a layer of the wide suite (shapes the kernels were not tuned on)
+    frozen_ms: float | None = None   # zeroskip on frozen weights (zeroskip.freeze), density 1
 
     @property
     def ratio(self) -> float:
         """torch time / zeroskip time: above 1, zeroskip is faster."""
         return self.torch_ms / self.zeroskip_ms
+
+    @property
+    def frozen_ratio(self) -> float | None:
+        """torch time / zeroskip's on frozen weights (packs kept with no comparison)."""
+        return None if self.frozen_ms is None else self.torch_ms / self.frozen_ms
 
     @property
     def dense_ratio(self) -> float | None:

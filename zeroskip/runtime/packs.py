@@ -33,12 +33,14 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 PACK_CACHE_SIZE = 64      # packs per kernel: every layer of one shape in a deep model
+SMALL_BYTES = 1 << 18     # compared on one thread (zs_same's own threshold)
 
 Same = Callable[[int, int, int, int], int]   # (threads, address, address, bytes) -> 1 if equal
 
 _clock = itertools.count(1)          # orders freezes and packs
 _frozen: dict[int, tuple[StorageWeakRef, int]] = {}   # storage -> (its weak reference, when)
 _frozen_lock = threading.Lock()
+_frozen_swept = [64]      # the registry's size at which expired entries are next swept
 
 
 # ------------------------------------------------------------------------------ frozen storages
@@ -47,6 +49,10 @@ def freeze(t: torch.Tensor) -> None:
     the tensors that use it: packs made from now on are reused without comparing contents."""
     ref = StorageWeakRef(t.untyped_storage())
     with _frozen_lock:
+        if len(_frozen) >= _frozen_swept[0]:      # forget storages that are gone, now and then
+            for cdata in [c for c, (r, _) in _frozen.items() if r.expired()]:
+                del _frozen[cdata]
+            _frozen_swept[0] = 2 * len(_frozen) + 64
         _frozen[ref.cdata] = (ref, next(_clock))
 
 
@@ -103,7 +109,7 @@ class PackCache:
         hit = self._packs.get(key)      # one dict read: atomic, no lock needed to look
         repeat = hit is not None and hit.versions == versions and _alive(hit.refs)
         if repeat:
-            if _frozen_before(hit.refs, hit.tick):
+            if _frozen and _frozen_before(hit.refs, hit.tick):
                 return hit.packed
             if hit.copies is not None and self._unchanged(hit.copies, weight, bias):
                 return hit.packed
@@ -112,7 +118,7 @@ class PackCache:
         tick = next(_clock)
         packed = pack(weight, bias)
         copies = None
-        if not _frozen_before(refs, tick):
+        if not (_frozen and _frozen_before(refs, tick)):
             if self.same is None:
                 return packed         # nothing to prove a later call with
             if repeat:
@@ -132,8 +138,9 @@ class PackCache:
                    ) -> bool:
         """Whether ``weight`` and ``bias`` hold, bit for bit, the bytes copied when packing."""
         w_copy, b_copy = copies
-        threads = torch.get_num_threads()
-        if not self.same(threads, weight.data_ptr(), w_copy.data_ptr(), w_copy.numel()):
+        n = w_copy.numel()
+        threads = 1 if n < SMALL_BYTES else torch.get_num_threads()
+        if not self.same(threads, weight.data_ptr(), w_copy.data_ptr(), n):
             return False
         return bias is None or bool(self.same(1, bias.data_ptr(), b_copy.data_ptr(),
                                               b_copy.numel()))
