@@ -392,3 +392,85 @@ def test_triton_frozen_weights_keep_their_pack(interpreter):
     finally:
         zeroskip.unfreeze(holder["weight"])
         zeroskip.unfreeze(holder["bias"])
+
+
+# ------------------------------------------------------------------ every other cache, audited
+# What else is kept across calls, and why none of it can answer for changed data: kernels and
+# bundles hold code, keyed by the spec and the source; the tuning database and a bundle's
+# choices hold decisions, keyed by spec, batch and density bucket; the sparse kernels' compressed
+# pattern and the gradients' repacked operands are built inside each call and freed at its end;
+# bias and epilogue values are packed with the weights (C) or read per call (Triton). Each test
+# below writes through the untracked routes while such a cache is in use.
+AUDIT_ROUTES = ["data_mul", "data_prune", "numpy_view", "dlpack_view", "memory_reused",
+                "storage_resized"]
+
+
+def _audit_holder(seed: int, density: float) -> dict:
+    """A 16->16 3x3 conv (weight and bias as Parameters over numpy arrays) on a ReLU-like input
+    of ``density`` whose own memory is a numpy array too."""
+    from zeroskip.runtime.autotune import sparse_input
+    spec = ("conv2d", (2, 16, 8, 8), (16, 16, 3, 3), dict(padding=1))
+    holder = _holder(spec, seed, requires_grad=False)
+    holder["x_array"] = sparse_input((2, 16, 8, 8), density, seed).numpy().copy()
+    holder["x"] = torch.from_numpy(holder["x_array"])
+    return spec, holder
+
+
+def _each_untracked_write(spec, holder, what: str) -> None:
+    """Three calls, then each untracked route in turn on the weight, the bias and the input,
+    each followed by a checked call."""
+    for call in range(3):
+        _call_and_check(spec, holder, False, f"{what}, call {call}")
+    for i, route in enumerate(AUDIT_ROUTES):
+        for target in ("weight", "bias"):
+            ROUTES[route](holder, target, 100 + i)
+            _call_and_check(spec, holder, False, f"{what}, {route} on the {target}")
+        holder["x_array"] *= -1.0      # the input written through its numpy array
+        _call_and_check(spec, holder, False, f"{what}, the input written by numpy")
+
+
+def test_bundle_served_layers_see_every_write(strict, tmp_path, fresh_cache, monkeypatch):
+    """A tuned bundle's kernels and choices (sparse and dense, at the traced density) serve a
+    layer whose weights, bias and input are written behind torch's back between calls."""
+    from zeroskip import LayerSpec as Spec, Workload, generate
+    from zeroskip.runtime import bundle
+    spec, holder = _audit_holder(1, 0.2)
+    layer = Spec.conv(16, 16, 3, padding=1, input_size=(8, 8))
+    generate.make_bundle([("layer", layer, Workload(2, 0.2))], tmp_path / "served", tune=True,
+                         include_grads=False, progress=False)
+    bundle.unload_bundles()
+    zeroskip.load_bundle(tmp_path / "served")
+    try:
+        before = stats.stats()
+        _each_untracked_write(spec, holder, "bundle-served")
+        assert stats.stats()["bundle_hits"] > before["bundle_hits"] or \
+            stats.stats()["memo_hits"] > before["memo_hits"]
+    finally:
+        bundle.unload_bundles()
+
+
+@pytest.mark.parametrize("density", [1.0, 0.1], ids=["dense", "sparse"])
+def test_tuned_choices_see_every_write(strict, tmp_path, fresh_cache, monkeypatch, density):
+    """The tuning database's choice for the layer (its own variants, timed here) runs the
+    calls; at density 0.1 the sparse kernel builds its compressed pattern of the input in each
+    call."""
+    from zeroskip.runtime import autotune, dispatch, tuning
+    monkeypatch.setenv("ZEROSKIP_TUNING_DB", str(tmp_path / "tuning.json"))
+    layer = LayerSpec.conv(16, 16, 3, padding=1, input_size=(8, 8))
+    autotune.tune_all([(layer, 2)], densities=(density,), repeats=1, min_time=0.001,
+                      progress=False)
+    assert tuning.records(layer), "the layer was tuned"
+    spec, holder = _audit_holder(2, density)
+    with dispatch.observe() as ran:
+        _each_untracked_write(spec, holder, f"tuned at density {density}")
+    assert ran, "the dispatch ran the calls"
+
+
+def test_sparse_kernels_see_every_write(strict, monkeypatch):
+    """Untuned, a sparse input runs the sparse kernel (its pattern built per call, its weights
+    packed like the dense kernel's)."""
+    from zeroskip.runtime import dispatch
+    spec, holder = _audit_holder(3, 0.05)
+    with dispatch.observe() as ran:
+        _each_untracked_write(spec, holder, "sparse")
+    assert any(r.choice.startswith("sparse") for r in ran), [r.choice for r in ran]
