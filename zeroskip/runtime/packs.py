@@ -116,17 +116,18 @@ class PackCache:
         refs = (StorageWeakRef(weight.untyped_storage()),
                 None if bias is None else StorageWeakRef(bias.untyped_storage()))
         tick = next(_clock)
-        packed = pack(weight, bias)
         copies = None
         if not (_frozen and _frozen_before(refs, tick)):
             if self.same is None:
-                return packed         # nothing to prove a later call with
+                return pack(weight, bias)     # nothing to prove a later call with
             if repeat:
                 # The second call at one version takes the copy (the first may be a training
-                # step's, whose weights change before the next call).
+                # step's, whose weights change before the next call). Copied before packing:
+                # a write in between then makes the next comparison fail, never pass.
                 copies = _copy(weight, bias)
                 if copies is None:
-                    return packed     # not one dense block: packed every call
+                    return pack(weight, bias)     # not one dense block: packed every call
+        packed = pack(weight, bias)
         with self._lock:
             self._packs[key] = _Entry(versions, packed, refs, tick, copies)
             self._packs.move_to_end(key)
