@@ -1,6 +1,5 @@
 """Float32 gradients of a whole model against float64 truth, torch's and zeroskip's, over many
-inputs: squeezenet1_1 (torchvision's definition, written out here: its CUDA wheel does not load
-beside the CPU torch) in train mode, random init (seed 0), batches of 4 x 3x96x96, cross-entropy
+inputs: squeezenet1_1 (``zeroskip.models.SqueezeNet``, torchvision's definition) in train mode, random init (seed 0), batches of 4 x 3x96x96, cross-entropy
 of the logits against random labels. For each input seed: the largest gradient error relative
 to the largest gradient and the worst parameter's error relative to its own largest element,
 and how many ReLU masks (conv outputs) and max-pool choices differ from float64's.
@@ -21,49 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zeroskip
-
-
-class Fire(nn.Module):
-    def __init__(self, inplanes: int, squeeze: int, expand1x1: int, expand3x3: int):
-        super().__init__()
-        self.squeeze = nn.Conv2d(inplanes, squeeze, kernel_size=1)
-        self.squeeze_activation = nn.ReLU(inplace=True)
-        self.expand1x1 = nn.Conv2d(squeeze, expand1x1, kernel_size=1)
-        self.expand1x1_activation = nn.ReLU(inplace=True)
-        self.expand3x3 = nn.Conv2d(squeeze, expand3x3, kernel_size=3, padding=1)
-        self.expand3x3_activation = nn.ReLU(inplace=True)
-
-    def forward(self, x):
-        x = self.squeeze_activation(self.squeeze(x))
-        return torch.cat([self.expand1x1_activation(self.expand1x1(x)),
-                          self.expand3x3_activation(self.expand3x3(x))], 1)
-
-
-class SqueezeNet(nn.Module):
-    """torchvision's squeezenet1_1."""
-
-    def __init__(self, num_classes: int = 1000):
-        super().__init__()
-        pool = lambda: nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)  # noqa: E731
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 64, kernel_size=3, stride=2), nn.ReLU(inplace=True), pool(),
-            Fire(64, 16, 64, 64), Fire(128, 16, 64, 64), pool(),
-            Fire(128, 32, 128, 128), Fire(256, 32, 128, 128), pool(),
-            Fire(256, 48, 192, 192), Fire(384, 48, 192, 192),
-            Fire(384, 64, 256, 256), Fire(512, 64, 256, 256))
-        final_conv = nn.Conv2d(512, num_classes, kernel_size=1)
-        self.classifier = nn.Sequential(nn.Dropout(p=0.5), final_conv, nn.ReLU(inplace=True),
-                                        nn.AdaptiveAvgPool2d((1, 1)))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                if m is final_conv:
-                    nn.init.normal_(m.weight, mean=0.0, std=0.01)
-                else:
-                    nn.init.kaiming_uniform_(m.weight)
-                nn.init.constant_(m.bias, 0)
-
-    def forward(self, x):
-        return torch.flatten(self.classifier(self.features(x)), 1)
+from zeroskip.models import SqueezeNet
 
 
 def run(model: nn.Module, dtype, x, target) -> tuple[dict, dict]:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zeroskip
+from zeroskip.models import SqueezeNet
 
 U = 2.0 ** -24            # float32's unit roundoff
 MARGIN_UNITS = 64         # precondition: no ReLU or max-pool within this many roundings of a flip
@@ -44,46 +45,10 @@ MARGIN_UNITS = 64         # precondition: no ReLU or max-pool within this many r
 FLOOR = 8 * U
 
 
-class Fire(nn.Module):
-    def __init__(self, inplanes: int, squeeze: int, expand1x1: int, expand3x3: int):
-        super().__init__()
-        self.squeeze = nn.Conv2d(inplanes, squeeze, kernel_size=1)
-        self.squeeze_activation = nn.ReLU(inplace=True)
-        self.expand1x1 = nn.Conv2d(squeeze, expand1x1, kernel_size=1)
-        self.expand1x1_activation = nn.ReLU(inplace=True)
-        self.expand3x3 = nn.Conv2d(squeeze, expand3x3, kernel_size=3, padding=1)
-        self.expand3x3_activation = nn.ReLU(inplace=True)
-
-    def forward(self, x):
-        x = self.squeeze_activation(self.squeeze(x))
-        return torch.cat([self.expand1x1_activation(self.expand1x1(x)),
-                          self.expand3x3_activation(self.expand3x3(x))], 1)
-
-
-class TinySqueezeNet(nn.Module):
-    """squeezenet1_1's structure, narrower and shallower (its Fires at one size, so the compile
+def tiny_squeezenet() -> nn.Module:
+    """squeezenet1_1's structure, narrower and shallower (two Fires of one size, so the compile
     stays short); torchvision's initialization."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 16, kernel_size=3, stride=2), nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True),
-            Fire(16, 8, 16, 16), Fire(32, 8, 16, 16),
-            nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True))
-        final_conv = nn.Conv2d(32, num_classes, kernel_size=1)
-        self.classifier = nn.Sequential(nn.Dropout(p=0.5), final_conv, nn.ReLU(inplace=True),
-                                        nn.AdaptiveAvgPool2d((1, 1)))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                if m is final_conv:
-                    nn.init.normal_(m.weight, mean=0.0, std=0.01)
-                else:
-                    nn.init.kaiming_uniform_(m.weight)
-                nn.init.constant_(m.bias, 0)
-
-    def forward(self, x):
-        return torch.flatten(self.classifier(self.features(x)), 1)
+    return SqueezeNet(num_classes=10, stem=16, fires=((8, 16), (8, 16), None))
 
 
 MODEL_SEED, INPUT_SEED, DROPOUT_SEED = 1, 7, 2   # chosen for the precondition (775 units)
@@ -93,7 +58,7 @@ BATCH, SIZE = 2, 42       # 42 -> 20 -> 10 -> 5: both ceil-mode pools end in a p
 @pytest.fixture(scope="module")
 def problem():
     torch.manual_seed(MODEL_SEED)
-    model = TinySqueezeNet().train()
+    model = tiny_squeezenet().train()
     torch.manual_seed(INPUT_SEED)
     x = torch.randn(BATCH, 3, SIZE, SIZE)
     target = torch.randint(0, 5, (BATCH,))

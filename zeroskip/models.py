@@ -74,6 +74,65 @@ def vgg_net(widths: tuple[int, ...] = (64, 128, 256), size: int = 32, classes: i
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * side * side, classes))
 
 
+class Fire(nn.Module):
+    """SqueezeNet's Fire module: a 1x1 squeeze conv, then 1x1 and 3x3 expand convs whose
+    ReLU'd outputs are concatenated."""
+
+    def __init__(self, inplanes: int, squeeze: int, expand1x1: int, expand3x3: int):
+        super().__init__()
+        self.squeeze = nn.Conv2d(inplanes, squeeze, kernel_size=1)
+        self.squeeze_activation = nn.ReLU(inplace=True)
+        self.expand1x1 = nn.Conv2d(squeeze, expand1x1, kernel_size=1)
+        self.expand1x1_activation = nn.ReLU(inplace=True)
+        self.expand3x3 = nn.Conv2d(squeeze, expand3x3, kernel_size=3, padding=1)
+        self.expand3x3_activation = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.squeeze_activation(self.squeeze(x))
+        return torch.cat([self.expand1x1_activation(self.expand1x1(x)),
+                          self.expand3x3_activation(self.expand3x3(x))], 1)
+
+
+class SqueezeNet(nn.Module):
+    """torchvision's ``squeezenet1_1``: its layers, names and initialization (written out: the
+    CUDA torchvision wheel does not load beside the CPU torch). ``stem`` and ``fires``
+    ((squeeze, expand) channels per Fire, None for a ceil-mode 3x3 max-pool) make smaller
+    ones."""
+
+    V1_1 = ((16, 64), (16, 64), None, (32, 128), (32, 128), None, (48, 192), (48, 192),
+            (64, 256), (64, 256))
+
+    def __init__(self, num_classes: int = 1000, stem: int = 64,
+                 fires: tuple[tuple[int, int] | None, ...] = V1_1):
+        super().__init__()
+        def pool() -> nn.Module:
+            return nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
+        layers: list[nn.Module] = [nn.Conv2d(3, stem, kernel_size=3, stride=2),
+                                   nn.ReLU(inplace=True), pool()]
+        cin = stem
+        for fire in fires:
+            if fire is None:
+                layers.append(pool())
+                continue
+            squeeze, expand = fire
+            layers.append(Fire(cin, squeeze, expand, expand))
+            cin = 2 * expand
+        self.features = nn.Sequential(*layers)
+        final_conv = nn.Conv2d(cin, num_classes, kernel_size=1)
+        self.classifier = nn.Sequential(nn.Dropout(p=0.5), final_conv, nn.ReLU(inplace=True),
+                                        nn.AdaptiveAvgPool2d((1, 1)))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                if m is final_conv:
+                    nn.init.normal_(m.weight, mean=0.0, std=0.01)
+                else:
+                    nn.init.kaiming_uniform_(m.weight)
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
 def builtin_workload(seed: int = 0) -> list[tuple[str, nn.Module, torch.Tensor]]:
     """``(name, model, sample input)`` for each built-in network, the input drawn like the
     activations the network sees in use (a latent vector; a post-ReLU feature map)."""
