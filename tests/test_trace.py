@@ -170,6 +170,31 @@ def test_specs_are_what_the_converted_model_asks_for(asked, fuse_relu):
     assert [s.activation for s in asked] == expected
 
 
+class TappedBlock(nn.Module):
+    """A conv-ReLU pair fx finds in the model's own forward, and a Sequential whose layers the
+    forward reads one by one (a feature tap: not fused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.taps = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU())
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x)) * 2
+        tap = self.taps[0](y)
+        return self.taps[1](tap) + tap
+
+
+def test_trace_predicts_what_convert_fuses_in_the_models_forward(asked):
+    """trace asks convert itself (on a copy): the ReLU of the forward fuses into conv1, none
+    into the tapped Sequential's conv."""
+    model = TappedBlock()
+    data = trace(model, (1, 3, 6, 6), batches=1)
+    run_converted(model, (1, 3, 6, 6))
+    assert specs_of(data) == asked
+    assert [s.activation for s in asked] == ["relu", "none"]
+
+
 def test_tracing_leaves_the_model_fusable(monkeypatch):
     """The hooks come off: convert still fuses (hooks would have blocked it)."""
     model = fusion_model()

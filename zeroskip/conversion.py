@@ -90,16 +90,10 @@ def _fresh_module(module: torch.nn.Module) -> bool:
 _Confirm = Callable[[torch.nn.Sequential, torch.nn.Module, torch.nn.Module, bool], bool]
 
 
-def fusable_pairs(model: torch.nn.Module) -> list[tuple[torch.nn.Sequential, str, str]]:
-    """``(sequential, conv name, relu name)`` for each ``ConvNd`` that ``convert(model,
-    fuse_relu=True)`` fuses with the ``ReLU`` after it in an ``nn.Sequential``; changes
-    nothing (``zeroskip trace`` asks which layers will run a fused kernel). A conv fuses once,
-    with the first such ReLU. (``convert`` fuses fewer where tracing shows that the model
-    reads a Sequential's layers one by one.)"""
-    return _conv_relu_pairs(model, _registrations(model), lambda *pair: True)
-
-
 def _conv_relu_pairs(model, registered, confirm: _Confirm):
+    """``(sequential, conv name, relu name)`` for each ``ConvNd`` followed by a ``ReLU`` in an
+    ``nn.Sequential`` that may fuse (no hooks, registered once, ``confirm`` agrees); a conv
+    fuses once, with the first such ReLU."""
     pairs, fused = [], set()
     for seq in [m for m in model.modules() if type(m) is torch.nn.Sequential]:
         names = list(seq._modules)
@@ -459,4 +453,4 @@ def _graph_module(model: torch.nn.Module, graph: torch.fx.Graph,
     return gm
 
 
-__all__ = ["convert", "fusable_pairs"]
+__all__ = ["convert"]

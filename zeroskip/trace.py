@@ -27,11 +27,13 @@ name, whose spec objects may carry ``batch`` and ``density`` (those become the w
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -141,15 +143,21 @@ def _dotted(text: str) -> bool:
 def _converted_convs(model: nn.Module, fuse_relu: bool) -> tuple[dict[str, nn.Module], set]:
     """The conv modules that ``convert(model, fuse_relu)`` runs on generated kernels, by name
     (torch's exact classes, and zeroskip's own; subclasses keep their forward, on torch), and
-    the ids of those that will run with a fused ReLU."""
-    from .conversion import fusable_pairs
+    the ids of those that will run with a fused ReLU: ``convert`` itself decides, on a copy of
+    the model (the model is left as it is)."""
+    from .conversion import convert
     from .nn import REPLACEMENTS
     ours = tuple(REPLACEMENTS.values())
     convs = {name or "(model)": m for name, m in model.named_modules()
              if type(m) in REPLACEMENTS or isinstance(m, ours)}
     relu = {id(m) for m in convs.values() if getattr(m, "_activation", "none") == "relu"}
     if fuse_relu:
-        relu |= {id(seq._modules[first]) for seq, first, _ in fusable_pairs(model)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # convert's own warnings come when it runs
+            twin = convert(copy.deepcopy(model))
+        fused = {name or "(model)" for name, m in twin.named_modules()
+                 if getattr(m, "_activation", "none") == "relu"}
+        relu |= {id(m) for name, m in convs.items() if name in fused}
     return convs, relu
 
 
