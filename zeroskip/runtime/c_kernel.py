@@ -61,7 +61,7 @@ class Kernel:
         self.variant, self.crossover = compiled.variant, compiled.crossover
         self.folder, self.source = folder, folder / "kernel.c"
         self.lib = cc.Library(folder / "kernel.so")
-        self._packs = PackCache(same=self.lib.same)
+        self._packs = PackCache(same=self._same)
         self.macs_per_sample = sum(r.macs_per_sample for r in compiled.plan.regions)
         variant = compiled.variant
         self.default = Variant("sparse" if compiled.plan.sparse else "dense",
@@ -81,6 +81,11 @@ class Kernel:
         self.lib.pack(torch.get_num_threads(), w.data_ptr(), 0 if b is None else b.data_ptr(),
                       packed.data_ptr())
         return packed
+
+    def _same(self, threads: int, a: int, b: int, nbytes: int) -> int:
+        """1 iff the ``nbytes`` at addresses ``a`` and ``b`` are equal (the library's
+        ``zs_same``), as the pack cache proves a weight unchanged."""
+        return self.lib.same(threads, a, b, nbytes)
 
     def forget_packed(self) -> None:
         self._packs.clear()
