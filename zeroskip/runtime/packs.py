@@ -27,32 +27,32 @@ import collections
 import ctypes
 import itertools
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 PACK_CACHE_SIZE = 64      # packs per kernel: every layer of one shape in a deep model
-SMALL_BYTES = 1 << 18     # compared on one thread (zs_same's own threshold)
 
 Same = Callable[[int, int, int, int], int]   # (threads, address, address, bytes) -> 1 if equal
 
 _clock = itertools.count(1)          # orders freezes and packs
 _frozen: dict[int, tuple[StorageWeakRef, int]] = {}   # storage -> (its weak reference, when)
 _frozen_lock = threading.Lock()
-_frozen_swept = [64]      # the registry's size at which expired entries are next swept
+_sweep_at = 64            # the registry's size at which expired entries are next swept
 
 
 # ------------------------------------------------------------------------------ frozen storages
 def freeze(t: torch.Tensor) -> None:
     """Promise that ``t``'s storage changes only through writes torch counts in the version of
     the tensors that use it: packs made from now on are reused without comparing contents."""
+    global _sweep_at
     ref = StorageWeakRef(t.untyped_storage())
     with _frozen_lock:
-        if len(_frozen) >= _frozen_swept[0]:      # forget storages that are gone, now and then
+        if len(_frozen) >= _sweep_at:      # forget storages that are gone, now and then
             for cdata in [c for c, (r, _) in _frozen.items() if r.expired()]:
                 del _frozen[cdata]
-            _frozen_swept[0] = 2 * len(_frozen) + 64
+            _sweep_at = 2 * len(_frozen) + 64
         _frozen[ref.cdata] = (ref, next(_clock))
 
 
@@ -67,10 +67,8 @@ def is_frozen(t: torch.Tensor) -> bool:
     return _frozen_since(StorageWeakRef(t.untyped_storage())) is not None
 
 
-def _frozen_since(ref: Optional[StorageWeakRef]) -> int | None:
-    """When ``ref``'s storage was frozen (None: not frozen, or no storage)."""
-    if ref is None:
-        return None
+def _frozen_since(ref: StorageWeakRef) -> int | None:
+    """When ``ref``'s storage was frozen (None: not frozen)."""
     entry = _frozen.get(ref.cdata)
     # A held weak reference keeps the storage's address from being reused; an expired one is
     # a storage that is gone.
@@ -139,9 +137,9 @@ class PackCache:
                    ) -> bool:
         """Whether ``weight`` and ``bias`` hold, bit for bit, the bytes copied when packing."""
         w_copy, b_copy = copies
-        n = w_copy.numel()
-        threads = 1 if n < SMALL_BYTES else torch.get_num_threads()
-        if not self.same(threads, weight.data_ptr(), w_copy.data_ptr(), n):
+        # zs_same compares small spans on one thread whatever it is given
+        if not self.same(torch.get_num_threads(), weight.data_ptr(), w_copy.data_ptr(),
+                         w_copy.numel()):
             return False
         return bias is None or bool(self.same(1, bias.data_ptr(), b_copy.data_ptr(),
                                               b_copy.numel()))
