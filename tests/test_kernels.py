@@ -94,7 +94,7 @@ def inputs_with(spec: LayerSpec, data: np.ndarray, seed: int = 1) -> dict[str, n
 
 def has_sparse(spec: LayerSpec, density: float) -> bool:
     """Whether the cost model runs some region of ``spec`` sparse at ``density``."""
-    return "sparse_gather" in plan_of(spec, Workload(density=density)).families
+    return bool(set(lower.SPARSE_FAMILIES) & set(plan_of(spec, Workload(density=density)).families))
 
 
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.1, 0.5, 1.0])
@@ -107,10 +107,11 @@ def test_sparse_at_density(density):
         assert has_sparse(SPARSE_CONV, density)
     if density == 1.0:
         assert not has_sparse(SPARSE_CONV, density)
-        assert all(r.family != "sparse_gather" for r in kernel_for(SPARSE_CONV).plan.regions)
+        assert all(r.family not in lower.SPARSE_FAMILIES
+                   for r in kernel_for(SPARSE_CONV).plan.regions)
     run_and_compare(SPARSE_CONV, inputs_with(SPARSE_CONV, x))
     # The sparse kernel is exact whatever the actual density of its data.
-    assert "sparse_gather" in kernel_for(SPARSE_CONV, "c", SPARSE).plan.families
+    assert kernel_for(SPARSE_CONV, "c", SPARSE).plan.families == ("sparse_rows",)
     run_and_compare(SPARSE_CONV, inputs_with(SPARSE_CONV, x), SPARSE)
 
 
@@ -153,6 +154,48 @@ def test_sparse_variants(spec, density):
     name = "grad_output" if spec.op == "conv_grad_input" else "input"
     x = sparse_array(spec.input_shapes(2)[name], density, np.random.default_rng(3))
     assert np.count_nonzero(x) == round(density * x.size)
+    run_and_compare(spec, inputs_with(spec, x), SPARSE)
+
+
+@pytest.mark.parametrize("spec, family", [
+    # Stride 1 along the last axis: the phases' trimmed borders merge into sparse_rows boxes.
+    (SPARSE_CONV, "sparse_rows"),
+    (SPARSE_CONV.grad_input(), "sparse_rows"),
+    (LayerSpec.conv(16, 32, 3, stride=2, padding=1, input_size=(9, 9)).grad_input(),
+     "sparse_rows"),
+    (LayerSpec.conv(16, 32, 3, stride=(2, 1), padding=1, input_size=(9, 9)), "sparse_rows"),
+    (LayerSpec.conv(8, 24, 3, padding=1, input_size=(40,), dtype="float64"), "sparse_rows"),
+    # Strided or dilated along it, or rank 3: the compressed-pattern kernel.
+    (LayerSpec.conv(16, 32, 3, stride=2, padding=1, input_size=(9, 9)), "sparse_gather"),
+    (LayerSpec.conv(16, 32, 3, padding=2, dilation=2, input_size=(9, 9)), "sparse_gather"),
+    (LayerSpec.conv(8, 16, 3, padding=1, input_size=(4, 5, 6)), "sparse_gather"),
+], ids=lambda s: s.describe() if isinstance(s, LayerSpec) else s)
+def test_sparse_family(spec, family):
+    plan = kernel_for(spec, "c", SPARSE).plan
+    assert plan.families == (family,)
+    if family == "sparse_rows":
+        # One merged box per phase, covering every output of the phase once.
+        phases = {(a.ou, a.oc) for r in plan.regions for a in r.axes[:1]}
+        assert len(plan.regions) == len(phases) * (1 if spec.rank == 1 else
+                                                   len({r.axes[-1].oc for r in plan.regions}))
+        assert sum(r.u_box for r in plan.regions) == math.prod(spec.output_shape()[2:])
+    name = "grad_output" if spec.op == "conv_grad_input" else "input"
+    x = sparse_array(spec.input_shapes(3)[name], 0.3, np.random.default_rng(4))
+    x[0] = 0                                        # an all-zero sample
+    x[1, :, 0] = 0                                  # all-zero rows
+    run_and_compare(spec, inputs_with(spec, x), SPARSE)
+
+
+@pytest.mark.parametrize("c_in, c_out", [(1, 8), (17, 33), (70, 130)])
+def test_sparse_rows_channel_blocks(c_in, c_out):
+    """Contracted channels that fill no whole mask block and output channels that fill no whole
+    tile: the padding channels are zeros, skipped and never stored."""
+    spec = LayerSpec.conv(c_in, c_out, 3, padding=1, bias=True, input_size=(5, 19),
+                          activation="relu")
+    plan = kernel_for(spec, "c", SPARSE).plan
+    assert plan.families == ("sparse_rows",)
+    assert plan.c_red_packed % plan.sparse_block == 0 and plan.c_red_packed >= c_in
+    x = sparse_array(spec.input_shapes(2)["input"], 0.4, np.random.default_rng(5))
     run_and_compare(spec, inputs_with(spec, x), SPARSE)
 
 

@@ -15,7 +15,7 @@ from zeroskip.codegen import frontend, pipeline, reference
 from zeroskip.codegen.ir import Contract, nodes_of, op
 from zeroskip.codegen.passes import (choose_strategy, densify_zeros, skip_dilation,
                                      trim_padding)
-from zeroskip.codegen.passes.choose_strategy import decide
+from zeroskip.codegen.cost import decide
 
 
 # --------------------------------------------------------------------------- trim_padding

@@ -345,10 +345,19 @@ def c_kernels(spec: LayerSpec, choices: Iterable[str] = (), include_grads: bool 
         for role, derive in (("grad_input", served.grad_input), ("grad_weight",
                                                                    served.grad_weight)):
             try:
-                kernels.append((role, lower.DEFAULT.name, derive()))
+                grad = derive()
             except ValueError as exc:
                 skipped.append({"role": role, "spec": served.describe(),
                                 "reason": f"{type(exc).__name__}: {exc}"})
+                continue
+            kernels.append((role, lower.DEFAULT.name, grad))
+            # What dispatch may load for it untuned: the sparse kernel below the crossover,
+            # and a weight gradient's walk of the output gradient's zeros.
+            dense = loader.kernel_for(grad)
+            if dense.crossover > 0:
+                kernels.append((role, "sparse", grad))
+            if role == "grad_weight" and lower.walks_output_gradient(dense.plan):
+                kernels.append((role, "sparse/rhs", grad))
     return kernels, skipped
 
 

@@ -37,7 +37,7 @@ def environment(backend: str = "c") -> jinja2.Environment:
                        weight_strides=weight_strides, names=names, at=at,
                        describe_region=describe_region, box=box, taps_of=taps_of,
                        tap_lens=tap_lens, unflatten=unflatten, offset=offset,
-                       box_points=box_points)
+                       box_points=box_points, rows_base=rows_base)
     return env
 
 
@@ -143,6 +143,17 @@ def weight_strides(plan: KernelPlan) -> tuple[int, int, int]:
     if plan.pattern == "forward":   # w[g*c_out + co][ci]
         return plan.c_out * plan.c_red * taps, plan.c_red * taps, taps
     return plan.c_red * plan.c_out * taps, taps, plan.c_out * taps  # w[g*c_red + ci][co]
+
+
+def rows_base(plan: KernelPlan, region: RegionPlan) -> int:
+    """Where a ``sparse_rows`` phase's weights start in the packed weights: after the earlier
+    phases', each ``[g][channel tile][channel block][tap row][channel][tap column][tile]``."""
+    size = 0
+    for r in plan.regions:
+        if r is region:
+            return size
+        size += plan.groups * plan.c_out_padded * plan.c_red_packed * taps_of(r)
+    raise ValueError(f"{region.name} is not a region of the plan")
 
 
 def describe_region(region: RegionPlan) -> str:

@@ -33,12 +33,13 @@ from ..spec import LayerSpec
 from .ir import (Assemble, BiasAdd, Contract, Input, IRError, Output, Pad, PadAdjoint, Relu,
                  contract_channels, nodes_of, op, operand, parts)
 from .macs import contract_macs
-from .passes.choose_strategy import sparse_weight_grad_fits
+from .cost import WEIGHT_GRAD_RHS_MIN_ROW, sparse_weight_grad_fits
 from .reference import pad_index
 from .variant import DEFAULT, Variant
 
-FAMILIES = ("direct", "sparse_gather", "weight_grad", "sparse_weight_grad",
+FAMILIES = ("direct", "sparse_gather", "sparse_rows", "weight_grad", "sparse_weight_grad",
             "sparse_weight_grad_rhs")
+SPARSE_FAMILIES = ("sparse_gather", "sparse_rows")   # forward and input-gradient sparse kernels
 CTYPES = {"float32": "float", "float64": "double"}
 # Triton kernels load these and accumulate in float32; the plan's ctype is then the dtype name.
 TRITON_DTYPES = ("float32", "float16", "bfloat16")
@@ -79,6 +80,11 @@ class RegionPlan:
     macs_per_sample: int      # multiplications per batch element (grad_weight: per batch too)
     vectorize: str            # 'channels' (output channels in vector lanes) or 'positions'
     tile_axis: int            # the axis a register tile runs along
+
+    @property
+    def u_box(self) -> int:
+        """Output positions of the region (0 if empty)."""
+        return math.prod(max(0, a.u_len) for a in self.axes)
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,8 @@ class KernelPlan:
     regions: tuple[RegionPlan, ...]
     pad: PadPlan | None = None
     pad_adjoint: PadPlan | None = None
+    sparse_block: int = 0      # sparse_rows: contracted channels per zero mask (whole vectors)
+    row_block: int = 0         # sparse_rows: output rows per task
 
     @property
     def lanes(self) -> int:
@@ -140,7 +148,7 @@ class KernelPlan:
         (rows of all channels would put a tile's vectors a whole row apart, kilobytes for wide
         layers); the whole padded row where a sparse region reads them (it scatters each
         non-zero input into every output channel)."""
-        if self.pattern == "grad_weight" or any(r.family == "sparse_gather"
+        if self.pattern == "grad_weight" or any(r.family in SPARSE_FAMILIES
                                                 for r in self.regions):
             return self.c_out_padded
         return self.tile_vectors * self.lanes
@@ -151,7 +159,20 @@ class KernelPlan:
         :attr:`weight_block` channels) then the bias ``[g][c_out_padded]``."""
         if self.pattern == "grad_weight":
             return 0
-        return self.groups * self.c_out_padded * (self.c_red * self.taps + 1)
+        return self.groups * self.c_out_padded * (self.c_red_packed * self.taps + 1)
+
+    @property
+    def sparse_rows(self) -> bool:
+        """Whether the regions are ``sparse_rows`` phases (which pack weights their own way)."""
+        return any(r.family == "sparse_rows" for r in self.regions)
+
+    @property
+    def c_red_packed(self) -> int:
+        """Contracted channels per group in the packed weights: whole zero-mask blocks for
+        ``sparse_rows`` (the padding channels hold zeros, which its masks skip)."""
+        if self.sparse_rows:
+            return -(-self.c_red // self.sparse_block) * self.sparse_block
+        return self.c_red
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -159,6 +180,11 @@ class KernelPlan:
 
     @property
     def sparse(self) -> bool:
+        """Whether some region multiplies only the data operand's non-zeros."""
+        return any(r.family in SPARSE_FAMILIES for r in self.regions)
+
+    @property
+    def compressed(self) -> bool:
         """Whether some region reads the compressed pattern of the data operand."""
         return any(r.family == "sparse_gather" for r in self.regions)
 
@@ -308,7 +334,7 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
     merge = _sparse_merge(regions, c_red * math.prod(rhs_shape[2:]) * c_out_padded,
                           lhs_shape[-1] * c_out_padded)
     out_shape = op(graph, assemble).shape
-    return _flatten_pointwise(KernelPlan(
+    return _flatten_pointwise(_sparse_rows(KernelPlan(
         spec=spec.describe("N"),
         history=tuple(graph.graph["history"]), pattern=first.pattern, ctype=ctype,
         rank=spec.rank, groups=g, c_red=c_red, c_out=c_out, lhs_channels=lhs_shape[1],
@@ -318,7 +344,8 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
         kernel=tuple(rhs_shape[2:]), bias=bias, relu=relu, vector_bytes=vector_bytes,
         c_out_padded=c_out_padded, tile_vectors=vectors, tile_width=width,
         red_block=red_block, pos_channels=pos_channels, pos_vectors=pos_vectors,
-        sparse_vectors=sparse_vectors, sparse_merge=merge, regions=tuple(regions), pad=pad, pad_adjoint=adjoint))
+        sparse_vectors=sparse_vectors, sparse_merge=merge, regions=tuple(regions), pad=pad,
+        pad_adjoint=adjoint), variant, backend))
 
 
 def _axis_maps(regions) -> list[list[tuple[int, ...]]]:
@@ -333,6 +360,14 @@ def serves_sparse_weight_grad(plan: KernelPlan, rhs: bool = False) -> bool:
     return plan.pattern == "grad_weight" and \
         2 * (plan.c_red if rhs else plan.c_out) >= plan.lanes and \
         sparse_weight_grad_fits(_axis_maps(plan.regions))
+
+
+def walks_output_gradient(plan: KernelPlan) -> bool:
+    """Whether untuned dispatch may run this weight gradient's ``sparse/rhs`` kernel (walking
+    the output gradient's zeros): where it serves the layer, on rows long enough to repay it
+    (``cost.WEIGHT_GRAD_RHS_MIN_ROW``)."""
+    return plan.rhs_shape[-1] >= WEIGHT_GRAD_RHS_MIN_ROW and \
+        serves_sparse_weight_grad(plan, rhs=True)
 
 
 def _sparse_weight_grad_plan(graph, spec, contracts, regions, lhs_shape, rhs_shape, c_red,
@@ -373,10 +408,77 @@ def _sparse_weight_grad_plan(graph, spec, contracts, regions, lhs_shape, rhs_sha
         regions=(region,), pad=pad)
 
 
+SPARSE_ROWS_PARTIAL_BYTES = 128 * 1024   # a task's partial sums (output rows x channel tile)
+SPARSE_ROWS_MAX_ROWS = 8
+SPARSE_ROWS_VECTORS = 4      # vectors of output channels per sparse_rows tile, by default
+SPARSE_ROWS_SLICE_BYTES = 24 * 1024   # a sweep's weights: half of a 48 KiB L1 data cache
+SPARSE_ROWS_MAX_BLOCK = 64
+
+
+def _sparse_rows(plan: KernelPlan, variant: Variant, backend: str) -> KernelPlan:
+    """A plan whose forward or input-gradient regions are marked sparse, as ``sparse_rows``
+    phases where they allow it (else unchanged: ``sparse_gather`` serves every sparse region).
+    The regions that map their axes alike (one phase: a conv's interior and trimmed borders, or
+    one phase sub-convolution of a transposed conv) merge into one box, whose taps outside the
+    input read the packed copy's zeros; each phase's last axis must read consecutive inputs
+    (``lu = lv = 1``: stride and dilation 1 there) and rows (rank 2) rise with ``u`` and ``v``.
+    Its register tile is a sliding window of as many output columns as the phase has tap
+    columns, ``sparse_vectors`` vectors of output channels each."""
+    if backend != "c" or plan.pattern == "grad_weight" or plan.rank > 2 or \
+            not any(r.family == "sparse_gather" for r in plan.regions):
+        return plan
+    phases: dict[tuple, list[RegionPlan]] = {}
+    for r in plan.regions:
+        if r.u_box:
+            maps = tuple((a.ou, a.oc, a.lu, a.lv, a.lc, a.ru, a.rv, a.rc) for a in r.axes)
+            phases.setdefault(maps, []).append(r)
+    merged = []
+    for maps, members in phases.items():
+        axes = tuple(dataclasses.replace(members[0].axes[i],
+                                         u0=min(m.axes[i].u0 for m in members),
+                                         u1=max(m.axes[i].u1 for m in members),
+                                         v0=min(m.axes[i].v0 for m in members),
+                                         v1=max(m.axes[i].v1 for m in members))
+                     for i in range(plan.rank))
+        last = axes[-1]
+        if (last.lu, last.lv) != (1, 1) or any(a.ru or a.lu < 1 or a.lv < 1 for a in axes) or \
+                math.prod(a.u_len for a in axes) != sum(m.u_box for m in members):
+            return plan
+        merged.append(RegionPlan(f"region_{len(merged)}", "sparse_rows", members[0].label
+                                 if len(members) == 1 else "phase", axes,
+                                 sum(m.macs_per_sample for m in members), "channels",
+                                 plan.rank - 1))
+    widest = max([r.axes[-1].v1 - r.axes[-1].v0 for r in merged], default=1)
+    # The window's accumulators, a broadcast input and a mask in the vector registers.
+    most = min(8, (_registers(plan.vector_bytes) - 4) // widest)
+    if most < 1:
+        return plan
+    lanes = plan.lanes
+    vectors = max(1, min(variant.vectors or SPARSE_ROWS_VECTORS, most, -(-plan.c_out // lanes)))
+    width = vectors * lanes
+    # Channels per mask walk: as many as keep a sweep's weight slice (channels x tap columns x
+    # tile) in L1 with room for the rows it reads; more channels per walk share each output
+    # column's trip through the partial sums among more multiply-adds.
+    block = lanes
+    while block < SPARSE_ROWS_MAX_BLOCK and \
+            2 * block * widest * width * (plan.vector_bytes // lanes) <= SPARSE_ROWS_SLICE_BYTES:
+        block *= 2
+    item = 8 if plan.ctype == "double" else 4
+    row_bytes = max((r.axes[-1].u_len + 3 * (r.axes[-1].v1 - r.axes[-1].v0)) * width * item
+                    for r in merged)
+    if row_bytes > SPARSE_ROWS_PARTIAL_BYTES:
+        return plan
+    return dataclasses.replace(
+        plan, regions=tuple(merged), sparse_vectors=vectors, sparse_merge=0,
+        c_out_padded=-(-plan.c_out // width) * width, tile_vectors=vectors,
+        sparse_block=block,
+        row_block=max(1, min(SPARSE_ROWS_MAX_ROWS, SPARSE_ROWS_PARTIAL_BYTES // row_bytes)))
+
+
 def _flatten_pointwise(plan: KernelPlan) -> KernelPlan:
     """A 1x1, stride-1, unpadded conv maps every input position to the same output position:
     one axis of all positions serves it, so register tiles never end at a row's end."""
-    if len(plan.regions) != 1 or plan.rank == 1 or plan.pad or plan.pad_adjoint or \
+    if len(plan.regions) != 1 or plan.rank == 1 or plan.pad or plan.pad_adjoint or plan.sparse_rows or \
             plan.pattern == "grad_weight" or plan.lhs_size != plan.out_size or plan.taps != 1:
         return plan
     region = plan.regions[0]

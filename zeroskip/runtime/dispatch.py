@@ -32,8 +32,8 @@ from typing import Any, Iterator
 
 import torch
 
-from ..codegen.lower import serves_sparse_weight_grad
-from ..codegen.passes.choose_strategy import WEIGHT_GRAD_RHS_CROSSOVER, WEIGHT_GRAD_RHS_MIN_ROW
+from ..codegen.lower import walks_output_gradient
+from ..codegen.cost import WEIGHT_GRAD_RHS_CROSSOVER
 from ..codegen.variant import Variant
 from ..spec import LayerSpec
 from . import bundle, env, loader, stats, tuning
@@ -251,9 +251,8 @@ class GradientOperator(Operator):
         self.crop = crop
         plan = getattr(self.forward, "plan", None)
         # A weight gradient whose sparse kernel can walk the output gradient's zeros instead.
-        self.rhs_walk = (self.backend == "c" and plan is not None and
-                         plan.rhs_shape[-1] >= WEIGHT_GRAD_RHS_MIN_ROW and
-                         serves_sparse_weight_grad(plan, rhs=True))
+        self.rhs_walk = self.backend == "c" and plan is not None and \
+            walks_output_gradient(plan)
 
     def choose(self, x: torch.Tensor, other: torch.Tensor | None = None) -> str:
         """As :meth:`Operator.choose` on the data operand; and a weight gradient whose output

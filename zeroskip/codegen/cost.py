@@ -1,0 +1,154 @@
+"""The cost model: dense or sparse, in units of one dense multiply-accumulate (MAC).
+
+The data operand (lhs) of a layer after a ReLU is mostly zero. A *sparse* kernel multiplies only
+its non-zeros; a *dense* kernel multiplies everything it reads. Which sparse kernel serves a
+Contract follows from its index maps (:func:`rows_serve`), and each has its own line:
+
+* ``sparse_rows`` (a forward or input-gradient phase whose last axis reads consecutive inputs,
+  rank <= 2) finds zeros in place, one mask per block of channels at each input column, and
+  broadcasts each non-zero into a sliding window of accumulators; its weights are FMA memory
+  operands from L1. Per dense MAC::
+
+      sparse = ROWS_FIXED + density * ROWS_SCATTER
+
+  ``ROWS_FIXED`` is the work that does not shrink with the zeros (copying the rows it reads,
+  the masks, each output column's trips through the partial sums), ``ROWS_SCATTER`` what a
+  non-zero MAC costs against a dense one (one weight load per FMA where the dense tiles reuse
+  theirs from registers).
+* ``sparse_gather`` (every other forward and input-gradient region: strided or dilated along
+  the last axis, rank 3) walks a compressed pattern, each position's list of non-zero channels::
+
+      sparse = density * SCATTER_COST + SCAN_COST / reuse
+
+  ``reuse`` is how many multiplications each data element feeds (output channels per group
+  times the Contract's pairs per distinct data index).
+* the sparse weight gradient walks the non-zeros of its data operand (the layer's input) and
+  adds each, times a vector of output-gradient channels, into register accumulators of every
+  kernel column it meets: ``WEIGHT_GRAD_SCATTER_COST`` dense MACs per non-zero MAC.
+
+Contracts too small to repay a sparse pass stay dense, and so do Contracts with few output
+channels per group (a sparse MAC broadcasts one input over them: too few fill too few lanes).
+The autotuner measures instead of modelling; the constants here only need the crossover in the
+right place for layers nobody tuned. This module is pure arithmetic on numbers the IR passes
+hand it: no graph, no torch.
+"""
+from __future__ import annotations
+
+# sparse_rows, measured at batch 16 on the suite's 3x3 convs of 64-512 channels on 56x56-14x14
+# maps, forward and input gradient (Xeon, AVX-512, 2 threads, 2026-12-06;
+# `benchmarks/bench_ops.py --densities 1 0.5 0.3 0.2 0.1`): the time at density 0 is 0.14-0.24
+# of the dense kernel's and each unit of density adds 1.04-1.2 of it; it breaks even between
+# density 0.7 and 0.8 (on 112x112 maps, where the dense kernel is memory-bound too, above 1).
+ROWS_FIXED = 0.17
+ROWS_SCATTER = 1.1
+SCATTER_COST = 5.0     # a sparse_gather MAC: one position's weights per load, no register reuse
+                       # (measured over the suite at batch 1, 2026-11-30: it overtakes the dense
+                       # kernel between density 0.1 and 0.3, near 0.2)
+SCAN_COST = 1.0        # sparse_gather: reading one data element and testing it for zero
+MIN_SPARSE_MACS = 4096  # below this, the sparse setup does not pay off
+MIN_SPARSE_CHANNELS = 8  # output channels per group a scattered input must feed
+# The weight-gradient variant that walks the output gradient's zeros instead (its rows are the
+# output's; short rows cost a loop exit per few non-zeros): measured at batch 16 with a
+# half-dense input, on rows of 32 it beats the dense kernel from density 0.2 down; on rows of 16
+# or 8 it only ties it at 0.1. Dispatch runs it below this density, on rows this long.
+WEIGHT_GRAD_RHS_CROSSOVER = 0.25
+WEIGHT_GRAD_RHS_MIN_ROW = 24
+WEIGHT_GRAD_SCATTER_COST = 4.0   # a sparse weight-gradient MAC, where each input feeds 3 or
+                                 # more kernel columns (measured at batch 16-32 over the suite:
+                                 # the sparse kernel overtakes the dense one near density 0.25;
+                                 # feeding fewer, each non-zero's overhead is shared by fewer
+                                 # multiply-adds: 1x1 and stride-2 layers cross lower)
+
+Maps = tuple[int, int, int, int, int, int, int, int]   # (lu, lv, lc, ru, rv, rc, ou, oc)
+
+
+def rows_serve(axes: list[Maps]) -> bool:
+    """Whether ``sparse_rows`` serves a forward or input-gradient Contract whose axes map so:
+    rank <= 2, the last axis reads consecutive inputs (``lu = lv = 1``), every axis's input
+    index rises with the position and the tap, and the weight index is the tap's alone."""
+    return 1 <= len(axes) <= 2 and axes[-1][:2] == (1, 1) and all(
+        lu >= 1 and lv >= 1 and ru == 0 for lu, lv, lc, ru, rv, rc, ou, oc in axes)
+
+
+def sparse_weight_grad_fits(axes: list[list[Maps]]) -> bool:
+    """Whether the sparse weight-gradient kernel serves a weight gradient whose regions have
+    these axes: every region maps each axis alike, the input index rises with the tap and the
+    position (``lu, lv > 0``), and the output gradient is read at the position itself
+    (``rhs = v``), the weight gradient at the tap."""
+    if not axes:
+        return False
+    first = axes[0]
+    return all(region == first for region in axes) and all(
+        lu > 0 and lv > 0 and (ru, rv, rc, ou, oc) == (0, 1, 0, 1, 0)
+        for lu, lv, lc, ru, rv, rc, ou, oc in first)
+
+
+def _small(macs: int, channels: int) -> str | None:
+    if macs < MIN_SPARSE_MACS:
+        return f"{macs} MACs are too few to repay a sparse pass"
+    if channels < MIN_SPARSE_CHANNELS:
+        return f"{channels} output channels per group are too few for a sparse pass"
+    return None
+
+
+def rows_crossover() -> float:
+    """The density below which ``sparse_rows`` beats the dense kernel."""
+    return (1.0 - ROWS_FIXED) / ROWS_SCATTER
+
+
+def gather_crossover(reuse: float) -> float:
+    """The density below which ``sparse_gather`` beats the dense kernel."""
+    return max(0.0, (1.0 - SCAN_COST / reuse) / SCATTER_COST)
+
+
+def crossover(macs: int, reuse: float, channels: int, rows: bool) -> float:
+    """The sparse/dense crossover density of a forward or input-gradient Contract (0 where the
+    sparse kernel never runs)."""
+    if _small(macs, channels):
+        return 0.0
+    return rows_crossover() if rows else gather_crossover(reuse)
+
+
+def decide(macs: int, density: float, reuse: float, channels: int = MIN_SPARSE_CHANNELS,
+           forced: str = "auto", rows: bool = False) -> tuple[str, str]:
+    """``(strategy, reason)`` for a Contract of ``macs`` multiplications whose data elements
+    each feed ``reuse`` MACs over ``channels`` output channels per group, served by
+    ``sparse_rows`` where ``rows`` (else ``sparse_gather``); ``forced`` ('dense' or 'sparse')
+    overrides the cost model."""
+    if macs == 0:
+        return "dense", "no multiplications (zero fill)"
+    if forced != "auto":
+        return forced, f"{forced} forced"
+    small = _small(macs, channels)
+    if small:
+        return "dense", small
+    if density >= 1.0:
+        return "dense", "dense input (density 1)"
+    if rows:
+        sparse, kernel, cross = ROWS_FIXED + density * ROWS_SCATTER, "sparse_rows", \
+            rows_crossover()
+    else:
+        sparse, kernel, cross = density * SCATTER_COST + SCAN_COST / reuse, \
+            f"sparse_gather (each input feeds {reuse:.0f} MACs)", gather_crossover(reuse)
+    choice = "sparse" if sparse < 1.0 else "dense"
+    return choice, (f"density {density:g}: {kernel} costs {sparse:.2f} of dense per MAC "
+                    f"(crossover at density {cross:.2f})")
+
+
+def weight_grad_crossover(columns: float) -> float:
+    """The sparse weight gradient's crossover density where each input element feeds
+    ``columns`` kernel columns (taps along the last axis over its stride)."""
+    return min(1.0, columns / 3.0) / WEIGHT_GRAD_SCATTER_COST
+
+
+def decide_weight_grad(macs: int, density: float, channels: int, columns: float = 3.0,
+                       forced: str = "auto") -> tuple[str, str]:
+    """``(strategy, reason)`` for a weight gradient the sparse kernel serves, each of whose
+    input elements feeds ``columns`` kernel columns."""
+    if forced != "auto" or _small(macs, channels):
+        return decide(macs, density, 1.0, channels, forced)
+    cross = weight_grad_crossover(columns)
+    choice = "sparse" if density < cross else "dense"
+    return choice, (f"density {density:g}: a sparse weight-gradient MAC costs "
+                    f"{WEIGHT_GRAD_SCATTER_COST:g} dense ones, each input feeding {columns:g} "
+                    f"kernel columns (crossover at density {cross:.2f})")
