@@ -69,3 +69,37 @@ def test_gradient_densities_see_the_relu_mask():
     found = train.gradient_densities(model, data)
     assert set(found) == {"0", "3"}
     assert found["0"] < 0.3 and found["3"] == 1.0
+
+
+@pytest.mark.parametrize("name, density", [("vgg", 0.2), ("cifar-resnet", 0.4)])
+def test_trained_like_densities(name, density):
+    """Each ReLU's bias shift puts its share of non-zeros where trained networks have it: the
+    first at 0.5, the rest at the model's figure; the conv layers' inputs show it (behind a
+    max-pool the density rises, as in trained VGGs)."""
+    model = train.MODELS[name]
+    x = train.synthetic_data(model, 4)[0][0]
+    torch.manual_seed(0)
+    net = model.build()
+    reached = train.trained_like(net, x, density)
+    assert reached[0] == pytest.approx(train.FIRST_RELU_DENSITY, abs=0.01)
+    assert reached[1:] == pytest.approx([density] * (len(reached) - 1), abs=0.01)
+    from zeroskip.trace import trace_specs
+    inputs = [w.density for _, _, w in trace_specs(net, x)]
+    assert inputs[0] == 1.0                                # the image
+    assert all(density - 0.02 <= d <= 0.6 for d in inputs[1:])
+    assert min(inputs[1:]) == pytest.approx(density, abs=0.02)
+
+
+def test_trained_like_row_is_marked(tmp_path):
+    rows = train.run_model(TINY, steps=2, repeats=1, min_time=0.001, profile_steps=1,
+                           trained=True)
+    assert rows[0].trained and rows[0].loss_error <= max(train.LOSS_RTOL,
+                                                         2 * rows[0].loss_drift)
+    # Behind the first ReLU 0.5, behind the others 0.4 (the model's figure), as traced.
+    seen = sorted(layer.density for layer in rows[0].layers if layer.names != ["stem.0"])
+    assert seen[0] <= 0.45 and seen[-1] <= 0.55
+    report = train.TrainReport(rows, {"date": "2026-12-06T00:00:00", "cpu": "cpu", "threads": 1,
+                                      "torch": torch.__version__, "zeroskip": "0"})
+    assert "| tiny-resnet | 2 | untuned, trained-like |" in train.markdown(report)
+    with pytest.raises(ValueError, match="densities"):
+        train.run_train(["vgg"], densities=("final",))

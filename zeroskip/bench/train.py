@@ -10,6 +10,11 @@ steps of each under ``torch.profiler``, which splits the step into each conv lay
 (torch: ``aten::convolution`` and ``aten::convolution_backward``; zeroskip: its three custom
 ops), matched to the layers by their operands' shapes. Layers of one shape share a row.
 
+With ``trained``, each model's ReLUs are first set to the density trained networks show
+(:func:`trained_like`): SparseTrain's per-layer measurements at convergence (Gong et al., arXiv
+1911.10175) put the share of non-zeros at about 0.4 in ResNets and 0.2 in VGG, about 0.5 after
+the first layer, where a fresh model's ReLUs pass about half of everything.
+
 All of it first with an empty tuning database of the run's own: zeroskip runs its generated
 kernels throughout ("untuned"). With ``tune``, the model's operators are then tuned as a
 training step runs them (:func:`tune_model`: torch's op is a candidate of each) and everything
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import dataclasses
 import itertools
 import tempfile
@@ -55,13 +61,17 @@ class TrainModel:
     batch: int
     size: int = 32
     classes: int = 10
+    trained_density: float = 0.4    # the ReLUs' share of non-zeros after training (the first
+                                    # one's: FIRST_RELU_DENSITY)
 
 
+FIRST_RELU_DENSITY = 0.5
 MODELS = {m.name: m for m in (
     TrainModel("cifar-resnet", "CIFAR-style ResNet: 3x3 stem, one basic block per stage "
-               "(64/128/256 channels), conv-BN-ReLU", CifarResNet, batch=32),
+               "(64/128/256 channels), conv-BN-ReLU", CifarResNet, batch=32,
+               trained_density=0.4),
     TrainModel("vgg", "VGG-style net: two conv3x3-ReLU pairs per width (64/128/256), "
-               "max-pool after each", vgg_net, batch=16),
+               "max-pool after each", vgg_net, batch=16, trained_density=0.2),
 )}
 
 
@@ -87,6 +97,7 @@ class TrainRow:
     size: int
     steps: int
     tuned: bool
+    trained: bool             # ReLUs set to trained-like densities (:func:`trained_like`)
     torch_ms: float
     zeroskip_ms: float
     contention: float | None
@@ -126,6 +137,61 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+
+RELUS = (torch.relu, torch.nn.functional.relu, "relu")
+
+
+def _relu_sites(traced: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, nn.Module]]:
+    """Each ReLU of ``traced`` (module or function) in execution order, with the module whose
+    bias makes its input: the producer itself (a conv or BatchNorm with a bias), or for a
+    residual sum the first summand's producer. ReLUs fed otherwise are left out."""
+    modules = dict(traced.named_modules())
+    sites = []
+    for node in traced.graph.nodes:
+        is_relu = (node.op == "call_function" and node.target in RELUS[:2]) or \
+            (node.op == "call_method" and node.target == "relu") or \
+            (node.op == "call_module" and isinstance(modules[node.target], nn.ReLU))
+        if not is_relu:
+            continue
+        source = node.args[0]
+        if source.op == "call_function" and source.target in (torch.add, operator.add):
+            source = source.args[0]
+        module = modules.get(source.target) if source.op == "call_module" else None
+        if getattr(module, "bias", None) is not None:
+            sites.append((node, module))
+    return sites
+
+
+def trained_like(model: nn.Module, x: torch.Tensor, density: float,
+                 first: float = FIRST_RELU_DENSITY) -> list[float]:
+    """Shift the bias feeding each ReLU of ``model`` (in place) so that on ``x`` the ReLU
+    passes ``density`` of its input (the first one ``first``): the shift is the input's
+    ``1 - density`` quantile, each ReLU's measured with the earlier ones already shifted.
+    In training mode a BatchNorm's shift moves its output exactly, so the densities hold
+    whatever the batch. Returns the densities reached, in order."""
+    traced = torch.fx.symbolic_trace(model)
+    sites = _relu_sites(traced)
+    if not sites:
+        raise BenchError(f"{type(model).__name__}: no ReLU fed by a biased module")
+    reached = []
+    for i, (node, module) in enumerate(sites):
+        seen = {}
+
+        class Capture(torch.fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n is node:
+                    seen["input"] = self.env[n.args[0]].detach()
+                return out
+        with torch.no_grad():
+            Capture(traced).run(x)
+            want = first if i == 0 else density
+            shift = torch.quantile(seen["input"].flatten()[:1 << 24].float(), 1.0 - want)
+            module.bias.sub_(shift)
+            Capture(traced).run(x)
+            reached.append(float((seen["input"] > 0).float().mean()))
+    return reached
 
 
 def synthetic_data(model: TrainModel, batch: int, seed: int = 0
@@ -256,12 +322,20 @@ def tune_model(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
     return len(done)
 
 
+def build(model: TrainModel, batch: int, seed: int, trained: bool) -> nn.Module:
+    """A fresh ``model`` (seeded), its ReLUs at trained-like densities where ``trained``."""
+    torch.manual_seed(seed)
+    built = model.build()
+    if trained:
+        trained_like(built, synthetic_data(model, batch, seed)[0][0], model.trained_density)
+    return built
+
+
 def _compare(model: TrainModel, batch: int, steps: int, repeats: int, min_time: float,
-             profile_steps: int, seed: int, tuned: bool) -> TrainRow:
+             profile_steps: int, seed: int, tuned: bool, trained: bool = False) -> TrainRow:
     """Train fresh copies of ``model`` on both sides: check the losses agree, then time and
     split the steps."""
-    torch.manual_seed(seed)
-    reference = model.build()
+    reference = build(model, batch, seed, trained)
     reference_copy = copy.deepcopy(reference)
     converted = convert(copy.deepcopy(reference))
     if not any(type(m).__module__ == "zeroskip.nn" for m in converted.modules()):
@@ -285,7 +359,7 @@ def _compare(model: TrainModel, batch: int, steps: int, repeats: int, min_time: 
                          f"drifts {drift:.3g}): {losses}")
     timing = time_interleaved({"torch": ref.step, "zeroskip": zs.step}, repeats, min_time)
     layers, wall_torch, wall_zs = _split(ref, zs, data[0][0], batch, profile_steps)
-    return TrainRow(model.name, model.describe, batch, model.size, steps, tuned,
+    return TrainRow(model.name, model.describe, batch, model.size, steps, tuned, trained,
                     timing.seconds["torch"] * 1e3, timing.seconds["zeroskip"] * 1e3,
                     timing.contention, losses["torch"], losses["zeroskip"], error,
                     ran["kernel_calls"], ran["torch_choices"], layers, wall_torch, wall_zs,
@@ -310,23 +384,24 @@ def torch_drift(model: nn.Module, data: list, steps: int, losses: list[float]) -
 
 def run_model(model: TrainModel, batch: int | None = None, steps: int = 20,
               repeats: int = REPEATS, min_time: float = MIN_TIME_S, profile_steps: int = 3,
-              seed: int = 0, tune: bool = False, log: TextIO | None = None) -> list[TrainRow]:
+              seed: int = 0, tune: bool = False, log: TextIO | None = None,
+              trained: bool = False) -> list[TrainRow]:
     """``model`` trained on both sides with an empty tuning database (zeroskip runs its
     generated kernels, as untuned) and, with ``tune``, again after tuning its layers
-    (:func:`tune_model`, in a database of this run's own)."""
+    (:func:`tune_model`, in a database of this run's own); with ``trained``, from
+    trained-like ReLU densities (:func:`trained_like`)."""
     batch = batch or model.batch
     rows = []
     with tempfile.TemporaryDirectory(prefix="zeroskip-train-") as tmp:
         with _tuning_database(Path(tmp) / "tuning.json") as db:
             rows.append(_compare(model, batch, steps, repeats, min_time, profile_steps, seed,
-                                 False))
+                                 False, trained))
             _log(log, rows[-1])
             if tune:
-                torch.manual_seed(seed)
                 data = synthetic_data(model, batch, seed)[0]
-                tune_model(model.build(), data, db, repeats, min_time)
+                tune_model(build(model, batch, seed, trained), data, db, repeats, min_time)
                 rows.append(_compare(model, batch, steps, repeats, min_time, profile_steps,
-                                     seed, True))
+                                     seed, True, trained))
                 _log(log, rows[-1])
     return rows
 
@@ -334,7 +409,7 @@ def run_model(model: TrainModel, batch: int | None = None, steps: int = 20,
 def _log(log: TextIO | None, row: TrainRow) -> None:
     if log is not None:
         mark = " (others took the CPUs: not to be trusted)" if busy(row.contention) else ""
-        print(f"{row.model}, batch {row.batch}, {'tuned' if row.tuned else 'untuned'}: torch "
+        print(f"{row.model}, batch {row.batch}, {_mode(row)}: torch "
               f"{row.torch_ms:.1f} ms, zeroskip {row.zeroskip_ms:.1f} ms a step: "
               f"{row.ratio:.2f}x{mark}", file=log, flush=True)
 
@@ -353,20 +428,25 @@ class TrainReport:
 
 def run_train(names: list[str], batch: int | None = None, steps: int = 20,
               repeats: int = REPEATS, min_time: float = MIN_TIME_S, tune: bool = False,
-              log: TextIO | None = None) -> TrainReport:
-    """:func:`run_model` for each model named (:data:`MODELS`), with :func:`steady_allocator`."""
+              log: TextIO | None = None, densities: tuple[str, ...] = ("init",)
+              ) -> TrainReport:
+    """:func:`run_model` for each model named (:data:`MODELS`), with :func:`steady_allocator`,
+    at each of ``densities``: 'init' (a fresh model's ReLUs) and 'trained' (trained-like)."""
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; the models are {sorted(MODELS)}")
+    wrong = sorted(set(densities) - {"init", "trained"})
+    if wrong:
+        raise ValueError(f"densities must be 'init' or 'trained', got {wrong}")
     pinned = steady_allocator()
-    rows = [row for name in names
+    rows = [row for name in names for mode in densities
             for row in run_model(MODELS[name], batch, steps, repeats, min_time, tune=tune,
-                                 log=log)]
+                                 log=log, trained=mode == "trained")]
     return TrainReport(rows, {**machine(), "malloc_pinned": pinned})
 
 
 def _mode(row: TrainRow) -> str:
-    return "tuned" if row.tuned else "untuned"
+    return ("tuned" if row.tuned else "untuned") + (", trained-like" if row.trained else "")
 
 
 def markdown(report: TrainReport) -> str:
@@ -378,6 +458,10 @@ def markdown(report: TrainReport) -> str:
              "diff: zeroskip against torch over the first N steps, relative; torch's own drift: "
              "torch against torch trained from weights one ulp away (the yardstick of float32 "
              "rounding amplified by training; the losses must agree to 1e-3 or to twice it).",
+             "",
+             "ReLU densities: 'trained-like' sets each ReLU's share of non-zeros to what trained "
+             "networks show (ResNet 0.4, VGG 0.2, the first ReLU 0.5; SparseTrain, arXiv "
+             "1911.10175), by shifting the bias that feeds it; otherwise a fresh model's.",
              "",
              "| model | batch | zeroskip | torch ms | zeroskip ms | ratio | torch img/s | "
              "zeroskip img/s | loss after N steps (torch / zeroskip) | max loss diff | "
