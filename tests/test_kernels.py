@@ -445,6 +445,8 @@ def test_trimmed_to_one_tap_is_not_pointwise():
     LayerSpec.conv(8, 32, 3, stride=2, input_size=(7, 7, 9)),
     LayerSpec.conv(8, 16, 3, padding=1, padding_mode="reflect", input_size=(6, 7)),
     LayerSpec.conv_transpose(32, 16, 4, stride=2, padding=1, input_size=(5, 6)),
+    # groups of contracted channels (37 = 12 groups of 3, and 1) per thread
+    LayerSpec.conv(37, 32, 3, padding=1, input_size=(11, 21)),
 ], ids=lambda s: s.describe())
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("rhs", [False, True], ids=["input", "output-gradient"])
@@ -452,7 +454,8 @@ def test_sparse_weight_gradient(spec, density, rhs):
     """The sparse weight gradient: one region over the whole kernel walking the input's
     non-zeros (taps past the borders read zero margins), strided (per-residue taps), dilated,
     grouped, 1-D and 3-D, behind a reflect padding, of a transposed conv; all-zero inputs. And
-    the variant walking the output gradient's non-zeros instead (``sparse/rhs``)."""
+    the variant walking the output gradient's non-zeros instead (``sparse/rhs``); contracted
+    channels in groups that do not divide them."""
     grad = spec.grad_weight()
     variant = lower.Variant("sparse", rhs=rhs)
     plan = kernel_for(grad, "c", variant).plan
