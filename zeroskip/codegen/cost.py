@@ -24,7 +24,8 @@ Contract follows from its index maps (:func:`rows_serve`), and each has its own 
   times the Contract's pairs per distinct data index).
 * the sparse weight gradient walks the non-zeros of its data operand (the layer's input) and
   adds each, times a vector of output-gradient channels, into register accumulators of every
-  kernel column it meets: ``WEIGHT_GRAD_SCATTER_COST`` dense MACs per non-zero MAC.
+  kernel column it meets: ``WEIGHT_GRAD_FIXED + density * WEIGHT_GRAD_SCATTER`` per dense MAC
+  where each input feeds 3 or more kernel columns (:func:`weight_grad_crossover`).
 
 Contracts too small to repay a sparse pass stay dense, and so do Contracts with few output
 channels per group (a sparse MAC broadcasts one input over them: too few fill too few lanes).
@@ -53,11 +54,13 @@ MIN_SPARSE_CHANNELS = 8  # output channels per group a scattered input must feed
 # or 8 it only ties it at 0.1. Dispatch runs it below this density, on rows this long.
 WEIGHT_GRAD_RHS_CROSSOVER = 0.25
 WEIGHT_GRAD_RHS_MIN_ROW = 24
-WEIGHT_GRAD_SCATTER_COST = 4.0   # a sparse weight-gradient MAC, where each input feeds 3 or
-                                 # more kernel columns (measured at batch 16-32 over the suite:
-                                 # the sparse kernel overtakes the dense one near density 0.25;
-                                 # feeding fewer, each non-zero's overhead is shared by fewer
-                                 # multiply-adds: 1x1 and stride-2 layers cross lower)
+# The sparse weight gradient where each input feeds 3 or more kernel columns, measured at
+# batch 16 on the suite's 3x3 convs of 64-256 channels (2026-12-06, `bench_ops.py --densities`):
+# the time at density 0 is 0.22-0.33 of the dense kernel's and each unit of density adds
+# 1.25-1.3 of it (crossover near 0.55). Feeding fewer columns, a non-zero's overhead is shared
+# by fewer multiply-adds: stride-2 3x3 layers cross near 0.2, 1x1 ones near 0.1 or never.
+WEIGHT_GRAD_FIXED = 0.3
+WEIGHT_GRAD_SCATTER = 1.27
 
 Maps = tuple[int, int, int, int, int, int, int, int]   # (lu, lv, lc, ru, rv, rc, ou, oc)
 
@@ -137,8 +140,9 @@ def decide(macs: int, density: float, reuse: float, channels: int = MIN_SPARSE_C
 
 def weight_grad_crossover(columns: float) -> float:
     """The sparse weight gradient's crossover density where each input element feeds
-    ``columns`` kernel columns (taps along the last axis over its stride)."""
-    return min(1.0, columns / 3.0) / WEIGHT_GRAD_SCATTER_COST
+    ``columns`` kernel columns (taps along the last axis over its stride): the measured line's
+    for 3 or more, falling with the square of fewer (fitted to stride-2 and 1x1 layers)."""
+    return (1.0 - WEIGHT_GRAD_FIXED) / WEIGHT_GRAD_SCATTER * min(1.0, columns / 3.0) ** 2
 
 
 def decide_weight_grad(macs: int, density: float, channels: int, columns: float = 3.0,
@@ -149,6 +153,5 @@ def decide_weight_grad(macs: int, density: float, channels: int, columns: float 
         return decide(macs, density, 1.0, channels, forced)
     cross = weight_grad_crossover(columns)
     choice = "sparse" if density < cross else "dense"
-    return choice, (f"density {density:g}: a sparse weight-gradient MAC costs "
-                    f"{WEIGHT_GRAD_SCATTER_COST:g} dense ones, each input feeding {columns:g} "
-                    f"kernel columns (crossover at density {cross:.2f})")
+    return choice, (f"density {density:g}: each input feeding {columns:g} kernel columns, "
+                    f"the sparse weight gradient crosses the dense one at density {cross:.2f}")
