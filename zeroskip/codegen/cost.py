@@ -48,12 +48,14 @@ SCATTER_COST = 5.0     # a sparse_gather MAC: one position's weights per load, n
 SCAN_COST = 1.0        # sparse_gather: reading one data element and testing it for zero
 MIN_SPARSE_MACS = 4096  # below this, the sparse setup does not pay off
 MIN_SPARSE_CHANNELS = 8  # output channels per group a scattered input must feed
-# The weight-gradient variant that walks the output gradient's zeros instead (its rows are the
-# output's; short rows cost a loop exit per few non-zeros): measured at batch 16 with a
-# half-dense input, on rows of 32 it beats the dense kernel from density 0.2 down; on rows of 16
-# or 8 it only ties it at 0.1. Dispatch runs it below this density, on rows this long.
-WEIGHT_GRAD_RHS_CROSSOVER = 0.25
-WEIGHT_GRAD_RHS_MIN_ROW = 24
+# The weight-gradient variant that walks the output gradient's zeros instead: the same kernel
+# with the roles swapped, so the sparser operand is the one to walk. Measured at batch 16
+# (2026-12-06) on 64-256 channels and rows of 4-32: walking an output gradient at density
+# 0.1-0.3 beats walking an input at 0.2-0.5 by 1.2-2x and the dense kernel by 1.2-2.9x.
+# Dispatch runs it where the output gradient is sparser than the input and below this density,
+# on rows at least this long.
+WEIGHT_GRAD_RHS_CROSSOVER = 0.5
+WEIGHT_GRAD_RHS_MIN_ROW = 4
 # The sparse weight gradient where each input feeds 3 or more kernel columns, measured at
 # batch 16 on the suite's 3x3 convs of 64-256 channels (2026-12-06, `bench_ops.py --densities`):
 # the time at density 0 is 0.22-0.33 of the dense kernel's and each unit of density adds
