@@ -53,9 +53,9 @@ def against_torch(args) -> None:
             found = timing.time_interleaved(
                 {"torch": want, "zeroskip": lambda: loader.run_spec(op, t)}, args.repeats)
             s = found.seconds
+            busy = " *" if timing.busy(found.contention) else ""
             print(f"| {layer.name} | {name} | {s['torch'] * 1e3:.2f} | {s['zeroskip'] * 1e3:.2f} "
-                  f"| {s['torch'] / s['zeroskip']:.2f}x{' *' if timing.busy(found.contention) else ''} |",
-                  flush=True)
+                  f"| {s['torch'] / s['zeroskip']:.2f}x{busy} |", flush=True)
 
 
 def at_densities(args) -> None:

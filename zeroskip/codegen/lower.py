@@ -6,20 +6,25 @@ One plan is one C translation unit, whose entry point runs every region of the l
 * each :class:`~.ir.Contract` becomes a :class:`RegionPlan`. Its family picks the template:
   ``direct`` (dense region of a conv, a trimmed border, or a phase sub-convolution of a
   transposed conv: after the passes they are all a box of taps with affine index maps),
-  ``sparse_gather`` (a region marked sparse: it reads the data operand in a compressed pattern,
-  each position's non-zero channels, and multiplies only those), ``weight_grad`` (the weight
-  gradient, touching real taps only), ``sparse_weight_grad`` (a weight gradient marked sparse:
-  one region over the whole kernel that walks the data operand's non-zeros; the borders it
-  handles itself, so the trimmed regions merge into it) and ``sparse_weight_grad_rhs`` (the
-  same walking the output gradient's non-zeros: the ``sparse/rhs`` variant);
+  ``sparse_rows`` (the regions of one phase marked sparse, merged back into one box, whose
+  last axis reads consecutive inputs: zeros found in place, a sliding window of accumulators),
+  ``sparse_gather`` (any other region marked sparse: it reads the data operand in a compressed
+  pattern, each position's non-zero channels, and multiplies only those), ``weight_grad``
+  (the weight gradient, touching real taps only), ``sparse_weight_grad`` (a weight gradient
+  marked sparse: one region over the whole kernel that walks the data operand's non-zeros;
+  the borders it handles itself, so the trimmed regions merge into it) and
+  ``sparse_weight_grad_rhs`` (the same walking the output gradient's non-zeros: the
+  ``sparse/rhs`` variant);
 * a :class:`~.ir.Pad` in a data-carrying mode (reflect, replicate, circular) becomes index
   tables of a copy into a padded scratch buffer, and a :class:`~.ir.PadAdjoint` the matching
   scatter-add;
 * a :class:`~.ir.BiasAdd` is fused into the regions' accumulator initialisation, and a
   :class:`~.ir.Relu` into their stores.
 
-The batch size is not part of a plan: kernels take it at run time. A :class:`Variant` holds
-the knobs the autotuner turns (:mod:`.variant`); ``None`` keeps the heuristic's choice.
+:func:`plan` runs in named stages (operands, epilogue, regions, tiles, then whole-plan
+rewrites); :func:`~.plan.to_text` writes a plan as text for tests to state. The batch size
+is not part of a plan: kernels take it at run time. A :class:`Variant` holds the knobs the
+autotuner turns (:mod:`.variant`); ``None`` keeps the heuristic's choice.
 """
 from __future__ import annotations
 
@@ -34,159 +39,17 @@ from .ir import (Assemble, BiasAdd, Contract, Input, IRError, Output, Pad, PadAd
                  contract_channels, nodes_of, op, operand, parts)
 from .macs import contract_macs
 from .cost import WEIGHT_GRAD_RHS_MIN_ROW, sparse_weight_grad_fits
+from .plan import (FAMILIES, SPARSE_FAMILIES, AxisPlan, KernelPlan, PadPlan,  # noqa: F401
+                   RegionPlan, to_text)
 from .reference import pad_index
 from .variant import DEFAULT, Variant
 
-FAMILIES = ("direct", "sparse_gather", "sparse_rows", "weight_grad", "sparse_weight_grad",
-            "sparse_weight_grad_rhs")
-SPARSE_FAMILIES = ("sparse_gather", "sparse_rows")   # forward and input-gradient sparse kernels
 CTYPES = {"float32": "float", "float64": "double"}
 # Triton kernels load these and accumulate in float32; the plan's ctype is then the dtype name.
 TRITON_DTYPES = ("float32", "float16", "bfloat16")
 MAX_RANK = 3
 L2_WEIGHT_BYTES = 384 * 1024
 LONG_ROW = 16      # forward and input-gradient tiles along rows this long hold 2 vectors
-
-
-@dataclass(frozen=True)
-class AxisPlan:
-    """One axis of a region: ``u in [u0, u1)``, ``v in [v0, v1)`` and the index maps
-    ``out = ou*u + oc``, ``lhs = lu*u + lv*v + lc``, ``rhs = ru*u + rv*v + rc``."""
-
-    u0: int
-    u1: int
-    v0: int
-    v1: int
-    ou: int
-    oc: int
-    lu: int
-    lv: int
-    lc: int
-    ru: int
-    rv: int
-    rc: int
-
-    @property
-    def u_len(self) -> int:
-        return self.u1 - self.u0
-
-
-@dataclass(frozen=True)
-class RegionPlan:
-    name: str
-    family: str
-    label: str
-    axes: tuple[AxisPlan, ...]
-    macs_per_sample: int      # multiplications per batch element (grad_weight: per batch too)
-    vectorize: str            # 'channels' (output channels in vector lanes) or 'positions'
-    tile_axis: int            # the axis a register tile runs along
-
-    @property
-    def u_box(self) -> int:
-        """Output positions of the region (0 if empty)."""
-        return math.prod(max(0, a.u_len) for a in self.axes)
-
-
-@dataclass(frozen=True)
-class PadPlan:
-    """Copy the lhs (``src`` spatial shape) into a padded buffer (``dst``), or, as an adjoint,
-    scatter-add a padded buffer back; ``index[a][i]`` is the source position of padded ``i``."""
-
-    mode: str
-    src: tuple[int, ...]
-    dst: tuple[int, ...]
-    index: tuple[tuple[int, ...], ...]
-
-
-@dataclass(frozen=True)
-class KernelPlan:
-    """Everything the templates need for one operator, batch size excluded."""
-
-    spec: str                 # LayerSpec.describe(), batch shown as N
-    history: tuple[str, ...]  # passes that shaped the graph
-    pattern: str              # forward | grad_input | grad_weight
-    ctype: str                # float | double
-    rank: int
-    groups: int
-    c_red: int                # channels contracted per group
-    c_out: int                # output channels per group (grad_weight: C_y / groups)
-    lhs_channels: int
-    out_channels: int         # channels of the output tensor (grad_weight: C_y)
-    lhs_size: tuple[int, ...]  # spatial shape the regions read the data operand at
-    rhs_shape: tuple[int, ...]  # full shape of the second operand (weight, or grad_output)
-    out_size: tuple[int, ...]  # spatial shape the regions write
-    kernel: tuple[int, ...]    # spatial shape of the weight tensor
-    bias: bool
-    relu: bool                 # a fused ReLU epilogue: max(0, .) as each result is stored
-    vector_bytes: int
-    c_out_padded: int          # packed weight row length (a multiple of the vector length)
-    tile_vectors: int          # vectors of output channels held per register tile
-    tile_width: int            # output positions per register tile
-    red_block: int             # 'channels' tiles: contracted channels per pass over the output
-    pos_channels: int          # 'positions' tiles: output channels per tile (divides c_out)
-    pos_vectors: int           # 'positions' tiles: vectors of output positions per tile
-    sparse_vectors: int        # sparse tiles: vectors of output channels (divides COUTP/lanes)
-    sparse_merge: int          # sparse: m != 0 merges a row's taps into one list walk (below)
-    regions: tuple[RegionPlan, ...]
-    pad: PadPlan | None = None
-    pad_adjoint: PadPlan | None = None
-    sparse_block: int = 0      # sparse_rows: contracted channels per zero mask (whole vectors)
-    row_block: int = 0         # sparse_rows: output rows per task
-
-    @property
-    def lanes(self) -> int:
-        return self.vector_bytes // (8 if self.ctype == "double" else 4)
-
-    @property
-    def taps(self) -> int:
-        return math.prod(self.kernel)
-
-    @property
-    def weight_block(self) -> int:
-        """Output channels per block of the packed weights, ``[g][block][c_red][tap][block's
-        channels]``: one dense register tile's, so a tile streams its weights contiguously
-        (rows of all channels would put a tile's vectors a whole row apart, kilobytes for wide
-        layers); the whole padded row where a sparse region reads them (it scatters each
-        non-zero input into every output channel)."""
-        if self.pattern == "grad_weight" or any(r.family in SPARSE_FAMILIES
-                                                for r in self.regions):
-            return self.c_out_padded
-        return self.tile_vectors * self.lanes
-
-    @property
-    def packed_elems(self) -> int:
-        """Packed weights (``groups x c_red x taps x c_out_padded``, in blocks of
-        :attr:`weight_block` channels) then the bias ``[g][c_out_padded]``."""
-        if self.pattern == "grad_weight":
-            return 0
-        return self.groups * self.c_out_padded * (self.c_red_packed * self.taps + 1)
-
-    @property
-    def sparse_rows(self) -> bool:
-        """Whether the regions are ``sparse_rows`` phases (which pack weights their own way)."""
-        return any(r.family == "sparse_rows" for r in self.regions)
-
-    @property
-    def c_red_packed(self) -> int:
-        """Contracted channels per group in the packed weights: whole zero-mask blocks for
-        ``sparse_rows`` (the padding channels hold zeros, which its masks skip)."""
-        if self.sparse_rows:
-            return -(-self.c_red // self.sparse_block) * self.sparse_block
-        return self.c_red
-
-    @property
-    def families(self) -> tuple[str, ...]:
-        return tuple(sorted({r.family for r in self.regions}))
-
-    @property
-    def sparse(self) -> bool:
-        """Whether some region multiplies only the data operand's non-zeros."""
-        return any(r.family in SPARSE_FAMILIES for r in self.regions)
-
-    @property
-    def compressed(self) -> bool:
-        """Whether some region reads the compressed pattern of the data operand."""
-        return any(r.family == "sparse_gather" for r in self.regions)
 
 
 def _registers(vector_bytes: int) -> int:
@@ -215,13 +78,85 @@ def fit_width(widest: int, rows: list[tuple[int, int]]) -> int:
     return widest if tiles > 8 or length <= widest else -(-length // tiles)
 
 
+@dataclass(frozen=True)
+class Operands:
+    """Stage 1 of :func:`plan`: the regions' Contracts and what they read and contract."""
+
+    contracts: tuple[str, ...]     # the Contract nodes, in the Assemble's order
+    pattern: str                   # forward | grad_input | grad_weight
+    lhs_shape: tuple[int, ...]     # the data operand as the regions read it (padded or not)
+    rhs_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]     # the regions' output (the Assemble's)
+    groups: int
+    c_red: int
+    c_out: int
+    pad: PadPlan | None            # a data-carrying padding copied into a scratch buffer
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """Stage 2: what follows the regions, fused into them or run after them."""
+
+    bias: bool                     # into the accumulators' start
+    relu: bool                     # into the stores
+    adjoint: PadPlan | None        # a scatter-add pass (the adjoint of a padding)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Stage 4: the register tiles and blocks of every template family."""
+
+    vectors: int
+    width: int
+    c_out_padded: int
+    red_block: int
+    pos_channels: int
+    pos_vectors: int
+    sparse_vectors: int
+    sparse_merge: int
+
+
 def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
          backend: str = "c") -> KernelPlan:
     """Lower an optimized, verified graph to a kernel plan; :class:`IRError` if the graph holds a
     node no template of ``backend`` ('c' or 'triton') implements. ``variant``'s strategy must be
     the one the graph was optimized with (``pipeline.run(spec, strategy=...)``); its tile shapes
-    apply here (C only: Triton's block sizes are launch-time constants)."""
+    apply here (C only: Triton's block sizes are launch-time constants).
+
+    In named stages: :func:`operands`, :func:`epilogue`, :func:`regions` (a template family per
+    Contract), :func:`tiles`; then the rewrites of a whole plan (:data:`REWRITES`). The sparse
+    weight gradient takes its own road after the regions (one region over the whole kernel)."""
     spec: LayerSpec = graph.graph["spec"]
+    ctype = _check_target(spec, backend)
+    ops = operands(graph, backend)
+    post = epilogue(graph, backend)
+    lanes = vector_bytes // (8 if ctype == "double" else 4)
+    found = regions(graph, ops, lanes)
+    first: Contract = op(graph, ops.contracts[0])
+    if ops.pattern == "grad_weight" and first.strategy == "sparse" and backend == "c" and \
+            2 * (ops.c_red if variant.rhs else ops.c_out) >= lanes:
+        # (Otherwise the dense weight gradient: it serves every layer.)
+        return _sparse_weight_grad_plan(graph, spec, ops, found, vector_bytes, lanes, ctype,
+                                        variant)
+    t = tiles(ops, found, vector_bytes, lanes, variant)
+    result = KernelPlan(
+        spec=spec.describe("N"), history=tuple(graph.graph["history"]), pattern=ops.pattern,
+        ctype=ctype, rank=spec.rank, groups=ops.groups, c_red=ops.c_red, c_out=ops.c_out,
+        lhs_channels=ops.lhs_shape[1],
+        out_channels=ops.out_shape[0] if ops.pattern == "grad_weight" else ops.out_shape[1],
+        lhs_size=ops.lhs_shape[2:], rhs_shape=ops.rhs_shape, out_size=ops.out_shape[2:],
+        kernel=ops.rhs_shape[2:], bias=post.bias, relu=post.relu, vector_bytes=vector_bytes,
+        c_out_padded=t.c_out_padded, tile_vectors=t.vectors, tile_width=t.width,
+        red_block=t.red_block, pos_channels=t.pos_channels, pos_vectors=t.pos_vectors,
+        sparse_vectors=t.sparse_vectors, sparse_merge=t.sparse_merge, regions=found,
+        pad=ops.pad, pad_adjoint=post.adjoint)
+    for rewrite in REWRITES:
+        result = rewrite(result, variant, backend)
+    return result
+
+
+def _check_target(spec: LayerSpec, backend: str) -> str:
+    """The plan's element type on ``backend``, or :class:`IRError` where it has no kernel."""
     if backend == "triton":
         if spec.dtype not in TRITON_DTYPES:
             raise IRError(f"no Triton kernel for dtype {spec.dtype!r}; Triton kernels cover "
@@ -230,8 +165,12 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
         raise IRError(f"no C kernel for dtype {spec.dtype!r}; C kernels cover {sorted(CTYPES)}")
     if spec.rank > MAX_RANK:
         raise IRError(f"rank {spec.rank} exceeds {MAX_RANK}")
+    return CTYPES[spec.dtype] if backend == "c" else spec.dtype
+
+
+def operands(graph: nx.DiGraph, backend: str) -> Operands:
+    """Stage 1: every region must read the operator's inputs (or one padded copy of its data)."""
     (assemble,) = nodes_of(graph, Assemble)
-    (output,) = nodes_of(graph, Output)
     contracts = parts(graph, assemble)
     first: Contract = op(graph, contracts[0])
     lhs_node = operand(graph, contracts[0], "lhs")
@@ -239,22 +178,27 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
     for node in contracts:
         if (operand(graph, node, "lhs"), operand(graph, node, "rhs")) != (lhs_node, rhs_node):
             raise IRError(f"region {node!r} reads other operands than {contracts[0]!r}")
-
     pad = _pad_plan(graph, lhs_node)
     if pad and backend == "triton":
         raise IRError(f"padding mode {pad.mode!r} has no Triton kernel (zero padding has)")
     data = operand(graph, lhs_node, "src") if pad else lhs_node
     if not isinstance(op(graph, data), Input) or not isinstance(op(graph, rhs_node), Input):
         raise IRError("a region must read the operator's inputs (or one padded copy of its data)")
-    lhs_shape = op(graph, lhs_node).shape
-    rhs_shape = op(graph, rhs_node).shape
+    lhs_shape = tuple(op(graph, lhs_node).shape)
+    rhs_shape = tuple(op(graph, rhs_node).shape)
     _, c_x, c_y = contract_channels(first, lhs_shape, rhs_shape)
     g = first.groups
     c_red, c_out = {"forward": (c_x // g, c_y // g), "grad_input": (c_y // g, c_x // g),
                     "grad_weight": (c_x // g, c_y // g)}[first.pattern]
+    return Operands(tuple(contracts), first.pattern, lhs_shape, rhs_shape,
+                    tuple(op(graph, assemble).shape), g, c_red, c_out, pad)
 
-    # After the regions: an optional bias (fused into the accumulators' start), an optional
-    # ReLU (fused into the stores), or the adjoint of a padding (a scatter-add pass).
+
+def epilogue(graph: nx.DiGraph, backend: str) -> Epilogue:
+    """Stage 2: after the regions an optional bias, an optional ReLU, or the adjoint of a
+    padding, then the output; anything else has no template."""
+    (assemble,) = nodes_of(graph, Assemble)
+    (output,) = nodes_of(graph, Output)
     after = next(iter(graph.successors(assemble)))
     bias = isinstance(op(graph, after), BiasAdd)
     if bias:
@@ -271,19 +215,22 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
     elif after != output:
         raise IRError(f"no template implements {type(op(graph, after)).__name__} after the "
                       "regions")
+    return Epilogue(bias, relu, adjoint)
 
-    ctype = CTYPES[spec.dtype] if backend == "c" else spec.dtype
-    lanes = vector_bytes // (8 if ctype == "double" else 4)
-    # Few output channels per group (depthwise, RGB outputs): vector lanes run along positions.
-    vectorize = "channels" if 2 * c_out >= lanes else "positions"
-    if first.pattern == "grad_weight" and not all(
+
+def regions(graph: nx.DiGraph, ops: Operands, lanes: int) -> tuple[RegionPlan, ...]:
+    """Stage 3: a :class:`RegionPlan` per Contract: its template family (by pattern and
+    strategy), its axes, its MACs and how its tiles run (lanes along output channels, or along
+    positions where a group has few output channels)."""
+    vectorize = "channels" if 2 * ops.c_out >= lanes else "positions"
+    if ops.pattern == "grad_weight" and not all(
             (l.rhs.u, l.rhs.v, l.rhs.c) == (0, 1, 0)
-            for node in contracts for l in op(graph, node).loops[:1]):
+            for node in ops.contracts for l in op(graph, node).loops[:1]):
         # The channel tiles read the output gradient in chunks of rows of its outermost axis,
         # which must be the loop's own steps; otherwise dot products along positions.
         vectorize = "positions"
-    regions = []
-    for i, node in enumerate(contracts):
+    found = []
+    for i, node in enumerate(ops.contracts):
         c: Contract = op(graph, node)
         family = "weight_grad" if c.pattern == "grad_weight" else \
             "sparse_gather" if c.strategy == "sparse" else "direct"
@@ -292,19 +239,21 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
         axes = tuple(AxisPlan(l.u[0], l.u[1], l.v[0], max(l.v[0], l.v[1]), l.out.u, l.out.c,
                               l.lhs.u, l.lhs.v, l.lhs.c, l.rhs.u, l.rhs.v, l.rhs.c)
                      for l in c.loops)
-        macs = contract_macs(graph, node) // max(1, lhs_shape[0])
-        regions.append(RegionPlan(f"region_{i}", family, c.region, axes, macs, vectorize,
-                                  _tile_axis(axes, vectorize, lanes)))
-    rows = [(r.axes[r.tile_axis].u_len, r.macs_per_sample) for r in regions
-            if r.family == "direct" and r.vectorize == "channels"]
-    if first.pattern == "grad_weight" and first.strategy == "sparse" and backend == "c" and \
-            2 * (c_red if variant.rhs else c_out) >= lanes:
-        # (Otherwise the dense weight gradient: it serves every layer.)
-        return _sparse_weight_grad_plan(graph, spec, contracts, regions, lhs_shape, rhs_shape,
-                                        c_red, c_out, g, vector_bytes, lanes, ctype, pad,
-                                        variant)
+        macs = contract_macs(graph, node) // max(1, ops.lhs_shape[0])
+        found.append(RegionPlan(f"region_{i}", family, c.region, axes, macs, vectorize,
+                                _tile_axis(axes, vectorize, lanes)))
+    return tuple(found)
 
-    vectors = tile_shape(c_out, lanes, vector_bytes)[0]
+
+def tiles(ops: Operands, found: tuple[RegionPlan, ...], vector_bytes: int, lanes: int,
+          variant: Variant) -> Tiles:
+    """Stage 4: the dense channel tiles (vectors x positions, balanced on short rows, 2 vectors
+    on long ones), their blocks of contracted channels (a block's packed weights in L2), the
+    position tiles of depthwise layers, and the sparse tiles (vectors of output channels
+    dividing the padded row; merged tap walks where every sparse region allows)."""
+    rows = [(r.axes[r.tile_axis].u_len, r.macs_per_sample) for r in found
+            if r.family == "direct" and r.vectorize == "channels"]
+    vectors = tile_shape(ops.c_out, lanes, vector_bytes)[0]
     if variant.strategy == "dense" and variant.vectors:    # a dense variant's tile height
         vectors = min(variant.vectors, vectors)
     elif rows and vectors > 2 and max(rows, key=lambda r: r[1])[0] >= LONG_ROW:
@@ -314,16 +263,16 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
     widest = tile_shape(vectors * lanes, lanes, vector_bytes)[1]
     if variant.tile_width:
         width = variant.tile_width
-    elif first.pattern != "grad_weight":
+    elif ops.pattern != "grad_weight":
         width = fit_width(widest, rows)
     else:
         width = widest
-    c_out_padded = -(-c_out // (vectors * lanes)) * vectors * lanes
-    pos_channels = max(d for d in range(1, 5) if c_out % d == 0)
+    c_out_padded = -(-ops.c_out // (vectors * lanes)) * vectors * lanes
+    pos_channels = max(d for d in range(1, 5) if ops.c_out % d == 0)
     # A channel tile streams c_red * taps rows of packed weights; keep one block of them in L2.
-    row_bytes = math.prod(rhs_shape[2:]) * vectors * vector_bytes
-    blocks = -(-c_red // max(8, L2_WEIGHT_BYTES // row_bytes))
-    red_block = -(-c_red // blocks)
+    row_bytes = math.prod(ops.rhs_shape[2:]) * vectors * vector_bytes
+    blocks = -(-ops.c_red // max(8, L2_WEIGHT_BYTES // row_bytes))
+    red_block = -(-ops.c_red // blocks)
     pos_vectors = min(4, (_registers(vector_bytes) - 4) // (pos_channels + 1))
     # Sparse tiles hold one output position's channels twice over (two accumulator sets).
     row_vectors = c_out_padded // lanes
@@ -331,21 +280,10 @@ def plan(graph: nx.DiGraph, vector_bytes: int = 32, variant: Variant = DEFAULT,
         min(8, _registers(vector_bytes) // 4)
     sparse_vectors = max(v for v in range(1, row_vectors + 1) if row_vectors % v == 0 and
                          v <= want)
-    merge = _sparse_merge(regions, c_red * math.prod(rhs_shape[2:]) * c_out_padded,
-                          lhs_shape[-1] * c_out_padded)
-    out_shape = op(graph, assemble).shape
-    return _flatten_pointwise(_sparse_rows(KernelPlan(
-        spec=spec.describe("N"),
-        history=tuple(graph.graph["history"]), pattern=first.pattern, ctype=ctype,
-        rank=spec.rank, groups=g, c_red=c_red, c_out=c_out, lhs_channels=lhs_shape[1],
-        out_channels=out_shape[0] if first.pattern == "grad_weight" else out_shape[1],
-        lhs_size=tuple(lhs_shape[2:]), rhs_shape=tuple(rhs_shape),
-        out_size=tuple(out_shape[2:]),
-        kernel=tuple(rhs_shape[2:]), bias=bias, relu=relu, vector_bytes=vector_bytes,
-        c_out_padded=c_out_padded, tile_vectors=vectors, tile_width=width,
-        red_block=red_block, pos_channels=pos_channels, pos_vectors=pos_vectors,
-        sparse_vectors=sparse_vectors, sparse_merge=merge, regions=tuple(regions), pad=pad,
-        pad_adjoint=adjoint), variant, backend))
+    merge = _sparse_merge(list(found), ops.c_red * math.prod(ops.rhs_shape[2:]) * c_out_padded,
+                          ops.lhs_shape[-1] * c_out_padded)
+    return Tiles(vectors, width, c_out_padded, red_block, pos_channels, pos_vectors,
+                 sparse_vectors, merge)
 
 
 def _axis_maps(regions) -> list[list[tuple[int, ...]]]:
@@ -370,14 +308,16 @@ def walks_output_gradient(plan: KernelPlan) -> bool:
         serves_sparse_weight_grad(plan, rhs=True)
 
 
-def _sparse_weight_grad_plan(graph, spec, contracts, regions, lhs_shape, rhs_shape, c_red,
-                             c_out, g, vector_bytes, lanes, ctype, pad, variant) -> KernelPlan:
+def _sparse_weight_grad_plan(graph, spec, ops: Operands, regions, vector_bytes, lanes, ctype,
+                             variant) -> KernelPlan:
     """The plan of a sparse weight gradient: the regions (which every axis maps alike) merged
     into one ``sparse_weight_grad`` region over the whole kernel and all output-gradient
     positions. Its register tiles hold ``tile_width`` kernel columns (taps along the last axis)
     x ``tile_vectors`` vectors of output channels; with ``variant.rhs`` (family
     ``sparse_weight_grad_rhs``, walking the output gradient's zeros) of contracted channels,
     and ``c_out_padded`` is then the contracted channels padded to whole tiles."""
+    c_red, c_out, g, pad = ops.c_red, ops.c_out, ops.groups, ops.pad
+    lhs_shape, rhs_shape = ops.lhs_shape, ops.rhs_shape
     axes = _axis_maps(regions)
     if not sparse_weight_grad_fits(axes):
         raise IRError("no sparse kernel for this weight gradient: its regions map their axes "
@@ -460,7 +400,8 @@ def _sparse_rows(plan: KernelPlan, variant: Variant, backend: str) -> KernelPlan
     # tile) in L1 with room for the rows it reads; more channels per walk share each output
     # column's trip through the partial sums among more multiply-adds.
     block = lanes
-    while block < SPARSE_ROWS_MAX_BLOCK and \
+    most_block = min(SPARSE_ROWS_MAX_BLOCK, -(-plan.c_red // lanes) * lanes)
+    while block < most_block and \
             2 * block * widest * width * (plan.vector_bytes // lanes) <= SPARSE_ROWS_SLICE_BYTES:
         block *= 2
     item = 8 if plan.ctype == "double" else 4
@@ -475,11 +416,12 @@ def _sparse_rows(plan: KernelPlan, variant: Variant, backend: str) -> KernelPlan
         row_block=max(1, min(SPARSE_ROWS_MAX_ROWS, SPARSE_ROWS_PARTIAL_BYTES // row_bytes)))
 
 
-def _flatten_pointwise(plan: KernelPlan) -> KernelPlan:
+def _flatten_pointwise(plan: KernelPlan, variant: Variant, backend: str) -> KernelPlan:
     """A 1x1, stride-1, unpadded conv maps every input position to the same output position:
     one axis of all positions serves it, so register tiles never end at a row's end."""
-    if len(plan.regions) != 1 or plan.rank == 1 or plan.pad or plan.pad_adjoint or plan.sparse_rows or \
-            plan.pattern == "grad_weight" or plan.lhs_size != plan.out_size or plan.taps != 1:
+    if len(plan.regions) != 1 or plan.rank == 1 or plan.pad or plan.pad_adjoint or \
+            plan.sparse_rows or plan.pattern == "grad_weight" or plan.lhs_size != plan.out_size \
+            or plan.taps != 1:
         return plan
     region = plan.regions[0]
     identity = all((a.u0, a.u1, a.v0, a.v1, a.ou, a.oc, a.lu, a.lc, a.ru, a.rc) ==
@@ -532,3 +474,8 @@ def _pad_plan(graph: nx.DiGraph, node: str) -> PadPlan | None:
         raise IRError(f"zero pad {node!r} survived trim_padding")
     src = op(graph, operand(graph, node, "src")).shape
     return _pad_table(p.mode, src[2:], p.lo, p.hi)
+
+
+# Rewrites of a whole plan, in order, after its stages: sparse regions that allow it become
+# sparse_rows phases; a pointwise conv's positions become one axis.
+REWRITES = (_sparse_rows, _flatten_pointwise)
