@@ -139,7 +139,7 @@ class Trainer:
         return loss.detach()
 
 
-RELUS = (torch.relu, torch.nn.functional.relu, "relu")
+RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu)
 
 
 def _relu_sites(traced: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, nn.Module]]:
@@ -149,7 +149,7 @@ def _relu_sites(traced: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, nn.Mo
     modules = dict(traced.named_modules())
     sites = []
     for node in traced.graph.nodes:
-        is_relu = (node.op == "call_function" and node.target in RELUS[:2]) or \
+        is_relu = (node.op == "call_function" and node.target in RELU_FUNCTIONS) or \
             (node.op == "call_method" and node.target == "relu") or \
             (node.op == "call_module" and isinstance(modules[node.target], nn.ReLU))
         if not is_relu:
@@ -163,34 +163,42 @@ def _relu_sites(traced: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, nn.Mo
     return sites
 
 
+class _ReluInput(torch.fx.Interpreter):
+    """Runs a traced model and keeps the input of one ReLU node (``watch``)."""
+
+    def __init__(self, traced: torch.fx.GraphModule, watch: torch.fx.Node):
+        super().__init__(traced)
+        self.watch, self.seen = watch, None
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n is self.watch:
+            self.seen = self.env[n.args[0]].detach()
+        return out
+
+
 def trained_like(model: nn.Module, x: torch.Tensor, density: float,
                  first: float = FIRST_RELU_DENSITY) -> list[float]:
     """Shift the bias feeding each ReLU of ``model`` (in place) so that on ``x`` the ReLU
     passes ``density`` of its input (the first one ``first``): the shift is the input's
     ``1 - density`` quantile, each ReLU's measured with the earlier ones already shifted.
     In training mode a BatchNorm's shift moves its output exactly, so the densities hold
-    whatever the batch. Returns the densities reached, in order."""
+    whatever the batch. Returns the densities reached (measured again after each shift), in
+    order."""
     traced = torch.fx.symbolic_trace(model)
     sites = _relu_sites(traced)
     if not sites:
         raise BenchError(f"{type(model).__name__}: no ReLU fed by a biased module")
     reached = []
-    for i, (node, module) in enumerate(sites):
-        seen = {}
-
-        class Capture(torch.fx.Interpreter):
-            def run_node(self, n):
-                out = super().run_node(n)
-                if n is node:
-                    seen["input"] = self.env[n.args[0]].detach()
-                return out
-        with torch.no_grad():
-            Capture(traced).run(x)
+    with torch.no_grad():
+        for i, (node, module) in enumerate(sites):
+            capture = _ReluInput(traced, node)
+            capture.run(x)
             want = first if i == 0 else density
-            shift = torch.quantile(seen["input"].flatten()[:1 << 24].float(), 1.0 - want)
+            shift = torch.quantile(capture.seen.flatten()[:1 << 24].float(), 1.0 - want)
             module.bias.sub_(shift)
-            Capture(traced).run(x)
-            reached.append(float((seen["input"] > 0).float().mean()))
+            capture.run(x)
+            reached.append(float((capture.seen > 0).float().mean()))
     return reached
 
 

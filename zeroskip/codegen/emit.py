@@ -10,6 +10,7 @@ import functools
 import hashlib
 import itertools
 import math
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def environment(backend: str = "c") -> jinja2.Environment:
                        weight_strides=weight_strides, names=names, at=at,
                        describe_region=describe_region, box=box, taps_of=taps_of,
                        tap_lens=tap_lens, unflatten=unflatten, offset=offset,
-                       box_points=box_points, rows_base=rows_base)
+                       box_points=box_points, rows_layout=rows_layout)
     return env
 
 
@@ -145,14 +146,31 @@ def weight_strides(plan: KernelPlan) -> tuple[int, int, int]:
     return plan.c_red * plan.c_out * taps, taps, plan.c_out * taps  # w[g*c_red + ci][co]
 
 
-def rows_base(plan: KernelPlan, region: RegionPlan) -> int:
-    """Where a ``sparse_rows`` phase's weights start in the packed weights: after the earlier
-    phases', each ``[g][channel tile][channel block][tap row][channel][tap column][tile]``."""
-    size = 0
+@dataclass(frozen=True)
+class RowsLayout:
+    """A ``sparse_rows`` phase's packed weights, as its pack and its sweeps both index them:
+    from ``base``, ``[g][tile of vb output channels][block of cbw contracted channels][tap row
+    (ksh)][channel][tap column (ksw)][vb]``."""
+
+    ksh: int
+    ksw: int
+    vb: int
+    cbw: int
+    blocks: int       # contracted-channel blocks per group
+    base: int
+
+
+def rows_layout(plan: KernelPlan, region: RegionPlan) -> RowsLayout:
+    """The packed-weight layout of ``region``, a ``sparse_rows`` phase of ``plan``: after the
+    earlier phases' weights."""
+    base = 0
     for r in plan.regions:
         if r is region:
-            return size
-        size += plan.groups * plan.c_out_padded * plan.c_red_packed * taps_of(r)
+            taps = tap_lens(region)
+            return RowsLayout(taps[0] if len(taps) == 2 else 1, taps[-1],
+                              plan.sparse_vectors * plan.lanes, plan.sparse_block,
+                              plan.c_red_packed // plan.sparse_block, base)
+        base += plan.groups * plan.c_out_padded * plan.c_red_packed * taps_of(r)
     raise ValueError(f"{region.name} is not a region of the plan")
 
 

@@ -370,8 +370,7 @@ def _sparse_rows(plan: KernelPlan, variant: Variant, backend: str) -> KernelPlan
     phases: dict[tuple, list[RegionPlan]] = {}
     for r in plan.regions:
         if r.u_box:
-            maps = tuple((a.ou, a.oc, a.lu, a.lv, a.lc, a.ru, a.rv, a.rc) for a in r.axes)
-            phases.setdefault(maps, []).append(r)
+            phases.setdefault(tuple(_axis_maps([r])[0]), []).append(r)
     merged = []
     for maps, members in phases.items():
         axes = tuple(dataclasses.replace(members[0].axes[i],
@@ -399,20 +398,18 @@ def _sparse_rows(plan: KernelPlan, variant: Variant, backend: str) -> KernelPlan
     # Channels per mask walk: as many as keep a sweep's weight slice (channels x tap columns x
     # tile) in L1 with room for the rows it reads; more channels per walk share each output
     # column's trip through the partial sums among more multiply-adds.
+    item = plan.vector_bytes // lanes
     block = lanes
     most_block = min(SPARSE_ROWS_MAX_BLOCK, -(-plan.c_red // lanes) * lanes)
-    while block < most_block and \
-            2 * block * widest * width * (plan.vector_bytes // lanes) <= SPARSE_ROWS_SLICE_BYTES:
+    while block < most_block and 2 * block * widest * width * item <= SPARSE_ROWS_SLICE_BYTES:
         block *= 2
-    item = 8 if plan.ctype == "double" else 4
     row_bytes = max((r.axes[-1].u_len + 3 * (r.axes[-1].v1 - r.axes[-1].v0)) * width * item
                     for r in merged)
     if row_bytes > SPARSE_ROWS_PARTIAL_BYTES:
         return plan
     return dataclasses.replace(
         plan, regions=tuple(merged), sparse_vectors=vectors, sparse_merge=0,
-        c_out_padded=-(-plan.c_out // width) * width, tile_vectors=vectors,
-        sparse_block=block,
+        c_out_padded=-(-plan.c_out // width) * width, sparse_block=block,
         row_block=max(1, min(SPARSE_ROWS_MAX_ROWS, SPARSE_ROWS_PARTIAL_BYTES // row_bytes)))
 
 
