@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/zeroskip demo
 
+# The tests run on every core (pytest-xdist), sharing one kernel cache (tests/conftest.py).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

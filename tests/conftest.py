@@ -15,8 +15,14 @@ settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-_SESSION_CACHE = tempfile.mkdtemp(prefix="zeroskip-test-cache-")
-atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+# One kernel cache for the whole run: the process that starts pytest makes it, and parallel
+# workers (pytest-xdist), which inherit its environment, share it (the cache is safe across
+# processes) instead of compiling every kernel once per worker.
+_SESSION_CACHE = os.environ.get("ZEROSKIP_TEST_RUN_CACHE")
+if not _SESSION_CACHE:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="zeroskip-test-cache-")
+    atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+    os.environ["ZEROSKIP_TEST_RUN_CACHE"] = _SESSION_CACHE
 os.environ["ZEROSKIP_CACHE_DIR"] = _SESSION_CACHE
 # No GPU here: in-process Triton kernels run under Triton's interpreter, which must be chosen
 # before triton is first imported. Compiling for GPU targets runs in subprocesses without it.
