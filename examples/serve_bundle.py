@@ -9,7 +9,8 @@ records), converts it with ``zeroskip.convert``, freezes its weights (``zeroskip
 weights kept with no check per call) and runs it forward and backward on a seeded
 input, next to torch's own model. With ``ZEROSKIP_CC=/bin/false`` no kernel can be compiled, so
 every kernel that runs comes from the bundle. It prints the largest difference from torch and
-the counters, and exits 1 if the outputs differ or any call fell back to torch.
+the counters, and exits 1 if the outputs differ, if any call fell back to torch or compiled a
+kernel, or if no bundle served one.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import warnings
 import torch
 
 import zeroskip
+from zeroskip.runtime import bundle
 from zeroskip.runtime.stats import ZeroskipFallbackWarning
 from zeroskip.trace import build_model
 
@@ -34,6 +36,9 @@ def main() -> int:
     traced = json.loads(open(args.layers).read())
     if args.bundle:
         print(zeroskip.load_bundle(args.bundle))
+    if not bundle.active():
+        print("no bundle to serve from: give --bundle or set ZEROSKIP_BUNDLE", file=sys.stderr)
+        return 1
     model = build_model(traced["model"]).eval()
     reference = copy.deepcopy(model)
     zeroskip.convert(model)
@@ -61,9 +66,14 @@ def main() -> int:
         "kernel_calls", "bundle_hits", "compiles", "cache_hits", "fallback_calls")))
     for warning in caught:
         print(f"warning: {str(warning.message).splitlines()[0]}")
-    ok = max(errors.values()) < 1e-3 and counters["fallback_calls"] == 0
-    print("OK" if ok else "FAILED")
-    return 0 if ok else 1
+    problems = [what for what, bad in (
+        ("the results differ from torch's", max(errors.values()) >= 1e-3),
+        ("calls fell back to torch", counters["fallback_calls"] > 0),
+        ("kernels were compiled, not served from the bundle", counters["compiles"] > 0),
+        ("no call was served from the bundle", counters["bundle_hits"] == 0))
+        if bad]
+    print("OK" if not problems else "FAILED: " + "; ".join(problems))
+    return 0 if not problems else 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -357,3 +358,27 @@ def test_serve_example(made, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "compiles 0" in done.stdout and "fallback_calls 0" in done.stdout
     assert done.stdout.strip().endswith("OK")
+
+
+def test_serve_example_fails_without_a_bundle(made, tmp_path):
+    """With no bundle to serve from, the example compiles its kernels and says FAILED."""
+    example = Path(__file__).parents[1] / "examples" / "serve_bundle.py"
+    env = child_env(made, ZEROSKIP_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("ZEROSKIP_BUNDLE", None)
+    done = subprocess.run([sys.executable, str(example), "layers.json"], capture_output=True,
+                          text=True, cwd=made, timeout=600, env=env)
+    assert done.returncode == 1
+    assert "no bundle to serve from" in done.stderr
+
+
+def test_missing_bundle_says_it_does_not_exist(tmp_path):
+    before = bundle.active()
+    for missing in (tmp_path / "nowhere", Path(tempfile.gettempdir()) / "zeroskip-no-bundle"):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            zeroskip.load_bundle(missing)
+    with pytest.raises(bundle.BundleError, match="has no manifest.json"):
+        zeroskip.load_bundle(tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(bundle.BundleError, match="not a directory"):
+        zeroskip.load_bundle(tmp_path / "file")
+    assert bundle.active() == before

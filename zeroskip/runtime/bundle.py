@@ -45,6 +45,11 @@ class BundleError(RuntimeError):
     """A bundle was refused: another machine's, altered, damaged or writable by others."""
 
 
+class BundleNotFoundError(BundleError, FileNotFoundError):
+    """No bundle where one was asked for: the path does not exist (a :class:`BundleError`, and
+    the ``FileNotFoundError`` that ``open`` raises for a missing path)."""
+
+
 def kernel_key(backend: str, source: str) -> str:
     """The name of a kernel in a bundle: what it is, not how or where it was compiled."""
     return cache.make_key(version=__version__, backend=backend, source=source)
@@ -123,8 +128,13 @@ class Bundle:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise BundleNotFoundError(f"the bundle {path} does not exist")
     if not path.is_dir():
-        raise BundleError(f"{path} is not a bundle directory")
+        raise BundleError(f"{path} is not a bundle directory (not a directory)")
+    if not (path / MANIFEST).exists() and not (path / MANIFEST).is_symlink():
+        raise BundleError(f"{path} is not a bundle directory (it has no {MANIFEST}; "
+                          "zeroskip generate writes one)")
     try:
         problem = cache.unsafe(path, OWNERS) or cache.unsafe(path / MANIFEST, OWNERS)
         if problem:
