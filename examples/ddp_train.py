@@ -57,8 +57,10 @@ GRADIENT_TOLERANCE = 1e-10    # float64 gradients after the all-reduce (measured
 
 def kernels_loaded() -> list[str]:
     """The kernels this process has loaded (forward and gradient operators), each as its
-    spec's JSON: the whole descriptor, dtype included."""
-    return sorted(json.dumps(k.spec.to_dict(), sort_keys=True) for k in loader.loaded())
+    spec's JSON (the whole descriptor, dtype included) and its variant: a layer's sparse
+    variant is a kernel of its own."""
+    return sorted(json.dumps([k.spec.to_dict(), k.variant.name], sort_keys=True)
+                  for k in loader.loaded())
 
 
 def first_gradients(disc: torch.nn.Module, real: torch.Tensor) -> list[torch.Tensor]:
