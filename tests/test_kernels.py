@@ -199,6 +199,23 @@ def test_sparse_rows_channel_blocks(c_in, c_out):
     run_and_compare(spec, inputs_with(spec, x), SPARSE)
 
 
+# ----------------------------------------------------------------------------- region classes
+@pytest.mark.parametrize("spec", [
+    LayerSpec.conv(3, 8, 19, padding=9, input_size=(23,)),                      # rank 1
+    LayerSpec.conv(16, 32, 11, padding=5, input_size=(13, 12)),                 # channels
+    LayerSpec.conv_transpose(12, 3, 11, 4, 2, 1, input_size=(6, 5), dtype="float64"),
+    LayerSpec.conv(4, 4, 5, padding=2, groups=4, input_size=(7, 9, 8)),        # rank 3
+    LayerSpec.conv_transpose(6, 6, 8, 4, 2, groups=2, input_size=(5, 4)),
+], ids=lambda s: s.describe())
+def test_region_classes_match_torch(spec):
+    """Many regions: those beyond a plan's largest share functions that read their boxes from
+    a table; forward and input gradient (classes too where it has many regions) against
+    torch."""
+    assert kernel_for(spec).plan.classes
+    for op in (spec, spec.grad_input()):
+        run_and_compare(op, random_inputs(op, workload=Workload(2)))
+
+
 # ----------------------------------------------------------------------------- vectorization
 def direct_regions(plan: lower.KernelPlan, vectorize: str):
     return [r for r in plan.regions if r.family == "direct" and r.vectorize == vectorize]

@@ -76,3 +76,29 @@ def test_stages():
     assert [r.family for r in regions] == ["direct"]
     with pytest.raises(IRError, match="padding mode 'reflect' has no Triton kernel"):
         lower.operands(graph, "triton")
+
+
+def test_many_regions_share_functions():
+    """A transposed conv's 225 regions (k=11, s=4: 16 stride phases, each trimmed at its
+    borders): the 16 with the most MACs (the phases' interiors) keep functions of their own;
+    the rest share one function per kind (tile axis and index maps' coefficients), whose
+    table holds their boxes. A plan of few regions has no classes."""
+    spec = LayerSpec.conv_transpose(96, 3, 11, 4, 2, 1, input_size=(55, 55), bias=False)
+    plan = lower.plan(optimized(spec), vector_bytes=64)
+    tabled = [name for c in plan.classes for name in c.members]
+    assert len(tabled) == len(set(tabled)) == len(plan.regions) - lower.OWN_FUNCTIONS == 209
+    regions = {r.name: r for r in plan.regions}
+    own = [r for r in plan.regions if r.name not in tabled]
+    assert min(r.macs_per_sample for r in own) >= \
+        max(regions[name].macs_per_sample for name in tabled)
+    for c in plan.classes:
+        kinds = {(regions[m].family, regions[m].vectorize, regions[m].tile_axis,
+                  tuple((a.ou, a.lu, a.lv, a.ru, a.rv) for a in regions[m].axes))
+                 for m in c.members}
+        assert len(kinds) == 1 and len(c.members) > 1
+        assert plan.region_class(c.members[-1]) == c
+        assert f"{c.name} serves {len(c.members)} regions: {c.members[0]} " in \
+            lower.to_text(plan)
+    few = lower.plan(optimized(LayerSpec.conv(8, 8, 5, padding=2, input_size=(9, 9))))
+    assert len(few.regions) == 25 and few.classes and \
+        lower.plan(optimized(LayerSpec.conv(8, 8, 3, padding=1, input_size=(9, 9)))).classes == ()

@@ -145,10 +145,10 @@ WIDE: list[Layer] = [
     _w("diffusion.up1.skip", "diffusion", 960, 640, 1, input_size=(16, 16)),
     _w("diffusion.conv_out", "diffusion", 320, 4, 3, 1, 1, input_size=(32, 32)),
     # Transposed convs with few input positions: FCN's score upsampling (21 classes, x2 on a
-    # 16x16 map), AlexNet's and GoogLeNet's first layers inverted. (FCN-32s's x32 one, k=64
-    # s=32, is left out: its 1024 stride phases are 1024 regions of generated code, minutes
-    # of compiling.)
+    # 16x16 map, and FCN-32s's x32 one, k=64 s=32, 1024 stride phases, to 224x224), AlexNet's
+    # and GoogLeNet's first layers inverted.
     _wt("fcn8s.upscore2", "fcn", 21, 21, 4, 2, bias=False, input_size=(16, 16)),
+    _wt("fcn32s.upscore", "fcn", 21, 21, 64, 32, 16, bias=False, input_size=(7, 7)),
     _wt("alexnet.deconv1", "deconvnet", 96, 3, 11, 4, 2, 1, input_size=(55, 55)),
     _wt("googlenet.deconv1", "deconvnet", 64, 3, 7, 2, 3, 1, input_size=(112, 112)),
     # Dilated: ASPP rates 6 and 18 on 33x33 (as the main suite's rate 12, 512 channels in);

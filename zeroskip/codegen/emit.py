@@ -38,7 +38,8 @@ def environment(backend: str = "c") -> jinja2.Environment:
                        weight_strides=weight_strides, names=names, at=at,
                        describe_region=describe_region, box=box, taps_of=taps_of,
                        tap_lens=tap_lens, unflatten=unflatten, offset=offset,
-                       box_points=box_points, rows_layout=rows_layout)
+                       box_points=box_points, rows_layout=rows_layout,
+                       region_members=region_members)
     return env
 
 
@@ -120,15 +121,29 @@ def flat(exprs: list[str], size: tuple[int, ...]) -> str:
     return " + ".join(terms) if terms else "0"
 
 
-def at(region: RegionPlan, which: str, us: list[str], vs: list[str], size: tuple[int, ...]) -> str:
+def at(region: RegionPlan, which: str, us: list[str], vs: list[str], size: tuple[int, ...],
+       consts: list[str] | None = None) -> str:
     """Row-major offset, in a tensor of spatial ``size``, of index map ``which`` ('lhs', 'rhs'
-    or 'out') of ``region`` at the per-axis C expressions ``us`` and ``vs``."""
+    or 'out') of ``region`` at the per-axis C expressions ``us`` and ``vs``; ``consts``: the
+    maps' constant terms as C expressions (a region class reads them from its table), else
+    the region's own."""
     exprs = []
-    for axis, u, v in zip(region.axes, us, vs):
+    for i, (axis, u, v) in enumerate(zip(region.axes, us, vs)):
         cu, cv, c = {"lhs": (axis.lu, axis.lv, axis.lc), "rhs": (axis.ru, axis.rv, axis.rc),
                      "out": (axis.ou, 0, axis.oc)}[which]
-        exprs.append(affine(cu, u, cv, v, c))
+        if consts is None:
+            exprs.append(affine(cu, u, cv, v, c))
+        else:
+            exprs.append(affine(cu, u, cv, v)[:-1] + f" + {consts[i]})" if cu or cv
+                         else f"({consts[i]})")
     return flat(exprs, size)
+
+
+def region_members(plan: KernelPlan, region: RegionPlan) -> list[RegionPlan]:
+    """The regions whose boxes the class of ``region`` holds, in its table's order."""
+    found = plan.region_class(region.name)
+    by_name = {r.name: r for r in plan.regions}
+    return [by_name[name] for name in found.members] if found else [region]
 
 
 def box_points(region: RegionPlan) -> list[list[str]]:

@@ -40,7 +40,7 @@ from .ir import (Assemble, BiasAdd, Contract, Input, IRError, Output, Pad, PadAd
 from .macs import contract_macs
 from .cost import WEIGHT_GRAD_RHS_MIN_ROW, sparse_weight_grad_fits
 from .plan import (FAMILIES, SPARSE_FAMILIES, AxisPlan, KernelPlan, PadPlan,  # noqa: F401
-                   RegionPlan, to_text)
+                   RegionClass, RegionPlan, to_text)
 from .reference import pad_index
 from .variant import DEFAULT, Variant
 
@@ -473,6 +473,38 @@ def _pad_plan(graph: nx.DiGraph, node: str) -> PadPlan | None:
     return _pad_table(p.mode, src[2:], p.lo, p.hi)
 
 
+# The regions of a plan that keep functions of their own (its largest, by MACs); beyond them
+# (a transposed conv's stride phases, a large kernel's trimmed borders) the dense regions of a
+# kind share one function.
+OWN_FUNCTIONS = 16
+
+
+def _region_classes(plan: KernelPlan, variant: Variant, backend: str) -> KernelPlan:
+    """Where a plan has many regions, the dense ones that differ only in their boxes (bounds,
+    and the constants of their index maps) share one generated function that reads each box
+    from a table: the compile time follows the layer's shape, not its region count (k=64 s=32
+    has 1024 phases). The :data:`OWN_FUNCTIONS` regions with the most MACs (a conv's interior,
+    a transposed conv's phase interiors) keep their own, with constant bounds, which the
+    compiler unrolls and folds: a shared function's runtime bounds cost 10-40% on the
+    few-channel tiles ('positions') where a tap holds little work."""
+    if backend != "c" or len(plan.regions) <= OWN_FUNCTIONS:
+        return plan
+    own = {r.name for r in sorted(plan.regions, key=lambda r: -r.macs_per_sample)
+           [:OWN_FUNCTIONS]}
+    kinds: dict[tuple, list[str]] = {}
+    for r in plan.regions:
+        if r.family == "direct" and r.name not in own and all(a.u_len > 0 for a in r.axes):
+            key = (r.vectorize, r.tile_axis,
+                   tuple((a.ou, a.lu, a.lv, a.ru, a.rv) for a in r.axes))
+            kinds.setdefault(key, []).append(r.name)
+    shared = [names for names in kinds.values() if len(names) > 1]
+    if not shared:
+        return plan
+    return dataclasses.replace(plan, classes=tuple(
+        RegionClass(f"class_{i}", tuple(names)) for i, names in enumerate(shared)))
+
+
 # Rewrites of a whole plan, in order, after its stages: sparse regions that allow it become
-# sparse_rows phases; a pointwise conv's positions become one axis.
-REWRITES = (_sparse_rows, _flatten_pointwise)
+# sparse_rows phases; a pointwise conv's positions become one axis; many dense regions share
+# functions.
+REWRITES = (_sparse_rows, _flatten_pointwise, _region_classes)

@@ -67,6 +67,16 @@ class PadPlan:
 
 
 @dataclass(frozen=True)
+class RegionClass:
+    """Dense regions that one generated function serves, reading each one's box (the bounds of
+    ``u`` and ``v`` and the index maps' constants) from a table at run time: they share their
+    family, tile axis and index maps' coefficients. ``members``: their names, in plan order."""
+
+    name: str
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class KernelPlan:
     """Everything the templates need for one operator, batch size excluded."""
 
@@ -100,6 +110,11 @@ class KernelPlan:
     pad_adjoint: PadPlan | None = None
     sparse_block: int = 0      # sparse_rows: contracted channels per zero mask (whole vectors)
     row_block: int = 0         # sparse_rows: output rows per task
+    classes: tuple[RegionClass, ...] = ()   # regions sharing one function (boxes in a table)
+
+    def region_class(self, name: str) -> RegionClass | None:
+        """The class whose table holds region ``name``, or None (a function of its own)."""
+        return next((c for c in self.classes if name in c.members), None)
 
     @property
     def lanes(self) -> int:
@@ -187,4 +202,6 @@ def to_text(plan: KernelPlan) -> str:
                         f"lhs={_affine(a.lu, a.lv, a.lc)} rhs={_affine(a.ru, a.rv, a.rc)}}}"
                         for a in r.axes)
         lines.append(f"{r.name} {r.family} {r.label} {r.vectorize}@{r.tile_axis} {axes}")
+    for c in plan.classes:
+        lines.append(f"{c.name} serves {len(c.members)} regions: {' '.join(c.members)}")
     return "\n".join(lines) + "\n"
