@@ -28,6 +28,9 @@ os.environ["ZEROSKIP_CACHE_DIR"] = _SESSION_CACHE
 # before triton is first imported. Compiling for GPU targets runs in subprocesses without it.
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ.pop("ZEROSKIP_BACKEND", None)
+# Kernels compiled ahead by background threads would land in whichever cache and memo a later
+# test sets up: off, except in the tests of it (tests/test_compile_ahead.py).
+os.environ["ZEROSKIP_COMPILE_AHEAD"] = "0"
 os.environ.pop("ZEROSKIP_STRICT", None)
 os.environ.pop("ZEROSKIP_DUMP", None)
 

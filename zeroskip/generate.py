@@ -331,12 +331,12 @@ def c_kernels(spec: LayerSpec, choices: Iterable[str] = (), include_grads: bool 
     dense kernel, its sparse variant where the cost model may pick it, the tuned ``choices``,
     and the input and weight gradients; and the gradients no spec can state, with the reason."""
     from .codegen import lower
-    from .runtime import loader
+    from .runtime import dispatch, loader
     served = spec       # the layer's shape: what the runtime compiles for its calls
     if served.op not in FORWARD:
         role = {"conv_grad_input": "grad_input", "conv_grad_weight": "grad_weight"}[served.op]
         return [(role, lower.DEFAULT.name, served)], []
-    names = {"sparse"} if loader.kernel_for(served).crossover > 0 else set()
+    names = set(dispatch.next_variants(served, loader.kernel_for(served)))
     names |= {c for c in choices if c not in ("torch", lower.DEFAULT.name, "dense")}
     kernels = [("forward", lower.DEFAULT.name, served)]
     kernels += [("forward", name, served) for name in sorted(names)]
@@ -351,13 +351,9 @@ def c_kernels(spec: LayerSpec, choices: Iterable[str] = (), include_grads: bool 
                                 "reason": f"{type(exc).__name__}: {exc}"})
                 continue
             kernels.append((role, lower.DEFAULT.name, grad))
-            # What dispatch may load for it untuned: the sparse kernel below the crossover,
-            # and a weight gradient's walk of the output gradient's zeros.
-            dense = loader.kernel_for(grad)
-            if dense.crossover > 0:
-                kernels.append((role, "sparse", grad))
-            if role == "grad_weight" and lower.walks_output_gradient(dense.plan):
-                kernels.append((role, "sparse/rhs", grad))
+            # What dispatch may load for it untuned.
+            kernels += [(role, name, grad)
+                        for name in dispatch.next_variants(grad, loader.kernel_for(grad))]
     return kernels, skipped
 
 

@@ -22,7 +22,7 @@ from . import env, loader, reference, stats, tritonenv
 from .arguments import (COVERED_DTYPES, TorchDecides, check_arguments, check_call, config_of,
                         degenerate_transpose, key_of, overflows_int64, parse_config,
                         spec_from_config, spec_of_call)
-from .dispatch import GradientOperator, Operator
+from .dispatch import GradientOperator, Operator, compile_ahead
 from .stats import Fallback
 from .triton_kernel import TritonLaunchError
 
@@ -64,6 +64,10 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
         return _fall_back(call, op, rank, args, _relu(input, relu_input), weight, bias)
     if isinstance(call, PerBatch):
         call.check(input if input.dim() == rank + 2 else input.unsqueeze(0))
+    operator = call.operator if isinstance(call, PerBatch) else call
+    if operator is not None and not operator.gradients_ahead and operator.backend == "c":
+        operator.gradients_ahead = True     # the backward will ask for them: build them now
+        compile_ahead(operator.spec, operator.forward, gradients=True)
     return custom(input, weight, bias, call.config)
 
 
@@ -519,6 +523,8 @@ def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operat
         what = "Triton kernel" if backend == "triton" else "kernel"
         return Fallback(f"the {what} of {spec.describe()} failed to build",
                         f"{type(exc).__name__}: {exc}")
+    if backend == "c":      # its sparse variant (its gradients: at the first call needing them)
+        compile_ahead(spec, kernel, gradients=False)
     return Operator(spec, kernel, out_shape, torch_op=torch_op)
 
 

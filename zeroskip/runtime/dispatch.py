@@ -100,6 +100,37 @@ def sampled_density(t: torch.Tensor, samples: int = 16384) -> float:
     return float(torch.count_nonzero(picked)) / max(1, picked.numel())
 
 
+def next_variants(spec: LayerSpec, kernel: Any) -> list[str]:
+    """The variants besides the dense kernel (``kernel``, C) that untuned dispatch may load for
+    ``spec``: the sparse one where the cost model may pick it (a crossover above 0), and a
+    weight gradient's walk of the output gradient's zeros."""
+    names = ["sparse"] if kernel.crossover > 0 else []
+    if spec.op == "conv_grad_weight" and walks_output_gradient(kernel.plan):
+        names.append("sparse/rhs")
+    return names
+
+
+def compile_ahead(spec: LayerSpec, kernel: Any, gradients: bool) -> None:
+    """Start building in the background (:func:`.loader.ahead`) what a layer's next calls may
+    load: the variants of :func:`next_variants` of its forward (``spec``, whose dense C kernel
+    is ``kernel``), and with ``gradients`` its input and weight gradients' kernels and
+    theirs."""
+    def their_variants(grad: LayerSpec):
+        def then(dense: Any) -> None:
+            for name in next_variants(grad, dense):
+                loader.ahead(grad, "c", Variant.parse(name))
+        return then
+    for name in next_variants(spec, kernel):
+        loader.ahead(spec, "c", Variant.parse(name))
+    if gradients:
+        for derive in (spec.grad_input, spec.grad_weight):
+            try:
+                grad = derive()
+            except ValueError:       # no spec states this gradient: torch's op computes it
+                continue
+            loader.ahead(grad, "c", then=their_variants(grad))
+
+
 class Operator:
     """A prepared forward operator; see the module docstring for what :meth:`run` decides.
     ``torch_op(x, weight, bias)``: torch's op for the same call, run where tuning chose it."""
@@ -113,6 +144,7 @@ class Operator:
         self.config = ""                  # the arguments as the custom op takes them
         self.last = self.default          # what the latest call ran
         self.last_density = 1.0           # the density the latest call decided on
+        self.gradients_ahead = False      # whether its gradients' kernels are being built
         self._resolved: dict[str, tuple[Variant | None, Any]] = {
             self.default: (kernel.default, kernel)}
         self._tuned: tuple = (None, None, None)  # (records' source, records, their one choice)

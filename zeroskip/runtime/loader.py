@@ -14,9 +14,11 @@ A target's runtime half is a module (:mod:`.c_kernel`, :mod:`.triton_kernel`) wi
 from __future__ import annotations
 
 import os
+import queue
 import threading
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,7 +27,7 @@ from ..codegen import emit, pipeline, targets
 from ..codegen.ir import IRError
 from ..codegen.variant import DEFAULT, Variant
 from ..spec import OPERANDS, LayerSpec
-from . import bundle, c_kernel, cache, stats, triton_kernel, tritonenv
+from . import bundle, c_kernel, cache, env, stats, timing, triton_kernel, tritonenv
 
 BACKENDS = {"c": c_kernel, "triton": triton_kernel}
 # Why a kernel could not be built: the call then falls back to torch's op with a warning.
@@ -35,12 +37,14 @@ BUILD_ERRORS = (cache.CacheError, emit.TemplateError, IRError, *c_kernel.ERRORS,
 Kernel = Any      # c_kernel.Kernel or triton_kernel.Kernel: the same interface
 
 _kernels: dict[tuple, Kernel] = {}
+_building: dict[tuple, Future] = {}      # kernels some thread is building, by memo key
 _lock = threading.Lock()
 
 
 def kernel_for(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT) -> Kernel:
     """The loaded kernel of ``spec`` on ``backend`` ('c' or 'triton') as ``variant`` says
-    (launch-time knobs aside; kernels take the batch at run time).
+    (launch-time knobs aside; kernels take the batch at run time). Threads build different
+    kernels at once; one that asks for a kernel another thread is building waits for it.
     Raises one of :data:`BUILD_ERRORS`, or :class:`bundle.BundleError` where an active bundle
     holds it but is refused."""
     key = (spec, backend, variant)   # keyed by the variant as given too: no re-parsing
@@ -52,12 +56,87 @@ def kernel_for(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT) 
               backend == "triton" and tritonenv.interpreting())
     with _lock:
         kernel = _kernels.get(normal)
+        building = _building.get(normal)
+        mine = kernel is None and building is None
         if kernel is not None:
             stats.add("memo_hits")
-        else:
-            kernel = _kernels[normal] = load(normal[0], backend, normal[2])
+        elif mine:
+            building = _building[normal] = Future()
+    if kernel is None and not mine:
+        kernel = building.result()      # the builder's error, if it failed
+    elif mine:
+        try:
+            kernel = load(normal[0], backend, normal[2])
+        except BaseException as exc:
+            with _lock:
+                del _building[normal]   # a later call tries again (and reports its error)
+            building.set_exception(exc)
+            raise
+        with _lock:
+            _kernels[normal] = kernel
+            del _building[normal]
+        building.set_result(kernel)
+    with _lock:
         _kernels[key] = kernel
     return kernel
+
+
+# Compiling ahead: kernels a layer's next calls may load (its gradients while the forward runs,
+# its sparse variant) are built by daemon threads, one per core (each waits on a compiler
+# process), so that a call finds them built or waits less. Daemons: a process that ends does
+# not wait for them (a build cut short leaves a temporary folder the cache discards).
+_ahead: queue.SimpleQueue = queue.SimpleQueue()
+_ahead_started: list[threading.Thread] = []
+_ahead_left = 0                          # builds queued or running
+_ahead_done = threading.Condition(_lock)
+
+
+def _ahead_worker() -> None:
+    global _ahead_left
+    while True:
+        spec, backend, variant, then = _ahead.get()
+        try:
+            kernel = kernel_for(spec, backend, variant)
+            if then is not None:
+                then(kernel)
+        except Exception:       # noqa: BLE001 - the call that needs it reports its error
+            pass
+        finally:
+            with _ahead_done:
+                _ahead_left -= 1
+                _ahead_done.notify_all()
+
+
+def wait_ahead(timeout: float | None = None) -> bool:
+    """Wait until the kernels being compiled ahead are built (for benchmarks and tests);
+    False if ``timeout`` seconds passed first."""
+    with _ahead_done:
+        return _ahead_done.wait_for(lambda: _ahead_left == 0, timeout)
+
+
+timing.QUIET.append(wait_ahead)     # nothing times a kernel while others compile
+
+
+def ahead(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT,
+          then: Callable[[Kernel], object] | None = None) -> None:
+    """Build ``spec``'s kernel in the background unless it is built or being built, then call
+    ``then`` with it there (``ZEROSKIP_COMPILE_AHEAD=0``: never)."""
+    if env.get("ZEROSKIP_COMPILE_AHEAD", "1") == "0":
+        return
+    normal = (spec, backend, BACKENDS[backend].target().source_variant(variant),
+              backend == "triton" and tritonenv.interpreting())
+    global _ahead_left
+    with _lock:
+        if normal in _kernels or normal in _building:
+            return
+        _ahead_left += 1
+        if not _ahead_started:
+            for _ in range(max(1, os.cpu_count() or 1)):
+                worker = threading.Thread(target=_ahead_worker, name="zeroskip-compile-ahead",
+                                          daemon=True)
+                worker.start()
+                _ahead_started.append(worker)
+    _ahead.put((spec, backend, variant, then))
 
 
 def load(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT) -> Kernel:

@@ -22,6 +22,9 @@ MIN_TIME_S = 0.02      # every timed loop lasts at least this long
 REPEATS = 7
 BUSY = 0.1             # share of the CPUs other processes may take while timing
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters
+# Waits for background work that would share the cores, run before the timed rounds (the
+# loader registers its wait for kernels being compiled ahead).
+QUIET: list[Callable[[], object]] = []
 
 
 def _loop(fn: Callable[[], object], calls: int) -> float:
@@ -78,6 +81,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = REPEAT
                      min_time: float = MIN_TIME_S) -> Timing:
     """Time each function in alternating rounds, after a warm-up."""
     calls = {name: _calibrate(fn, min_time) for name, fn in fns.items()}
+    for wait in QUIET:      # the first calls may have started background builds
+        wait()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
     cpu, start = _cpu_seconds(), time.perf_counter()

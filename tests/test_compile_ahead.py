@@ -1,0 +1,108 @@
+"""Compiling ahead (``loader.ahead``, ``dispatch.compile_ahead``): a layer's gradients and
+sparse variants build on background threads while its forward runs; a kernel is built once
+however many threads ask for it; results are torch's."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import zeroskip.functional as ZF
+from zeroskip import LayerSpec
+from zeroskip.codegen.variant import Variant
+from zeroskip.runtime import dispatch, loader, stats
+
+
+@pytest.fixture
+def ahead(fresh_cache, monkeypatch):
+    monkeypatch.setenv("ZEROSKIP_COMPILE_AHEAD", "1")
+    monkeypatch.setattr(loader, "_building", {})
+    yield fresh_cache
+    _settle()       # nothing of this test's builds in flight past its cache
+
+
+def _settle(timeout: float = 120.0) -> None:
+    assert loader.wait_ahead(timeout), "builds still in flight"
+    assert not loader._building
+
+
+def _memoized(spec: LayerSpec, variant: str | None = None) -> bool:
+    target = loader.BACKENDS["c"].target()
+    wanted = loader.DEFAULT if variant is None else Variant.parse(variant)
+    return (spec, "c", target.source_variant(wanted), False) in loader._kernels
+
+
+def test_gradients_build_ahead_and_match_torch(ahead):
+    x = torch.randn(2, 8, 9, 9).relu_().requires_grad_()
+    w = torch.randn(16, 8, 3, 3, requires_grad=True)
+    stats.stats(reset=True)
+    out = ZF.conv2d(x, w, None, padding=1)
+    spec = LayerSpec.conv(8, 16, 3, padding=1, bias=False, input_size=(9, 9))
+    _settle()
+    # Built before the backward asks: the gradients' kernels and what dispatch may load.
+    assert _memoized(spec.grad_input()) and _memoized(spec.grad_weight())
+    for s in (spec, spec.grad_input(), spec.grad_weight()):
+        for name in dispatch.next_variants(s, loader.kernel_for(s)):
+            assert _memoized(s, name), (s.describe(), name)
+    built = stats.stats()["compiles"]
+    out.square().sum().backward()
+    assert stats.stats()["compiles"] == built          # the backward found them all built
+    xt, wt = x.detach().requires_grad_(), w.detach().requires_grad_()
+    torch.nn.functional.conv2d(xt, wt, None, padding=1).square().sum().backward()
+    torch.testing.assert_close(x.grad, xt.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.grad, wt.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_no_gradients_ahead_without_autograd(ahead):
+    with torch.no_grad():
+        ZF.conv2d(torch.randn(1, 4, 6, 6), torch.randn(4, 4, 3, 3), None, padding=1)
+    _settle()
+    spec = LayerSpec.conv(4, 4, 3, padding=1, bias=False, input_size=(6, 6))
+    assert not _memoized(spec.grad_input()) and not _memoized(spec.grad_weight())
+
+
+def test_threads_asking_for_one_kernel_build_it_once(fresh_cache):
+    spec = LayerSpec.conv(5, 7, 3, padding=1, input_size=(6, 6))
+    stats.stats(reset=True)
+    found, start = [], threading.Barrier(4)
+
+    def ask():
+        start.wait()
+        found.append(loader.kernel_for(spec))
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(found) == 4 and all(k is found[0] for k in found)
+    assert stats.stats()["compiles"] == 1
+
+
+def test_failed_build_is_reported_to_every_waiter_and_retried(fresh_cache, monkeypatch):
+    spec = LayerSpec.conv(3, 3, 3, input_size=(5, 5))
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.2)
+        raise loader.IRError("no template")
+    monkeypatch.setattr(loader, "load", broken)
+    errors, start = [], threading.Barrier(3)
+
+    def ask():
+        start.wait()
+        try:
+            loader.kernel_for(spec)
+        except loader.IRError as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 3 and not loader._building
+    with pytest.raises(loader.IRError):
+        loader.kernel_for(spec)         # tried again, not answered from a stale failure
+    assert len(calls) >= 2
