@@ -1,14 +1,17 @@
 """Compiling ahead (``loader.ahead``, ``dispatch.compile_ahead``): a layer's gradients and
 sparse variants build on background threads while its forward runs; a kernel is built once
-however many threads ask for it; results are torch's."""
+however many threads ask for it. In the background (``ZEROSKIP_COMPILE=background``), torch's
+op serves a call until its kernels are built. Results are torch's throughout."""
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
 import pytest
 import torch
 
+import zeroskip
 import zeroskip.functional as ZF
 from zeroskip import LayerSpec
 from zeroskip.codegen.variant import Variant
@@ -106,3 +109,67 @@ def test_failed_build_is_reported_to_every_waiter_and_retried(fresh_cache, monke
     with pytest.raises(loader.IRError):
         loader.kernel_for(spec)         # tried again, not answered from a stale failure
     assert len(calls) >= 2
+
+
+@pytest.fixture
+def background(fresh_cache, monkeypatch):
+    monkeypatch.setenv("ZEROSKIP_COMPILE", "background")
+    monkeypatch.setattr(loader, "_building", {})
+    stats.stats(reset=True)
+    yield fresh_cache
+    _settle()
+
+
+def test_background_serves_torch_until_the_kernel_is_built(background):
+    x, w, b = torch.randn(2, 6, 8, 8), torch.randn(10, 6, 3, 3), torch.randn(10)
+    want = torch.nn.functional.conv2d(x, w, b, padding=1)
+    first = ZF.conv2d(x, w, b, padding=1)
+    torch.testing.assert_close(first, want, rtol=0, atol=0)         # torch's own op
+    assert stats.stats()["compiling_calls"] == 1 and stats.stats()["kernel_calls"] == 0
+    _settle()
+    later = ZF.conv2d(x, w, b, padding=1)
+    torch.testing.assert_close(later, want, rtol=1e-4, atol=1e-4)
+    counts = stats.stats()
+    assert counts["kernel_calls"] == 1 and counts["compiling_calls"] == 1
+    assert counts["fallback_calls"] == 0
+
+
+def test_background_training_matches_torch_at_every_step(background):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 4, 3, stride=2, padding=1))
+    ref = copy.deepcopy(net)
+    model = zeroskip.convert(net)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, ref)]
+    x = torch.randn(4, 3, 10, 10)
+    served = []
+    for step in range(40):
+        losses = []
+        for m, opt in zip((model, ref), opts):
+            opt.zero_grad()
+            loss = m(x).square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4), step
+        served.append(dict(stats.stats()))
+        if step in (20, 25):
+            # Built: what the calls asked for so far; then what the layers on kernels ask
+            # for next (a layer's gradients are asked for once its forward runs a kernel).
+            _settle()
+    counts = stats.stats()
+    assert counts["compiling_calls"] > 0 and counts["fallback_calls"] == 0
+    # A step on kernels: two forwards, the second conv's input gradient, both weight gradients.
+    last = {k: served[-1][k] - served[-2].get(k, 0) for k in served[-1]}
+    assert last["kernel_calls"] == 5, {k: v for k, v in last.items() if v}
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_strict_mode_waits_for_the_kernel(background, monkeypatch):
+    monkeypatch.setenv("ZEROSKIP_STRICT", "1")
+    x, w = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    torch.testing.assert_close(ZF.conv2d(x, w, None, padding=1),
+                               torch.nn.functional.conv2d(x, w, None, padding=1),
+                               rtol=1e-4, atol=1e-4)
+    assert stats.stats()["kernel_calls"] == 1 and stats.stats()["compiling_calls"] == 0

@@ -5,8 +5,9 @@ Public API: :class:`LayerSpec` (a validated layer descriptor: the layer's shape)
 passes on a spec: MACs skipped and strategy chosen), ``zeroskip.functional`` and ``zeroskip.nn``
 (drop-ins for torch's convolutions on generated kernels), :func:`convert` (swap a model's
 convolution modules), :func:`freeze` (keep a served model's packed weights without proving them
-each call), :func:`stats` (what ran) and :func:`load_bundle` (serve kernels compiled
-ahead of time by ``zeroskip generate``, with no compiler). The torch-facing parts load on first use, so
+each call), :func:`stats` (what ran), :func:`load_bundle` (serve kernels compiled
+ahead of time by ``zeroskip generate``, with no compiler) and :func:`wait_for_kernels` (until
+the kernels building in the background are built). The torch-facing parts load on first use, so
 the compiler itself imports without torch.
 """
 from .explain import Report, explain
@@ -14,7 +15,7 @@ from .spec import LayerSpec, Workload
 
 __version__ = "0.1.0"
 __all__ = ["LayerSpec", "Workload", "explain", "Report", "functional", "nn", "convert", "freeze",
-           "unfreeze", "stats", "load_bundle", "__version__"]
+           "unfreeze", "stats", "load_bundle", "wait_for_kernels", "__version__"]
 
 
 def __getattr__(name: str):
@@ -29,4 +30,6 @@ def __getattr__(name: str):
         return importlib.import_module(".runtime.bundle", __name__).load_bundle
     if name == "stats":
         return importlib.import_module(".runtime.stats", __name__).stats
+    if name == "wait_for_kernels":
+        return importlib.import_module(".runtime.loader", __name__).wait_ahead
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

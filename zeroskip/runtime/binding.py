@@ -22,7 +22,7 @@ from . import env, loader, reference, stats, tritonenv
 from .arguments import (COVERED_DTYPES, TorchDecides, check_arguments, check_call, config_of,
                         degenerate_transpose, key_of, overflows_int64, parse_config,
                         spec_from_config, spec_of_call)
-from .dispatch import GradientOperator, Operator, compile_ahead
+from .dispatch import GradientOperator, Operator, compile_ahead, gradients_ready
 from .stats import Fallback
 from .triton_kernel import TritonLaunchError
 
@@ -62,12 +62,19 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
     _, call = _lookup(op, rank, input, weight, bias, args)
     if isinstance(call, Fallback):
         return _fall_back(call, op, rank, args, _relu(input, relu_input), weight, bias)
+    if isinstance(call, Building):
+        gradients_ready(call.spec)      # a backward will ask for them: start them too
+        return _while_building(op, rank, args, _relu(input, relu_input), weight, bias)
     if isinstance(call, PerBatch):
         call.check(input if input.dim() == rank + 2 else input.unsqueeze(0))
     operator = call.operator if isinstance(call, PerBatch) else call
-    if operator is not None and not operator.gradients_ahead and operator.backend == "c":
-        operator.gradients_ahead = True     # the backward will ask for them: build them now
-        compile_ahead(operator.spec, operator.forward, gradients=True)
+    if operator is not None and operator.backend == "c":
+        if loader.background() and not gradients_ready(operator.spec):
+            # Its backward would wait for the gradients' kernels: torch's autograd instead.
+            return _while_building(op, rank, args, _relu(input, relu_input), weight, bias)
+        if not operator.gradients_ahead:
+            operator.gradients_ahead = True     # the backward will ask for them: build now
+            compile_ahead(operator.spec, operator.forward, gradients=True)
     return custom(input, weight, bias, call.config)
 
 
@@ -136,11 +143,28 @@ def _lookup(op: str, rank: int, input, weight, bias, args: tuple
         call = _calls.get(key)
     except (AttributeError, TypeError):   # not tensors, unhashable arguments: torch says why
         key, call = None, None
-    if call is None:
+    if call is None or (type(call) is Building and call.built()):
         call = _prepare(op, rank, input, weight, bias, args, _torch_op(op, rank, args))
         if key is not None:
             _calls[key] = call
     return key, call
+
+
+class Building:
+    """A call whose kernel compiles in the background (``ZEROSKIP_COMPILE=background``):
+    torch's op serves it meanwhile, with torch's autograd (counted in ``compiling_calls``, no
+    warning: nothing failed), and the call is prepared again once the kernel is built."""
+
+    def __init__(self, spec, backend: str):
+        self.spec, self.backend = spec, backend
+
+    def built(self) -> bool:
+        return loader.ready(self.spec, self.backend) is not None
+
+
+def _while_building(op: str, rank: int, args: tuple, input, weight, bias) -> torch.Tensor:
+    stats.add("compiling_calls")
+    return reference.convolution(op, rank, input, weight, bias, *args)
 
 
 def _torch_op(op: str, rank: int, args: tuple):
@@ -163,6 +187,8 @@ def _forward(op: str, rank: int, input, weight, bias, args: tuple,
         input = _relu(input, relu_input)
     if isinstance(call, Fallback):
         return _fall_back(call, op, rank, args, input, weight, bias)
+    if isinstance(call, Building):
+        return _while_building(op, rank, args, input, weight, bias)
     batched = input.dim() == rank + 2
     x = input if batched else input.unsqueeze(0)
     try:
@@ -517,6 +543,9 @@ def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operat
     if tuple(meta.shape[-rank - 1:]) != out_shape:
         raise AssertionError(f"zeroskip computed output shape {out_shape} for {spec.describe()}"
                              f", torch {tuple(meta.shape)}")
+    if backend == "c" and loader.background() and loader.ready(
+            spec, backend, then=lambda built: compile_ahead(spec, built, gradients=False)) is None:
+        return Building(spec, backend)
     try:
         kernel = loader.kernel_for(spec, backend)
     except (tritonenv.TritonUnavailable, *loader.BUILD_ERRORS) as exc:

@@ -131,6 +131,23 @@ def compile_ahead(spec: LayerSpec, kernel: Any, gradients: bool) -> None:
             loader.ahead(grad, "c", then=their_variants(grad))
 
 
+def gradients_ready(spec: LayerSpec) -> bool:
+    """Whether the input and weight gradients' kernels of ``spec`` (C) are loaded; those not
+    are being built in the background (then the variants dispatch may load for them)."""
+    done = True
+    for derive in (spec.grad_input, spec.grad_weight):
+        try:
+            grad = derive()
+        except ValueError:          # no spec states this gradient: torch's op computes it
+            continue
+
+        def then(dense: Any, grad: LayerSpec = grad) -> None:
+            for name in next_variants(grad, dense):
+                loader.ahead(grad, "c", Variant.parse(name), always=True)
+        done = loader.ready(grad, "c", then=then) is not None and done
+    return done
+
+
 class Operator:
     """A prepared forward operator; see the module docstring for what :meth:`run` decides.
     ``torch_op(x, weight, bias)``: torch's op for the same call, run where tuning chose it."""
@@ -223,7 +240,13 @@ class Operator:
         if found is None:
             try:
                 variant = Variant.parse(name)
-                found = (variant, loader.kernel_for(self.spec, self.backend, variant))
+                if self.backend == "c" and loader.background():
+                    kernel = loader.ready(self.spec, self.backend, variant)
+                    if kernel is None:      # compiling in the background: dense meanwhile
+                        return self._resolved[self.default]
+                    found = (variant, kernel)
+                else:
+                    found = (variant, loader.kernel_for(self.spec, self.backend, variant))
             except (ValueError, *loader.BUILD_ERRORS) as exc:
                 stats.fallback(f"variant {name} of {self.spec.describe()} failed to build; the "
                                "dense kernel runs instead", f"{type(exc).__name__}: {exc}")

@@ -41,6 +41,12 @@ _building: dict[tuple, Future] = {}      # kernels some thread is building, by m
 _lock = threading.Lock()
 
 
+def _normal(spec: LayerSpec, backend: str, variant: Variant) -> tuple:
+    """The memo key of a kernel: the part of the variant that shapes its source."""
+    return (spec, backend, BACKENDS[backend].target().source_variant(variant),
+            backend == "triton" and tritonenv.interpreting())
+
+
 def kernel_for(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT) -> Kernel:
     """The loaded kernel of ``spec`` on ``backend`` ('c' or 'triton') as ``variant`` says
     (launch-time knobs aside; kernels take the batch at run time). Threads build different
@@ -52,8 +58,7 @@ def kernel_for(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT) 
     if kernel is not None:
         stats.add("memo_hits")
         return kernel
-    normal = (spec, backend, BACKENDS[backend].target().source_variant(variant),
-              backend == "triton" and tritonenv.interpreting())
+    normal = _normal(spec, backend, variant)
     with _lock:
         kernel = _kernels.get(normal)
         building = _building.get(normal)
@@ -88,6 +93,7 @@ def kernel_for(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT) 
 _ahead: queue.SimpleQueue = queue.SimpleQueue()
 _ahead_started: list[threading.Thread] = []
 _ahead_left = 0                          # builds queued or running
+_ahead_queued: set[tuple] = set()       # their memo keys
 _ahead_done = threading.Condition(_lock)
 
 
@@ -104,6 +110,7 @@ def _ahead_worker() -> None:
         finally:
             with _ahead_done:
                 _ahead_left -= 1
+                _ahead_queued.discard(_normal(spec, backend, variant))
                 _ahead_done.notify_all()
 
 
@@ -117,18 +124,35 @@ def wait_ahead(timeout: float | None = None) -> bool:
 timing.QUIET.append(wait_ahead)     # nothing times a kernel while others compile
 
 
+def background() -> bool:
+    """Whether calls run torch's op while their kernels compile in the background
+    (``ZEROSKIP_COMPILE=background``, unless ``ZEROSKIP_STRICT=1``)."""
+    return env.get("ZEROSKIP_COMPILE") == "background" and not stats.strict()
+
+
+def ready(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT,
+          then: Callable[[Kernel], object] | None = None) -> Kernel | None:
+    """The kernel if it is loaded, else None, having started its build in the background
+    (``then`` called with it when built)."""
+    normal = _normal(spec, backend, variant)
+    kernel = _kernels.get(normal)
+    if kernel is None:
+        ahead(spec, backend, variant, then, always=True)
+    return kernel
+
+
 def ahead(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT,
-          then: Callable[[Kernel], object] | None = None) -> None:
+          then: Callable[[Kernel], object] | None = None, always: bool = False) -> None:
     """Build ``spec``'s kernel in the background unless it is built or being built, then call
-    ``then`` with it there (``ZEROSKIP_COMPILE_AHEAD=0``: never)."""
-    if env.get("ZEROSKIP_COMPILE_AHEAD", "1") == "0":
+    ``then`` with it there (``ZEROSKIP_COMPILE_AHEAD=0``: never, unless ``always``)."""
+    if not always and env.get("ZEROSKIP_COMPILE_AHEAD", "1") == "0":
         return
-    normal = (spec, backend, BACKENDS[backend].target().source_variant(variant),
-              backend == "triton" and tritonenv.interpreting())
+    normal = _normal(spec, backend, variant)
     global _ahead_left
     with _lock:
-        if normal in _kernels or normal in _building:
+        if normal in _kernels or normal in _building or normal in _ahead_queued:
             return
+        _ahead_queued.add(normal)
         _ahead_left += 1
         if not _ahead_started:
             for _ in range(max(1, os.cpu_count() or 1)):

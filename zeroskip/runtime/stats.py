@@ -12,7 +12,8 @@ import warnings
 from collections import Counter
 
 COUNTERS = ("kernel_calls", "fallback_calls", "compiles", "cache_hits", "memo_hits",
-            "bundle_hits", "compile_seconds", "sparse_calls", "variant_calls", "torch_choices", "tune_failures")
+            "bundle_hits", "compile_seconds", "sparse_calls", "variant_calls", "torch_choices", "tune_failures",
+            "compiling_calls")
 
 _counts: Counter = Counter()
 _lock = threading.Lock()
