@@ -102,3 +102,17 @@ def test_many_regions_share_functions():
     few = lower.plan(optimized(LayerSpec.conv(8, 8, 5, padding=2, input_size=(9, 9))))
     assert len(few.regions) == 25 and few.classes and \
         lower.plan(optimized(LayerSpec.conv(8, 8, 3, padding=1, input_size=(9, 9)))).classes == ()
+
+
+def test_regions_holding_most_macs_keep_their_functions():
+    """ResNet's 7x7 s2 stem's input gradient (49 regions): its 4 largest regions hold 97% of
+    the MACs and keep functions of their own (lower.OWN_SHARE); the other 45 share."""
+    spec = LayerSpec.conv(3, 64, 7, 2, 3, input_size=(224, 224)).grad_input()
+    plan = lower.plan(optimized(spec), vector_bytes=64)
+    tabled = {name for c in plan.classes for name in c.members}
+    own = sorted((r for r in plan.regions if r.name not in tabled),
+                 key=lambda r: -r.macs_per_sample)
+    total = sum(r.macs_per_sample for r in plan.regions)
+    held = sum(r.macs_per_sample for r in own)
+    assert len(plan.regions) == 49 and len(own) == 4
+    assert held >= lower.OWN_SHARE * total > held - own[-1].macs_per_sample

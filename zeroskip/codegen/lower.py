@@ -473,10 +473,11 @@ def _pad_plan(graph: nx.DiGraph, node: str) -> PadPlan | None:
     return _pad_table(p.mode, src[2:], p.lo, p.hi)
 
 
-# The regions of a plan that keep functions of their own (its largest, by MACs); beyond them
-# (a transposed conv's stride phases, a large kernel's trimmed borders) the dense regions of a
-# kind share one function.
+# The regions of a plan that keep functions of their own: its largest, by MACs, until they hold
+# OWN_SHARE of its MACs, at most OWN_FUNCTIONS; beyond them (a transposed conv's stride phases,
+# a large kernel's trimmed borders) the dense regions of a kind share one function.
 OWN_FUNCTIONS = 16
+OWN_SHARE = 0.95
 
 
 def _region_classes(plan: KernelPlan, variant: Variant, backend: str) -> KernelPlan:
@@ -489,8 +490,12 @@ def _region_classes(plan: KernelPlan, variant: Variant, backend: str) -> KernelP
     few-channel tiles ('positions') where a tap holds little work."""
     if backend != "c" or len(plan.regions) <= OWN_FUNCTIONS:
         return plan
-    own = {r.name for r in sorted(plan.regions, key=lambda r: -r.macs_per_sample)
-           [:OWN_FUNCTIONS]}
+    total, held, own = sum(r.macs_per_sample for r in plan.regions), 0, set()
+    for r in sorted(plan.regions, key=lambda r: -r.macs_per_sample)[:OWN_FUNCTIONS]:
+        if held >= OWN_SHARE * total:
+            break
+        own.add(r.name)
+        held += r.macs_per_sample
     kinds: dict[tuple, list[str]] = {}
     for r in plan.regions:
         if r.family == "direct" and r.name not in own and all(a.u_len > 0 for a in r.axes):
