@@ -173,3 +173,26 @@ def test_strict_mode_waits_for_the_kernel(background, monkeypatch):
                                torch.nn.functional.conv2d(x, w, None, padding=1),
                                rtol=1e-4, atol=1e-4)
     assert stats.stats()["kernel_calls"] == 1 and stats.stats()["compiling_calls"] == 0
+
+
+def test_background_build_that_fails_falls_back_with_the_warning(background, monkeypatch):
+    """A kernel whose build fails in the background: torch's op serves the call that started
+    it; the next call, finding the build failed, falls back with the one-time warning, as it
+    would have waiting; the call is not built again and again."""
+    builds = []
+
+    def broken(*args, **kwargs):
+        builds.append(1)
+        raise loader.IRError("no template for this")
+    monkeypatch.setattr(loader, "load", broken)
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    want = torch.nn.functional.conv2d(x, w)
+    torch.testing.assert_close(ZF.conv2d(x, w), want, rtol=0, atol=0)
+    _settle()
+    with pytest.warns(stats.ZeroskipFallbackWarning, match="failed to build"):
+        torch.testing.assert_close(ZF.conv2d(x, w), want, rtol=0, atol=0)
+    for _ in range(3):
+        ZF.conv2d(x, w)
+    counts = stats.stats()
+    assert counts["compiling_calls"] == 1 and counts["fallback_calls"] == 4
+    assert len(builds) == 2         # the background's, and the retry that reported it

@@ -159,7 +159,7 @@ class Building:
         self.spec, self.backend = spec, backend
 
     def built(self) -> bool:
-        return loader.ready(self.spec, self.backend) is not None
+        return loader.settled(self.spec, self.backend)
 
 
 def _while_building(op: str, rank: int, args: tuple, input, weight, bias) -> torch.Tensor:
@@ -543,10 +543,10 @@ def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operat
     if tuple(meta.shape[-rank - 1:]) != out_shape:
         raise AssertionError(f"zeroskip computed output shape {out_shape} for {spec.describe()}"
                              f", torch {tuple(meta.shape)}")
-    if backend == "c" and loader.background() and loader.ready(
-            spec, backend, then=lambda built: compile_ahead(spec, built, gradients=False)) is None:
-        return Building(spec, backend)
     try:
+        if backend == "c" and loader.background() and loader.ready(
+                spec, backend, then=lambda built: compile_ahead(spec, built, False)) is None:
+            return Building(spec, backend)
         kernel = loader.kernel_for(spec, backend)
     except (tritonenv.TritonUnavailable, *loader.BUILD_ERRORS) as exc:
         what = "Triton kernel" if backend == "triton" else "kernel"

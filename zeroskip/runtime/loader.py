@@ -94,6 +94,7 @@ _ahead: queue.SimpleQueue = queue.SimpleQueue()
 _ahead_started: list[threading.Thread] = []
 _ahead_left = 0                          # builds queued or running
 _ahead_queued: set[tuple] = set()       # their memo keys
+_ahead_failed: set[tuple] = set()       # memo keys whose build ahead failed
 _ahead_done = threading.Condition(_lock)
 
 
@@ -106,7 +107,8 @@ def _ahead_worker() -> None:
             if then is not None:
                 then(kernel)
         except Exception:       # noqa: BLE001 - the call that needs it reports its error
-            pass
+            with _lock:
+                _ahead_failed.add(_normal(spec, backend, variant))
         finally:
             with _ahead_done:
                 _ahead_left -= 1
@@ -133,12 +135,25 @@ def background() -> bool:
 def ready(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT,
           then: Callable[[Kernel], object] | None = None) -> Kernel | None:
     """The kernel if it is loaded, else None, having started its build in the background
-    (``then`` called with it when built)."""
+    (``then`` called with it when built). Where a build in the background failed, this builds
+    it here: the kernel, or the error :func:`kernel_for` raises (the caller falls back to
+    torch's op with its warning, as for any build that fails)."""
     normal = _normal(spec, backend, variant)
     kernel = _kernels.get(normal)
-    if kernel is None:
+    if kernel is None and normal in _ahead_failed:
+        kernel = kernel_for(spec, backend, variant)
+        with _lock:
+            _ahead_failed.discard(normal)
+    elif kernel is None:
         ahead(spec, backend, variant, then, always=True)
     return kernel
+
+
+def settled(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT) -> bool:
+    """Whether the kernel is built, or its build in the background failed (:func:`ready`
+    then answers at once)."""
+    normal = _normal(spec, backend, variant)
+    return normal in _kernels or normal in _ahead_failed
 
 
 def ahead(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT,
