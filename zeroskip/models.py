@@ -133,6 +133,98 @@ class SqueezeNet(nn.Module):
         return torch.flatten(self.classifier(self.features(x)), 1)
 
 
+class ResNet(nn.Module):
+    """torchvision's ``resnet18`` layout (written out, as :class:`SqueezeNet`): a 7x7 stride-2
+    stem and a max-pool, four stages of ``blocks`` basic blocks (64-512 channels, each later
+    stage downsampling by 2), global average pooling and a linear classifier. ``width``
+    scales the channels (small ones for tests)."""
+
+    def __init__(self, num_classes: int = 1000, blocks: tuple[int, ...] = (2, 2, 2, 2),
+                 width: int = 64):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        layers, cin = [], width
+        for i, count in enumerate(blocks):
+            cout = width * 2 ** i
+            for j in range(count):
+                layers.append(BasicBlock(cin, cout, 2 if i and not j else 1))
+                cin = cout
+        self.stages = nn.Sequential(*layers)
+        self.channels = cin
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(cin, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: a 1x1 expansion, a 3x3 depthwise conv, a 1x1 projection (ReLU6
+    between), with a residual where the shape allows."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
+                       nn.ReLU6(inplace=True)]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                   nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's ``mobilenet_v2`` layout (written out): inverted residual blocks with
+    depthwise 3x3 convs; ``width`` divides the channels (small ones for tests)."""
+
+    # (expansion, channels, blocks, stride of the first)
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self, num_classes: int = 1000, width: int = 1):
+        super().__init__()
+        cin = 32 // width
+        layers: list[nn.Module] = [nn.Conv2d(3, cin, 3, 2, 1, bias=False), nn.BatchNorm2d(cin),
+                                   nn.ReLU6(inplace=True)]
+        for expand, channels, count, stride in self.SETTINGS:
+            for i in range(count):
+                layers.append(InvertedResidual(cin, channels // width, stride if i == 0 else 1,
+                                               expand))
+                cin = channels // width
+        last = 1280 // width
+        layers += [nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last),
+                   nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                        nn.Linear(last, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class FCN32s(nn.Module):
+    """A segmentation network in FCN-32s's form: a :class:`ResNet` trunk (stride 32), a 1x1
+    score layer per class and FCN-32s's transposed-conv upsampler (k=64, s=32, p=16) back to
+    the input's size."""
+
+    def __init__(self, classes: int = 21, width: int = 64):
+        super().__init__()
+        trunk = ResNet(width=width)
+        self.trunk = nn.Sequential(trunk.stem, trunk.stages)
+        self.score = nn.Conv2d(trunk.channels, classes, 1)
+        self.upscore = nn.ConvTranspose2d(classes, classes, 64, 32, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.upscore(self.score(self.trunk(x)))
+
+
 def builtin_workload(seed: int = 0) -> list[tuple[str, nn.Module, torch.Tensor]]:
     """``(name, model, sample input)`` for each built-in network, the input drawn like the
     activations the network sees in use (a latent vector; a post-ReLU feature map)."""
