@@ -133,6 +133,23 @@ class SqueezeNet(nn.Module):
         return torch.flatten(self.classifier(self.features(x)), 1)
 
 
+def _torchvision_init(net: nn.Module) -> None:
+    """torchvision's initialization of its ResNets and MobileNets: He-normal convs (fan out),
+    BatchNorm at identity, small linear layers. (torch's defaults shrink the activations of a
+    deep net toward zero, which would leave little for a check to compare.)"""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
 class ResNet(nn.Module):
     """torchvision's ``resnet18`` layout (written out, as :class:`SqueezeNet`): a 7x7 stride-2
     stem and a max-pool, four stages of ``blocks`` basic blocks (64-512 channels, each later
@@ -154,6 +171,7 @@ class ResNet(nn.Module):
         self.channels = cin
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                   nn.Linear(cin, num_classes))
+        _torchvision_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))
@@ -204,6 +222,7 @@ class MobileNetV2(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                         nn.Linear(last, num_classes))
+        _torchvision_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

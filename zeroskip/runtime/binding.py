@@ -545,7 +545,8 @@ def _prepare_call(name, op, rank, input, weight, bias, args, torch_op) -> Operat
                              f", torch {tuple(meta.shape)}")
     try:
         if backend == "c" and loader.background() and loader.ready(
-                spec, backend, then=lambda built: compile_ahead(spec, built, False)) is None:
+                spec, backend, then=lambda built: compile_ahead(spec, built, gradients=False)
+        ) is None:
             return Building(spec, backend)
         kernel = loader.kernel_for(spec, backend)
     except (tritonenv.TritonUnavailable, *loader.BUILD_ERRORS) as exc:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -110,42 +110,45 @@ def next_variants(spec: LayerSpec, kernel: Any) -> list[str]:
     return names
 
 
+def _gradients(spec: LayerSpec) -> list[LayerSpec]:
+    """The input and weight gradients of ``spec`` that a spec states (torch's op computes the
+    others)."""
+    found = []
+    for derive in (spec.grad_input, spec.grad_weight):
+        try:
+            found.append(derive())
+        except ValueError:
+            pass
+    return found
+
+
+def _variants_of(spec: LayerSpec, always: bool = False) -> Callable[[Any], None]:
+    """What to do once ``spec``'s dense kernel is built: build its :func:`next_variants`."""
+    def then(dense: Any) -> None:
+        for name in next_variants(spec, dense):
+            loader.ahead(spec, "c", Variant.parse(name), always=always)
+    return then
+
+
 def compile_ahead(spec: LayerSpec, kernel: Any, gradients: bool) -> None:
     """Start building in the background (:func:`.loader.ahead`) what a layer's next calls may
     load: the variants of :func:`next_variants` of its forward (``spec``, whose dense C kernel
     is ``kernel``), and with ``gradients`` its input and weight gradients' kernels and
     theirs."""
-    def their_variants(grad: LayerSpec):
-        def then(dense: Any) -> None:
-            for name in next_variants(grad, dense):
-                loader.ahead(grad, "c", Variant.parse(name))
-        return then
-    for name in next_variants(spec, kernel):
-        loader.ahead(spec, "c", Variant.parse(name))
+    _variants_of(spec)(kernel)
     if gradients:
-        for derive in (spec.grad_input, spec.grad_weight):
-            try:
-                grad = derive()
-            except ValueError:       # no spec states this gradient: torch's op computes it
-                continue
-            loader.ahead(grad, "c", then=their_variants(grad))
+        for grad in _gradients(spec):
+            loader.ahead(grad, "c", then=_variants_of(grad))
 
 
 def gradients_ready(spec: LayerSpec) -> bool:
     """Whether the input and weight gradients' kernels of ``spec`` (C) are loaded; those not
     are being built in the background (then the variants dispatch may load for them)."""
     done = True
-    for derive in (spec.grad_input, spec.grad_weight):
+    for grad in _gradients(spec):
         try:
-            grad = derive()
-        except ValueError:          # no spec states this gradient: torch's op computes it
-            continue
-
-        def then(dense: Any, grad: LayerSpec = grad) -> None:
-            for name in next_variants(grad, dense):
-                loader.ahead(grad, "c", Variant.parse(name), always=True)
-        try:
-            done = loader.ready(grad, "c", then=then) is not None and done
+            done = loader.ready(grad, "c", then=_variants_of(grad, always=True)) is not None \
+                and done
         except loader.BUILD_ERRORS:
             pass        # its gradient operator falls back to torch's op, with the warning
     return done
@@ -164,7 +167,7 @@ class Operator:
         self.config = ""                  # the arguments as the custom op takes them
         self.last = self.default          # what the latest call ran
         self.last_density = 1.0           # the density the latest call decided on
-        self.gradients_ahead = False      # whether its gradients' kernels are being built
+        self.gradients_ahead = False      # whether its gradients' kernels were asked for
         self._resolved: dict[str, tuple[Variant | None, Any]] = {
             self.default: (kernel.default, kernel)}
         self._tuned: tuple = (None, None, None)  # (records' source, records, their one choice)
