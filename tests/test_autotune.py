@@ -476,3 +476,18 @@ def test_rhs_variant_names():
     for bad in ("dense/rhs", "sparse/rhs/rhs", "auto/rhs", "sparse/rhs2"):
         with pytest.raises(ValueError):
             Variant.parse(bad)
+
+
+@pytest.mark.parametrize("shape, density", [((16, 64, 32, 32), 0.3), ((32, 256, 8, 8), 0.05),
+                                            ((3, 5), 0.5), ((1_000_003,), 0.7)])
+def test_sampled_density_is_close_to_the_exact_share(shape, density):
+    """dispatch.sampled_density: runs of contiguous elements of a contiguous tensor, single
+    elements of another, every element of a small one; within sampling error of the exact
+    share of non-zeros."""
+    from zeroskip.runtime.dispatch import sampled_density
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(*shape, generator=gen) * (torch.rand(*shape, generator=gen) < density)
+    exact = float(torch.count_nonzero(t)) / t.numel()
+    for view in (t, t.transpose(0, -1)):
+        found = sampled_density(view)
+        assert abs(found - exact) <= (0 if t.numel() <= 16384 else 0.01), (view.shape, found)
