@@ -8,6 +8,7 @@ one as a few lines that tests state as expected, as the passes' tests state grap
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -114,7 +115,11 @@ class KernelPlan:
 
     def region_class(self, name: str) -> RegionClass | None:
         """The class whose table holds region ``name``, or None (a function of its own)."""
-        return next((c for c in self.classes if name in c.members), None)
+        return self._classes_by_region.get(name)
+
+    @functools.cached_property
+    def _classes_by_region(self) -> dict[str, RegionClass]:
+        return {name: c for c in self.classes for name in c.members}
 
     @property
     def lanes(self) -> int:
