@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import models
 from ..conversion import convert
-from ..runtime import loader, stats
+from ..runtime import loader, reference, stats
 from ..runtime.timing import MIN_TIME_S, REPEATS, steady_allocator, time_interleaved
 from .common import geomean, machine
 
@@ -80,10 +80,6 @@ class ModelRow:
         return self.train_torch_ms / self.train_zs_ms
 
 
-def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-30)
-
-
 class _Step:
     """A training step on synthetic data: forward, mean-square loss, backward, SGD step."""
 
@@ -131,7 +127,7 @@ def run_model(model: Model, eval_batch: int = 1, train_batch: int = 8, repeats: 
     ref.eval(), zs.eval()
     with torch.no_grad():
         out, want = zs(x1), ref(x1)
-    output_error = _relative(out, want)
+    output_error = reference.relative_error(out, want)
     # One training step's gradients, both models in train mode from the same weights.
     ref.train(), zs.train()
     for net in (ref, zs):

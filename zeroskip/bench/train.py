@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import operator
 import dataclasses
 import itertools
+import operator
 import tempfile
 import time
 import warnings

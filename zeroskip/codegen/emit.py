@@ -39,7 +39,8 @@ def environment(backend: str = "c") -> jinja2.Environment:
                        describe_region=describe_region, box=box, taps_of=taps_of,
                        tap_lens=tap_lens, unflatten=unflatten, offset=offset,
                        box_points=box_points, rows_layout=rows_layout,
-                       region_members=region_members)
+                       region_members=region_members, axis_lengths=axis_lengths,
+                       remainders=remainders)
     return env
 
 
@@ -144,6 +145,17 @@ def region_members(plan: KernelPlan, region: RegionPlan) -> list[RegionPlan]:
     found = plan.region_class(region.name)
     by_name = {r.name: r for r in plan.regions}
     return [by_name[name] for name in found.members] if found else [region]
+
+
+def axis_lengths(regions: list[RegionPlan], axis: int) -> list[int]:
+    """Each region's output length along ``axis``."""
+    return [r.axes[axis].u_len for r in regions]
+
+
+def remainders(lengths: list[int], width: int) -> list[int]:
+    """The widths of the last, partial tiles that rows of these ``lengths`` leave (tiles of
+    ``width``), each once, in order."""
+    return sorted({n % width for n in lengths} - {0})
 
 
 def box_points(region: RegionPlan) -> list[list[str]]:

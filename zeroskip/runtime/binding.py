@@ -68,13 +68,14 @@ def convolution(op: str, rank: int, input, weight, bias, stride, padding, dilati
     if isinstance(call, PerBatch):
         call.check(input if input.dim() == rank + 2 else input.unsqueeze(0))
     operator = call.operator if isinstance(call, PerBatch) else call
-    if operator is not None and operator.backend == "c":
-        if loader.background() and not gradients_ready(operator.spec):
-            # Its backward would wait for the gradients' kernels: torch's autograd instead.
-            return _while_building(op, rank, args, _relu(input, relu_input), weight, bias)
-        if not operator.gradients_ahead:
-            operator.gradients_ahead = True     # the backward will ask for them: build now
+    if operator is not None and operator.backend == "c" and not operator.gradients_asked:
+        # The backward will ask for its gradients' kernels: build them now.
+        if not loader.background():
             compile_ahead(operator.spec, operator.forward, gradients=True)
+        elif not gradients_ready(operator.spec):
+            # Its backward would wait for them: torch's autograd until they are built.
+            return _while_building(op, rank, args, _relu(input, relu_input), weight, bias)
+        operator.gradients_asked = True
     return custom(input, weight, bias, call.config)
 
 

@@ -177,7 +177,8 @@ class Operator:
         self.config = ""                  # the arguments as the custom op takes them
         self.last = self.default          # what the latest call ran
         self.last_density = 1.0           # the density the latest call decided on
-        self.gradients_ahead = False      # whether its gradients' kernels were asked for
+        self.gradients_asked = False      # its gradients' kernels asked for (and, building
+                                          # in the background, built)
         self._resolved: dict[str, tuple[Variant | None, Any]] = {
             self.default: (kernel.default, kernel)}
         self._tuned: tuple = (None, None, None)  # (records' source, records, their one choice)
