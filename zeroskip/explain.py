@@ -31,7 +31,9 @@ class Report:
     elements that are not structural zeros; ``steps``: the graph after each step;
     ``strategy``: ``dense`` or ``sparse``, whichever runs most of the multiplications (small
     border regions may differ: ``strategy_macs`` splits the MACs by strategy), with the
-    ``reason`` given for the region doing the most multiplications.
+    ``reason`` given for the region doing the most multiplications; ``executed_macs``: what the
+    kernel multiplies, the non-zero MACs plus any padded zeros of a padding kept as a
+    zero-padded copy, which ``padding`` explains (empty without zero padding).
     """
 
     spec: LayerSpec
@@ -42,11 +44,13 @@ class Report:
     strategy: str
     reason: str
     strategy_macs: dict[str, int]
+    executed_macs: int
+    padding: str
 
     @property
     def skipped(self) -> float:
         """Share of the naive graph's multiplications that are never performed."""
-        return 1.0 - self.nonzero_macs / self.dense_macs if self.dense_macs else 0.0
+        return 1.0 - self.executed_macs / self.dense_macs if self.dense_macs else 0.0
 
     @property
     def strategy_share(self) -> float:
@@ -69,7 +73,8 @@ class Report:
             "operator": self.spec.describe(self.workload.batch),
             "dense_macs": self.dense_macs, "nonzero_macs": self.nonzero_macs,
             "skipped": self.skipped, "strategy": self.strategy, "reason": self.reason,
-            "strategy_macs": self.strategy_macs,
+            "strategy_macs": self.strategy_macs, "executed_macs": self.executed_macs,
+            "padding": self.padding,
             "passes": [{"name": s.name, "nodes": s.graph.number_of_nodes(),
                         "contracts": s.contracts, "macs": s.macs} for s in self.steps],
         }
@@ -94,9 +99,12 @@ class Report:
         lines += ["",
                   f"  dense MACs     {self.dense_macs:>16,}",
                   f"  non-zero MACs  {self.nonzero_macs:>16,}",
+                  *([f"  executed MACs  {self.executed_macs:>16,}"]
+                    if self.executed_macs != self.nonzero_macs else []),
                   f"  skipped        {self.skipped:>16.1%}",
                   f"  strategy       {self.strategy} ({self.strategy_share:.0%} of MACs): "
-                  f"{self.reason}"]
+                  f"{self.reason}",
+                  *([f"  padding        {self.padding}"] if self.padding else [])]
         return "\n".join(lines)
 
 
@@ -112,12 +120,12 @@ def explain(spec: LayerSpec, workload: Workload = DENSE, dump_dir=None) -> Repor
     by_strategy: Counter[str] = Counter()
     heaviest, heaviest_macs = None, -1
     for node in nodes_of(final, Contract):
-        macs = contract_macs(final, node)
+        macs = contract_macs(final, node, nonzero=True)
         by_strategy[op(final, node).strategy] += macs
         if macs > heaviest_macs:
             heaviest, heaviest_macs = node, macs
     strategy = max(by_strategy, key=by_strategy.get) if any(by_strategy.values()) else "dense"
-    nonzero = steps[-1].macs
+    nonzero = graph_macs(final, nonzero=True)
     expected = nonzero_macs(spec, workload.batch)
     if nonzero != expected:  # an exactness bug in a pass: never report a wrong count
         raise AssertionError(f"{spec.describe()}: passes leave {nonzero} MACs, the closed form "
@@ -125,4 +133,5 @@ def explain(spec: LayerSpec, workload: Workload = DENSE, dump_dir=None) -> Repor
     return Report(spec=spec, workload=workload, dense_macs=dense_macs(spec, workload.batch),
                   nonzero_macs=nonzero,
                   steps=tuple(steps), strategy=strategy, reason=op(final, heaviest).reason,
-                  strategy_macs=dict(by_strategy))
+                  strategy_macs=dict(by_strategy), executed_macs=steps[-1].macs,
+                  padding=final.graph.get("padding", ""))

@@ -20,7 +20,7 @@ class Row:
     torch_ms: float
     zeroskip_ms: float
     gflops: float           # 2 * non-zero MACs / zeroskip time
-    skipped: float          # 1 - non-zero MACs / dense MACs
+    skipped: float          # 1 - MACs the kernel performs / dense MACs
     compile_s: float | None     # spec -> loaded kernel on an empty cache (None in sweeps)
     nonzero_macs: int
     dense_macs: int

@@ -64,6 +64,49 @@ WEIGHT_GRAD_RHS_MIN_ROW = 4
 WEIGHT_GRAD_FIXED = 0.3
 WEIGHT_GRAD_SCATTER = 1.27
 
+# Zero padding: trimmed into border regions (every tap a region keeps lands inside the input),
+# unless weight traffic dominates: each region streams its own taps' weights (a 3x3 conv on a
+# 4x4 map has 9 regions and 49 tap slices to stream instead of 9) and runs its own, often
+# one-position wide, register tiles. Then a zero-padded copy of the data is one box over every
+# output, each weight read once per tile. Measured at batch 1 and 8 against the trimmed kernel
+# (Xeon, AVX-512, 2 threads, 2026-12-06): 3x3 convs with 9-59 MB of weights on 4x4-16x16 maps
+# (border 23-75% of the MACs) run 1.05-2.1x faster kept; with 2.4 MB (256 channels, 14x14) as
+# fast either way; a 64-channel 56x56 one (border 7%) 1.5x slower; depthwise layers (one output
+# channel per group, tiles along positions) slower at every size; so is a dilated 3x3 on 33x33
+# whose border regions are 6 outputs wide (their tiles are not thin), 1.2x.
+PAD_WEIGHT_BYTES = 4 << 20  # keep only where the weights are at least this large (beyond L2)
+PAD_BORDER_SHARE = 0.15    # and the border regions hold at least this share of the MACs
+PAD_WASTE = 1.5            # and the copy multiplies at most this many times the non-zero MACs
+PAD_MIN_CHANNELS = 8       # output channels per group (fewer: tiles along positions)
+PAD_THIN_BORDER = 4        # and no axis has more border outputs than this (both sides)
+
+
+def keep_zero_padding(nonzero: int, padded: int, interior: int, channels: int,
+                      weight_bytes: int, border_width: int) -> tuple[bool, str]:
+    """``(keep, reason)``: whether a Contract reading a zero padding multiplies a zero-padded
+    copy (``padded`` multiplications) rather than border regions trimmed to ``nonzero``, of
+    which the interior region holds ``interior``; ``channels`` output channels per group,
+    ``weight_bytes`` the weights' size, ``border_width`` the most border outputs of an axis."""
+    border = 1.0 - interior / nonzero if nonzero else 0.0
+    waste = padded / nonzero if nonzero else float("inf")
+    if channels < PAD_MIN_CHANNELS:
+        return False, f"{channels} output channels per group: border regions trimmed"
+    if weight_bytes < PAD_WEIGHT_BYTES:
+        return False, (f"{weight_bytes / 2**20:.2g} MiB of weights stream again per border "
+                       "region from cache: trimmed")
+    if border_width > PAD_THIN_BORDER:
+        return False, (f"border regions {border_width} outputs wide run full tiles: trimmed")
+    if border < PAD_BORDER_SHARE:
+        return False, f"border regions hold {border:.0%} of the MACs: trimmed"
+    if waste > PAD_WASTE:
+        return False, (f"a padded copy would multiply {waste:.2f}x the non-zero MACs: border "
+                       "regions trimmed")
+    return True, (f"border regions would hold {border:.0%} of the MACs and stream "
+                  f"{weight_bytes / 2**20:.3g} MiB of weights each: kept as a zero-padded copy, "
+                  f"which multiplies {waste - 1:.0%} more (padded zeros) and reads each weight "
+                  "once")
+
+
 Maps = tuple[int, int, int, int, int, int, int, int]   # (lu, lv, lc, ru, rv, rc, ou, oc)
 
 

@@ -398,6 +398,11 @@ def _encode(value: Any) -> Any:
     return value
 
 
+# Graph attributes beside spec, workload and history: a forced strategy, the target the graph is
+# for (pipeline.run), trim_padding's choice for a zero padding.
+OPTIONAL_ATTRIBUTES = ("strategy", "target", "padding")
+
+
 def to_json(graph: nx.DiGraph) -> dict[str, Any]:
     """A JSON-ready dict of the graph: spec, pass history, nodes (kind + fields) and edges, in
     topological order, so that ``to_json(from_json(d)) == d``."""
@@ -410,6 +415,7 @@ def to_json(graph: nx.DiGraph) -> dict[str, Any]:
                   for n in order],
         "edges": [{"src": a, "dst": b, "port": p} for a in order
                   for _, b, p in sorted(graph.out_edges(a, data="port"))],
+        **{key: graph.graph[key] for key in OPTIONAL_ATTRIBUTES if key in graph.graph},
     }
 
 
@@ -423,7 +429,8 @@ def from_json(data: dict[str, Any]) -> nx.DiGraph:
 
     graph = nx.DiGraph(spec=LayerSpec.from_dict(data["spec"]),
                        workload=Workload(**data.get("workload", {})),
-                       history=tuple(data["history"]))
+                       history=tuple(data["history"]),
+                       **{key: str(data[key]) for key in OPTIONAL_ATTRIBUTES if key in data})
     for entry in data["nodes"]:
         fields = {k: v for k, v in entry.items() if k not in ("id", "kind")}
         cls = PAYLOADS[entry["kind"]]

@@ -15,7 +15,8 @@ One plan is one C translation unit, whose entry point runs every region of the l
   the borders it handles itself, so the trimmed regions merge into it) and
   ``sparse_weight_grad_rhs`` (the same walking the output gradient's non-zeros: the
   ``sparse/rhs`` variant);
-* a :class:`~.ir.Pad` in a data-carrying mode (reflect, replicate, circular) becomes index
+* a :class:`~.ir.Pad` in a data-carrying mode (reflect, replicate, circular), or a zero
+  padding that trim_padding kept (small maps, where weight traffic dominates), becomes index
   tables of a copy into a padded scratch buffer, and a :class:`~.ir.PadAdjoint` the matching
   scatter-add;
 * a :class:`~.ir.BiasAdd` is fused into the regions' accumulator initialisation, and a
@@ -467,8 +468,6 @@ def _pad_plan(graph: nx.DiGraph, node: str) -> PadPlan | None:
     p = op(graph, node)
     if not isinstance(p, Pad):
         return None
-    if p.mode == "zeros":
-        raise IRError(f"zero pad {node!r} survived trim_padding")
     src = op(graph, operand(graph, node, "src")).shape
     return _pad_table(p.mode, src[2:], p.lo, p.hi)
 

@@ -12,24 +12,55 @@ data, and every pair of the padded input counts).
 """
 from __future__ import annotations
 
+import math
+
 import networkx as nx
 
 from ..spec import Axis, LayerSpec
-from .ir import Contract, contract_channels, nodes_of, op, operand
+from .ir import AxisLoop, Contract, Pad, contract_channels, nodes_of, op, operand
 
 
-def contract_macs(graph: nx.DiGraph, node: str) -> int:
-    """Multiplications performed by one Contract node."""
+def contract_macs(graph: nx.DiGraph, node: str, nonzero: bool = False) -> int:
+    """Multiplications performed by one Contract node; with ``nonzero`` only those whose data
+    element is not a padded zero (a Contract that reads a zero :class:`Pad`, which
+    trim_padding keeps where a padded copy costs less, multiplies its zeros too)."""
     c: Contract = op(graph, node)
-    lhs = op(graph, operand(graph, node, "lhs")).shape
+    lhs_node = operand(graph, node, "lhs")
+    lhs = op(graph, lhs_node).shape
     rhs = op(graph, operand(graph, node, "rhs")).shape
     batch, c_x, c_y = contract_channels(c, lhs, rhs)
-    return batch * c_x * (c_y // c.groups) * c.pairs
+    pad = op(graph, lhs_node)
+    if nonzero and isinstance(pad, Pad) and pad.mode == "zeros":
+        sizes = op(graph, operand(graph, lhs_node, "src")).shape[2:]
+        pairs = math.prod(_pairs_inside(loop, lo, size)
+                          for loop, lo, size in zip(c.loops, pad.lo, sizes))
+    else:
+        pairs = c.pairs
+    return batch * c_x * (c_y // c.groups) * pairs
 
 
-def graph_macs(graph: nx.DiGraph) -> int:
-    """Multiplications performed by every Contract of the graph."""
-    return sum(contract_macs(graph, node) for node in nodes_of(graph, Contract))
+def _pairs_inside(loop: AxisLoop, lo: int, size: int) -> int:
+    """The loop's (u, v) pairs whose data index, in a tensor padded by ``lo`` in front, lands
+    in the ``size`` real elements: per tap, the positions that do form one interval."""
+    total = 0
+    for v in range(*loop.v):
+        base = loop.lhs.v * v + loop.lhs.c - lo      # 0 <= lhs.u * u + base < size
+        if loop.lhs.u == 0:
+            total += loop.u_len if 0 <= base < size else 0
+            continue
+        a, b = -base, size - 1 - base
+        if loop.lhs.u < 0:
+            a, b = -b, -a
+        step = abs(loop.lhs.u)
+        first, last = max(loop.u[0], -(-a // step)), min(loop.u[1] - 1, b // step)
+        total += max(0, last - first + 1)
+    return total
+
+
+def graph_macs(graph: nx.DiGraph, nonzero: bool = False) -> int:
+    """Multiplications performed by every Contract of the graph (with ``nonzero``, those not
+    multiplying a padded zero: see :func:`contract_macs`)."""
+    return sum(contract_macs(graph, node, nonzero) for node in nodes_of(graph, Contract))
 
 
 def nonzero_pairs(axis: Axis, zero_padding: bool = True) -> int:

@@ -30,13 +30,15 @@ PIPELINE: list[tuple[str, Pass]] = [
 
 
 def run(spec: LayerSpec, dump_dir: str | os.PathLike | None = None, strategy: str = "auto",
-        workload: Workload = DENSE) -> list[tuple[str, nx.DiGraph]]:
+        workload: Workload = DENSE, target: str = "c") -> list[tuple[str, nx.DiGraph]]:
     """``[("frontend", naive graph), (pass name, graph after it), ...]`` of ``spec`` at the
     workload's batch (choose_strategy's cost model reads its density); ``strategy`` ('dense'
-    or 'sparse') overrides the cost model, as the autotuner does."""
+    or 'sparse') overrides the cost model, as the autotuner does; ``target`` ('c' or 'triton')
+    names the kernels the graph is for (trim_padding keeps a zero padding for C only)."""
     graph = frontend.lower(spec, workload)
     if strategy != "auto":
         graph.graph["strategy"] = strategy
+    graph.graph["target"] = target
     steps = [("frontend", graph)]
     for name, pass_fn in PIPELINE:
         graph = verify(pass_fn(graph))

@@ -186,7 +186,7 @@ def compile(spec: LayerSpec, target: Target, variant: Variant = DEFAULT,
     strategy forced unless 'auto') -> plan -> render. Raises :class:`~.ir.IRError` for what no
     template of the target covers, :class:`~.emit.TemplateError` for a template that fails."""
     variant = target.source_variant(variant)
-    steps = pipeline.run(spec, dump_dir=dump_dir, strategy=variant.strategy)
+    steps = pipeline.run(spec, dump_dir=dump_dir, strategy=variant.strategy, target=target.name)
     graph = steps[-1][1]
     plan = target.plan(graph, variant)
     family = target.family(plan)

@@ -1,4 +1,4 @@
-"""trim_padding: no padded zero is multiplied.
+"""trim_padding: no padded zero is multiplied, unless multiplying a few costs less.
 
 A Contract reading a zero :class:`Pad` (or a crop) is split along each axis into output regions
 whose tap ranges are constant: the interior keeps every tap and needs no bounds checks; each
@@ -6,14 +6,53 @@ border region keeps only the taps that land inside the unpadded tensor (ConvV2 o
 paper). Output positions whose taps all land in padding become empty-tap regions (zeros). The
 Contract then reads the unpadded tensor and the Pad disappears.
 
+Where the border would hold much of the work (small maps: a 3x3 conv on 4x4 has 9 regions
+and 49 tap slices of weights to stream instead of 9), the cost model
+(:func:`..cost.keep_zero_padding`) may keep the Pad: the C kernel then copies the data into a
+zero-padded buffer and runs one box. Only a dense forward or input gradient of the C target
+reading its data operand directly keeps it (a sparse kernel skips padded zeros for free, Triton
+kernels mask their loads). The choice and its reason go to ``graph.graph["padding"]``.
+
 Pads in ``reflect``, ``replicate`` or ``circular`` mode hold real data and are left alone.
 """
 from __future__ import annotations
 
+import math
+
 import networkx as nx
 
-from ..ir import Contract, Pad, nodes_of, op, operand, with_history
+from .. import cost
+from ..ir import Contract, Input, Pad, contract_channels, nodes_of, op, operand, with_history
 from ..regions import clip, drop_if_unused, split_contract
+
+
+def _keeps(graph: nx.DiGraph, node: str, pad: Pad, source: str, sizes) -> tuple[bool, str]:
+    """Whether the Contract ``node`` keeps reading ``pad`` (a zero padding of ``source``), and
+    why."""
+    c: Contract = op(graph, node)
+    workload = graph.graph["workload"]
+    if graph.graph.get("target", "c") != "c" or c.pattern == "grad_weight" or \
+            min(pad.lo + pad.hi) < 0 or not isinstance(op(graph, source), Input):
+        return False, "trimmed into border regions"
+    if graph.graph.get("strategy", "auto") == "sparse" or \
+            (graph.graph.get("strategy", "auto") == "auto" and workload.density < 1.0):
+        return False, "a sparse kernel skips padded zeros: border regions trimmed"
+    nonzero = interior = padded = 1
+    width = 0
+    for axis, loop in enumerate(c.loops):
+        parts = clip(loop, pad.lo[axis], sizes[axis])
+        nonzero *= sum(p.u_len * p.v_len for p, _ in parts)
+        interior *= sum(p.u_len * p.v_len for p, full in parts if full)
+        padded *= loop.u_len * loop.v_len
+        width = max(width, sum(p.u_len for p, full in parts if not full))
+    lhs, rhs = op(graph, operand(graph, node, "lhs")).shape, op(graph, operand(graph, node,
+                                                                                  "rhs")).shape
+    _, c_x, c_y = contract_channels(c, lhs, rhs)
+    channels = (c_x if c.pattern == "grad_input" else c_y) // c.groups
+    spec = graph.graph["spec"]
+    weight_bytes = spec.in_channels * spec.out_channels // spec.groups * \
+        math.prod(spec.kernel_size) * (8 if spec.dtype == "float64" else 4)
+    return cost.keep_zero_padding(nonzero, padded, interior, channels, weight_bytes, width)
 
 
 def trim_padding(graph: nx.DiGraph) -> nx.DiGraph:
@@ -25,6 +64,10 @@ def trim_padding(graph: nx.DiGraph) -> nx.DiGraph:
             continue
         source = operand(graph, pad_node, "src")
         sizes = op(graph, source).shape[2:]
+        keep, reason = _keeps(graph, node, pad, source, sizes)
+        graph.graph["padding"] = reason
+        if keep:
+            continue
 
         def per_axis(axis, loop, pad=pad, sizes=sizes):
             return clip(loop, pad.lo[axis], sizes[axis])
