@@ -68,10 +68,10 @@ WEIGHT_GRAD_SCATTER = 1.27
 # unless weight traffic dominates: each region streams its own taps' weights (a 3x3 conv on a
 # 4x4 map has 9 regions and 49 tap slices to stream instead of 9) and runs its own, often
 # one-position wide, register tiles. Then a zero-padded copy of the data is one box over every
-# output, each weight read once per tile. Measured at batch 1 and 8 against the trimmed kernel
-# (Xeon, AVX-512, 2 threads, 2026-12-06): 3x3 convs with 9-59 MB of weights on 4x4-16x16 maps
-# (border 23-75% of the MACs) run 1.05-2.1x faster kept; with 2.4 MB (256 channels, 14x14) as
-# fast either way; a 64-channel 56x56 one (border 7%) 1.5x slower; depthwise layers (one output
+# output, each weight read once per tile. Measured at batch 1, 8 and 16 against the trimmed
+# kernel (Xeon, AVX-512, 2 threads, 2026-12-06): 3x3 convs with 9-59 MB of weights on 4x4-16x16
+# maps (border 17-64% of the MACs) run their forward 1.07-2.8x faster kept; with 2.4 MB (256
+# channels, 14x14) as fast either way; a 64-channel 56x56 one (border 7%) 1.5x slower; depthwise layers (one output
 # channel per group, tiles along positions) slower at every size; so is a dilated 3x3 on 33x33
 # whose border regions are 6 outputs wide (their tiles are not thin), 1.2x.
 PAD_WEIGHT_BYTES = 4 << 20  # keep only where the weights are at least this large (beyond L2)
