@@ -91,10 +91,10 @@ def _timed_row(layer: Layer, batch: int, density: float, compile_s: float | None
     dense_s = times.get("dense kernel", times["zeroskip"]) if density == 1.0 else None
     nonzero, dense = round(nonzero_macs(spec, batch) * density), dense_macs(spec, batch)
     executed = nonzero
-    plan = getattr(call.forward, "plan", None)
-    if strategy == "dense" and plan is not None and plan.pad and plan.pad.mode == "zeros":
+    pad = call.forward.plan.pad
+    if strategy == "dense" and pad and pad.mode == "zeros":
         # A padding kept as a zero-padded copy: the kernel multiplies its zeros too.
-        executed = sum(r.macs_per_sample for r in plan.regions) * batch
+        executed = call.forward.macs_per_sample * batch
     return Row(layer.name, layer.family, layer.dense, spec.describe(batch),
                torch_ms=times["torch"] * 1e3, zeroskip_ms=times["zeroskip"] * 1e3,
                gflops=2 * nonzero / times["zeroskip"] / 1e9, skipped=1 - executed / dense,

@@ -326,6 +326,15 @@ def contract_channels(payload: Contract, lhs: tuple[int, ...], rhs: tuple[int, .
     return lhs[0], lhs[1], rhs[1]
 
 
+def output_channels(graph: nx.DiGraph, node: str) -> int:
+    """Output channels per group of Contract ``node``: what one data element is multiplied
+    into."""
+    c: Contract = op(graph, node)
+    _, c_x, c_y = contract_channels(c, op(graph, operand(graph, node, "lhs")).shape,
+                                    op(graph, operand(graph, node, "rhs")).shape)
+    return (c_x if c.pattern == "grad_input" else c_y) // c.groups
+
+
 def _check_contract(graph, node, c: Contract, lhs, rhs) -> None:
     if c.pattern not in PATTERNS:
         raise IRError(f"node {node!r}: unknown pattern {c.pattern!r}")

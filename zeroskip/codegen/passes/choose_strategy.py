@@ -13,7 +13,7 @@ from __future__ import annotations
 import networkx as nx
 
 from .. import cost
-from ..ir import (Contract, contract_channels, nodes_of, op, operand, replace_payload,
+from ..ir import (Contract, nodes_of, op, output_channels, replace_payload,
                   with_history)
 from ..macs import contract_macs
 
@@ -23,16 +23,8 @@ def _maps(c: Contract) -> list[tuple[int, ...]]:
             for l in c.loops]
 
 
-def _channels(graph: nx.DiGraph, node: str, c: Contract) -> int:
-    """Output channels per group of the Contract (what one data element is multiplied into)."""
-    lhs = op(graph, operand(graph, node, "lhs")).shape
-    rhs = op(graph, operand(graph, node, "rhs")).shape
-    _, c_x, c_y = contract_channels(c, lhs, rhs)
-    return (c_x if c.pattern == "grad_input" else c_y) // c.groups
-
-
 def _reuse(graph: nx.DiGraph, node: str, c: Contract) -> float:
-    per_element = _channels(graph, node, c)
+    per_element = output_channels(graph, node)
     for loop in c.loops:
         if loop.u_len and loop.v_len:
             ends = [loop.lhs(u, v) for u in (loop.u[0], loop.u[1] - 1)
@@ -57,7 +49,7 @@ def _weight_grad(graph: nx.DiGraph, nodes: list[str]) -> tuple[int, int, float] 
     if not weight_grad or not cost.sparse_weight_grad_fits([_maps(c) for c in weight_grad]):
         return None
     return (sum(contract_macs(graph, node) for node in nodes),
-            _channels(graph, nodes[0], weight_grad[0]), _columns(weight_grad))
+            output_channels(graph, nodes[0]), _columns(weight_grad))
 
 
 def choose_strategy(graph: nx.DiGraph) -> nx.DiGraph:
@@ -80,7 +72,7 @@ def choose_strategy(graph: nx.DiGraph) -> nx.DiGraph:
             strategy, reason = wg_strategy, wg_reason
         else:
             strategy, reason = cost.decide(contract_macs(graph, node), density,
-                                           _reuse(graph, node, c), _channels(graph, node, c),
+                                           _reuse(graph, node, c), output_channels(graph, node),
                                            forced, cost.rows_serve(_maps(c)))
         replace_payload(graph, node, strategy=strategy, reason=reason)
     return with_history(graph, "choose_strategy")
@@ -101,4 +93,4 @@ def crossover(graph: nx.DiGraph) -> float:
     node = max(nodes, key=lambda n: contract_macs(graph, n))
     c = op(graph, node)
     return cost.crossover(contract_macs(graph, node), _reuse(graph, node, c),
-                          _channels(graph, node, c), cost.rows_serve(_maps(c)))
+                          output_channels(graph, node), cost.rows_serve(_maps(c)))

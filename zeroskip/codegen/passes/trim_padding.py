@@ -22,7 +22,8 @@ import math
 import networkx as nx
 
 from .. import cost
-from ..ir import Contract, Input, Pad, contract_channels, nodes_of, op, operand, with_history
+from ..ir import (Contract, Input, Pad, nodes_of, op, operand, output_channels,
+                  with_history)
 from ..regions import clip, drop_if_unused, split_contract
 
 
@@ -30,12 +31,11 @@ def _keeps(graph: nx.DiGraph, node: str, pad: Pad, source: str, sizes) -> tuple[
     """Whether the Contract ``node`` keeps reading ``pad`` (a zero padding of ``source``), and
     why."""
     c: Contract = op(graph, node)
-    workload = graph.graph["workload"]
+    strategy = graph.graph.get("strategy", "auto")
     if graph.graph.get("target", "c") != "c" or c.pattern == "grad_weight" or \
             min(pad.lo + pad.hi) < 0 or not isinstance(op(graph, source), Input):
         return False, "trimmed into border regions"
-    if graph.graph.get("strategy", "auto") == "sparse" or \
-            (graph.graph.get("strategy", "auto") == "auto" and workload.density < 1.0):
+    if strategy == "sparse" or (strategy == "auto" and graph.graph["workload"].density < 1.0):
         return False, "a sparse kernel skips padded zeros: border regions trimmed"
     nonzero = interior = padded = 1
     width = 0
@@ -45,14 +45,11 @@ def _keeps(graph: nx.DiGraph, node: str, pad: Pad, source: str, sizes) -> tuple[
         interior *= sum(p.u_len * p.v_len for p, full in parts if full)
         padded *= loop.u_len * loop.v_len
         width = max(width, sum(p.u_len for p, full in parts if not full))
-    lhs, rhs = op(graph, operand(graph, node, "lhs")).shape, op(graph, operand(graph, node,
-                                                                                  "rhs")).shape
-    _, c_x, c_y = contract_channels(c, lhs, rhs)
-    channels = (c_x if c.pattern == "grad_input" else c_y) // c.groups
     spec = graph.graph["spec"]
     weight_bytes = spec.in_channels * spec.out_channels // spec.groups * \
         math.prod(spec.kernel_size) * (8 if spec.dtype == "float64" else 4)
-    return cost.keep_zero_padding(nonzero, padded, interior, channels, weight_bytes, width)
+    return cost.keep_zero_padding(nonzero, padded, interior, output_channels(graph, node),
+                                  weight_bytes, width)
 
 
 def trim_padding(graph: nx.DiGraph) -> nx.DiGraph:
