@@ -51,8 +51,12 @@ def test_trimmed_where_the_border_is_cheap():
                       (LayerSpec.conv(256, 256, 3, padding=1, input_size=(4, 4)), "MiB of weights"),
                       (LayerSpec.conv(512, 256, 3, padding=6, dilation=6, input_size=(33, 33)),
                        "12 outputs wide"),
-                      (LayerSpec.conv(1280, 1280, 3, padding=1, groups=1280,
-                                      input_size=(4, 4)), "output channels per group")):
+                      (LayerSpec.conv(64, 64, 3, padding=1, groups=32, input_size=(4, 4)),
+                       "output channels per group"),
+                      (LayerSpec.conv(32, 32, 3, padding=1, groups=32, input_size=(160, 160)),
+                       "KiB costs more to copy"),
+                      (LayerSpec.conv(96, 96, 3, stride=2, padding=1, groups=96,
+                                      input_size=(112, 112)), "KiB costs more to copy")):
         report = explain(spec)
         assert why in report.padding and not _kept(spec)
         assert report.executed_macs == report.nonzero_macs
@@ -89,6 +93,67 @@ def test_functional_conv_with_kept_padding():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
 
+# Depthwise layers keep their padding where a padded plane is small: the kernel pads each plane
+# in L1 as its tiles, several whole rows each, read it.
+DEPTHWISE = LayerSpec.conv(960, 960, 3, padding=1, groups=960, bias=False, input_size=(7, 7))
+
+
+def test_depthwise_pads_planes_in_the_kernel():
+    report = explain(DEPTHWISE)
+    assert report.padding.startswith("depthwise:") and "kept as planes padded" in report.padding
+    assert report.nonzero_macs == nonzero_macs(DEPTHWISE) == 960 * (7 * 3 - 2) ** 2
+    assert report.executed_macs == 960 * 49 * 9
+    plan = plan_of(DEPTHWISE)
+    (region,) = plan.regions
+    assert plan.plane_pad and plan.lhs_size == (9, 9)
+    assert (region.vectorize, region.tile_axis, region.row_axis) == ("positions", 1, 0)
+    assert region.tile_rows in (7, 4)     # balanced: 7 rows (32 vector registers), or 4 + 3
+    assert "per-plane" in lower.to_text(plan) and f"positions@1x{region.tile_rows}@0" in \
+        lower.to_text(plan)
+    # Its weight gradient too (unit stride: flat runs over the planes), not a strided one's.
+    assert plan_of(DEPTHWISE.grad_weight()).plane_pad
+    strided = LayerSpec.conv(96, 96, 3, stride=2, padding=1, groups=96, input_size=(14, 14))
+    assert not plan_of(strided.grad_weight()).pad
+
+
+@pytest.mark.parametrize("spec", [
+    DEPTHWISE, dataclasses.replace(DEPTHWISE, op="conv_grad_input"),
+    LayerSpec.conv(24, 24, 5, padding=2, groups=24, input_size=(14, 14), activation="relu"),
+    LayerSpec.conv(24, 48, 3, stride=2, padding=1, groups=24, input_size=(15, 15)),
+    LayerSpec.conv(8, 8, 3, padding=(1, 2), groups=8, input_size=(5, 17), dtype="float64"),
+    LayerSpec.conv(16, 16, 3, padding=1, groups=16, input_size=(40,)),
+    LayerSpec.conv(8, 8, 3, padding=1, groups=8, input_size=(6, 5, 7)),
+    DEPTHWISE.grad_weight(),
+    LayerSpec.conv(24, 24, 5, padding=2, groups=24, input_size=(14, 14)).grad_weight(),
+    LayerSpec.conv(8, 8, 7, padding=3, groups=8, input_size=(9, 12),
+                   dtype="float64").grad_weight(),
+    LayerSpec.conv(8, 8, 3, padding=2, dilation=2, groups=8, input_size=(10, 10)).grad_weight(),
+    LayerSpec.conv(16, 16, 3, padding=1, groups=16, input_size=(40,)).grad_weight(),
+    LayerSpec.conv(8, 8, 3, padding=1, groups=8, input_size=(6, 5, 7)).grad_weight()])
+def test_depthwise_planes_match_torch(spec):
+    plan = plan_of(spec)
+    assert plan.plane_pad
+    if spec.op != "conv_grad_weight":
+        assert any(r.tile_rows > 1 for r in plan.regions) == (spec.rank > 1)
+    run_and_compare(spec, random_inputs(spec, workload=Workload(3)))
+
+
+def test_row_tiles_where_rows_are_short():
+    """Trimmed regions whose rows fit one tile hold several rows (as many as the vector
+    registers allow): a 3-D depthwise interior (rows of 38), a few-channel conv's (3 channels
+    per tile); a row too long for one tile keeps tiles of one row."""
+    spec = LayerSpec.conv(4, 4, 3, padding=1, groups=4, input_size=(40, 40, 40))
+    interior = max(plan_of(spec).regions, key=lambda r: r.macs_per_sample)
+    assert not plan_of(spec).pad and interior.tile_rows > 1 and interior.row_axis == 1
+    few = LayerSpec.conv(64, 3, 3, padding=1, input_size=(12, 12))
+    interior = max(plan_of(few).regions, key=lambda r: r.macs_per_sample)
+    assert interior.vectorize == "positions" and interior.tile_rows > 1
+    long = LayerSpec.conv(64, 3, 3, padding=1, input_size=(70, 70))
+    assert all(r.tile_rows == 1 for r in plan_of(long).regions)
+    for s in (spec, few):
+        run_and_compare(s, random_inputs(s, workload=Workload(2)))
+
+
 @pytest.fixture
 def always_keep(monkeypatch):
     """The cost rule keeps every zero padding it may (small test shapes exercise the copy)."""
@@ -100,11 +165,13 @@ def always_keep(monkeypatch):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(specs(ops=("conv", "conv_grad_input"), limits=EXECUTABLE, channels=(1, 40)),
+@given(specs(ops=("conv", "conv_grad_input", "conv_grad_weight"), limits=EXECUTABLE,
+             channels=(1, 40)),
        workloads(), st.sampled_from(("float32", "float64")))
 def test_every_kept_padding_matches_torch(always_keep, spec, workload, dtype):
     """Forward and input gradients of any stride, dilation, groups, rank and epilogue, their
-    zero padding kept: the kernels against torch, the MACs against the closed form."""
+    zero padding kept (and depthwise weight gradients of unit stride): the kernels against
+    torch, the MACs against the closed form."""
     spec = dataclasses.replace(spec, dtype=dtype)
     report = explain(spec, Workload(workload.batch))     # raises if the count is not exact
     assert report.executed_macs >= report.nonzero_macs
@@ -115,3 +182,16 @@ def test_always_keep_reaches_small_shapes(always_keep):
     spec = LayerSpec.conv(3, 5, 3, padding=1, input_size=(6, 6))
     assert _kept(spec) and plan_of(spec).pad.mode == "zeros"
     assert len(list(nodes_of(pipeline.run(spec)[-1][1], Pad))) == 1
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(specs(ops=("conv", "conv_grad_input", "conv_grad_weight"), limits=EXECUTABLE,
+             channels=(1, 1), modes=False),
+       workloads(), st.sampled_from(("float32", "float64")))
+def test_every_depthwise_layer_matches_torch(spec, workload, dtype):
+    """Depthwise layers (one channel per group) under the cost rule as it stands: planes padded
+    in the kernel where it keeps the padding, row tiles, flat weight-gradient runs."""
+    spec = dataclasses.replace(spec, dtype=dtype)
+    report = explain(spec, Workload(workload.batch))
+    assert report.executed_macs >= report.nonzero_macs
+    run_and_compare(spec, random_inputs(spec, workload=workload), lower.Variant("dense"))

@@ -20,21 +20,22 @@ from zeroskip.codegen.cost import decide
 
 # --------------------------------------------------------------------------- trim_padding
 def test_trim_padding_conv1d_k3_p1():
-    """conv1d k3 p1 on 5: output 0 loses tap 0, output 4 loses tap 2, 1..3 keep all."""
-    spec = LayerSpec.conv(1, 2, 3, padding=1, input_size=(5,), bias=False)
+    """conv1d k3 p1 on 5: output 0 loses tap 0, output 4 loses tap 2, 1..3 keep all (two
+    input channels: one would be a depthwise-like layer, whose padding the cost rule keeps)."""
+    spec = LayerSpec.conv(2, 2, 3, padding=1, input_size=(5,), bias=False)
     before = frontend.lower(spec)
     assert_ir(before, """
-        input = Input[1x1x5] name=input
-        weight = Input[2x1x3] name=weight
-        pad_input = Pad[1x1x7](src=input) lo=1 hi=1
+        input = Input[1x2x5] name=input
+        weight = Input[2x2x3] name=weight
+        pad_input = Pad[1x2x7](src=input) lo=1 hi=1
         c0 = Contract[1x2x5](lhs=pad_input, rhs=weight) pattern=forward groups=1 {u=0:5 v=0:3 out=u lhs=u+v rhs=v}
         assemble = Assemble[1x2x5](part=c0)
         output = Output[1x2x5](src=assemble) name=output
     """)
     assert isinstance(op(before, "contract"), Contract)  # the text calls every region c<i>
     assert_ir(trim_padding(before), """
-        input = Input[1x1x5] name=input
-        weight = Input[2x1x3] name=weight
+        input = Input[1x2x5] name=input
+        weight = Input[2x2x3] name=weight
         c0 = Contract[1x2x1](lhs=input, rhs=weight) pattern=forward groups=1 region=border {u=0:1 v=1:3 out=u lhs=u+v-1 rhs=v}
         c1 = Contract[1x2x3](lhs=input, rhs=weight) pattern=forward groups=1 region=interior {u=1:4 v=0:3 out=u lhs=u+v-1 rhs=v}
         c2 = Contract[1x2x1](lhs=input, rhs=weight) pattern=forward groups=1 region=border {u=4:5 v=0:2 out=u lhs=u+v-1 rhs=v}

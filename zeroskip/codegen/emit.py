@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jinja2
 
-from .lower import AxisPlan, KernelPlan, RegionPlan
+from .lower import AxisPlan, KernelPlan, PadPlan, RegionPlan
 
 TEMPLATE_ROOT = Path(str(resources.files("zeroskip") / "templates"))
 TEMPLATE_DIR = TEMPLATE_ROOT / "c"
@@ -40,7 +40,7 @@ def environment(backend: str = "c") -> jinja2.Environment:
                        tap_lens=tap_lens, unflatten=unflatten, offset=offset,
                        box_points=box_points, rows_layout=rows_layout,
                        region_members=region_members, axis_lengths=axis_lengths,
-                       remainders=remainders)
+                       remainders=remainders, zero_row=zero_row, plane_taps=plane_taps)
     return env
 
 
@@ -156,6 +156,46 @@ def remainders(lengths: list[int], width: int) -> list[int]:
     """The widths of the last, partial tiles that rows of these ``lengths`` leave (tiles of
     ``width``), each once, in order."""
     return sorted({n % width for n in lengths} - {0})
+
+
+def zero_row(pad: PadPlan) -> tuple[int, int] | None:
+    """``(lo, hi)``: the zeros before and after the source row in each padded row of a zero
+    padding whose last axis copies its whole row in order (None otherwise)."""
+    table = list(pad.index[-1])
+    lo = next((i for i, s in enumerate(table) if s >= 0), len(table))
+    n = pad.src[-1]
+    if pad.mode != "zeros" or table[lo:lo + n] != list(range(n)) or \
+            any(s >= 0 for s in table[:lo] + table[lo + n:]):
+        return None
+    return lo, len(table) - lo - n
+
+
+@dataclass(frozen=True)
+class PlaneTaps:
+    """A depthwise, unit-stride weight gradient run over flat planes (``plan.plane_pad``): the
+    padded input plane and the output gradient laid out at its row pitch (zeros between rows),
+    so that kernel position ``t``'s sum pairs ``gq[q]`` with ``xp[q + offsets[t]]`` for every
+    ``q < length`` (whole vectors); ``outs[t]``: where it goes in the weight gradient;
+    ``plane``: the buffer ``xp``'s length (the padded plane, then zeros to the last read)."""
+
+    offsets: tuple[int, ...]
+    outs: tuple[int, ...]
+    length: int
+    plane: int
+
+
+def plane_taps(plan: KernelPlan, region: RegionPlan) -> PlaneTaps:
+    pitch = strides(plan.lhs_size)
+    out_pitch = strides(plan.out_size)
+    points = list(itertools.product(*(range(a.u0, a.u1) for a in region.axes)))
+    offsets = tuple(sum((a.lu * u + a.lc) * s for a, u, s in zip(region.axes, pt, pitch))
+                    for pt in points)
+    outs = tuple(sum((a.ou * u + a.oc) * s for a, u, s in zip(region.axes, pt, out_pitch))
+                 for pt in points)
+    last = sum((a.v1 - 1) * s for a, s in zip(region.axes, pitch)) + 1
+    length = -(-last // plan.lanes) * plan.lanes
+    plane = max(math.prod(plan.lhs_size), length + max(offsets))
+    return PlaneTaps(offsets, outs, length, -(-plane // plan.lanes) * plan.lanes)
 
 
 def box_points(region: RegionPlan) -> list[list[str]]:

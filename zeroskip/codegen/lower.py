@@ -39,7 +39,7 @@ from ..spec import LayerSpec
 from .ir import (Assemble, BiasAdd, Contract, Input, IRError, Output, Pad, PadAdjoint, Relu,
                  contract_channels, nodes_of, op, operand, parts)
 from .macs import contract_macs
-from .cost import WEIGHT_GRAD_RHS_MIN_ROW, sparse_weight_grad_fits
+from .cost import PAD_PLANE_BYTES, WEIGHT_GRAD_RHS_MIN_ROW, sparse_weight_grad_fits
 from .plan import (FAMILIES, SPARSE_FAMILIES, AxisPlan, KernelPlan, PadPlan,  # noqa: F401
                    RegionClass, RegionPlan, to_text)
 from .reference import pad_index
@@ -508,7 +508,63 @@ def _region_classes(plan: KernelPlan, variant: Variant, backend: str) -> KernelP
         RegionClass(f"class_{i}", tuple(names)) for i, names in enumerate(shared)))
 
 
+def _plane_pad(plan: KernelPlan, variant: Variant, backend: str) -> KernelPlan:
+    """A padded copy of the data that each output plane reads alone (one dense 'positions'
+    region contracting one channel per group: depthwise) is made a plane at a time, in the
+    region, into a buffer that stays in L1, instead of as a whole padded tensor in memory. So
+    is a depthwise weight gradient's of unit stride, whose output gradient's plane is then
+    laid out at the padded row pitch beside it (:func:`.emit.plane_taps`)."""
+    region = plan.regions[0]
+    if backend != "c" or plan.pad is None or len(plan.regions) != 1 or plan.c_red != 1 or \
+            region.vectorize != "positions" or \
+            math.prod(plan.pad.dst) * (8 if plan.ctype == "double" else 4) > PAD_PLANE_BYTES:
+        return plan
+    if region.family == "weight_grad" and not (plan.c_out == 1 and all(
+            (a.lv, a.ru, a.rv, a.rc, a.v0, a.v1) == (1, 0, 1, 0, 0, n)
+            for a, n in zip(region.axes, plan.rhs_shape[2:]))):
+        return plan
+    if region.family not in ("direct", "weight_grad"):
+        return plan
+    return dataclasses.replace(plan, plane_pad=True)
+
+
+# 'positions' tiles (few output channels per group: depthwise layers) whose rows are short hold
+# several rows: independent accumulators enough to keep the multiply-add units busy (a tile of
+# one vector chains every tap's multiply-add on the last one's result), up to this share of the
+# vector registers.
+ROW_TILE_SHARE = 3 / 8
+
+
+def _row_tiles(plan: KernelPlan, variant: Variant, backend: str) -> KernelPlan:
+    """2-D register tiles: a dense 'positions' region of its own function (not a class: its
+    bounds are constants) whose rows along the tile axis fit one tile runs tiles of several
+    rows, stepping along its longest other axis; each position of a tile is then a constant
+    offset from the tile's first, in the input as in the output. Rows are balanced (14 rows
+    of at most 8 per tile: two tiles of 7)."""
+    if backend != "c" or plan.rank < 2:
+        return plan
+    classed = {name for c in plan.classes for name in c.members}
+    found = []
+    for r in plan.regions:
+        ta = r.tile_axis
+        length = r.axes[ta].u_len
+        vectors = -(-length // plan.lanes)
+        others = [a for a in range(len(r.axes)) if a != ta]
+        ra = max(others, key=lambda a: (r.axes[a].u_len, a))
+        if r.family != "direct" or r.vectorize != "positions" or r.name in classed or \
+                length <= 0 or vectors > plan.pos_vectors or r.axes[ra].u_len < 2:
+            found.append(r)
+            continue
+        most = max(1, int(_registers(plan.vector_bytes) * ROW_TILE_SHARE)
+                   // (plan.pos_channels * vectors))
+        rows = r.axes[ra].u_len
+        rows = -(-rows // -(-rows // most))
+        found.append(r if rows < 2 else dataclasses.replace(r, row_axis=ra, tile_rows=rows))
+    return dataclasses.replace(plan, regions=tuple(found))
+
+
 # Rewrites of a whole plan, in order, after its stages: sparse regions that allow it become
 # sparse_rows phases; a pointwise conv's positions become one axis; many dense regions share
-# functions.
-REWRITES = (_sparse_rows, _flatten_pointwise, _region_classes)
+# functions; a depthwise region pads its planes itself; short rows of 'positions' regions make
+# 2-D tiles.
+REWRITES = (_sparse_rows, _flatten_pointwise, _region_classes, _plane_pad, _row_tiles)

@@ -49,6 +49,8 @@ class RegionPlan:
     macs_per_sample: int      # multiplications per batch element (grad_weight: per batch too)
     vectorize: str            # 'channels' (output channels in vector lanes) or 'positions'
     tile_axis: int            # the axis a register tile runs along
+    row_axis: int = -1        # 2-D tiles: the axis a tile's rows step along (-1: one row)
+    tile_rows: int = 1        # 2-D tiles: rows per tile (each a whole row of the tile axis)
 
     @property
     def u_box(self) -> int:
@@ -112,6 +114,7 @@ class KernelPlan:
     sparse_block: int = 0      # sparse_rows: contracted channels per zero mask (whole vectors)
     row_block: int = 0         # sparse_rows: output rows per task
     classes: tuple[RegionClass, ...] = ()   # regions sharing one function (boxes in a table)
+    plane_pad: bool = False    # the region pads each plane of the data as it reads it (pad)
 
     def region_class(self, name: str) -> RegionClass | None:
         """The class whose table holds region ``name``, or None (a function of its own)."""
@@ -193,7 +196,8 @@ def to_text(plan: KernelPlan) -> str:
     flags = " ".join(f for f, on in (("bias", plan.bias), ("relu", plan.relu),
                                      (f"pad={plan.pad.mode}" if plan.pad else "", plan.pad),
                                      (f"adjoint={plan.pad_adjoint.mode}" if plan.pad_adjoint
-                                      else "", plan.pad_adjoint)) if on)
+                                      else "", plan.pad_adjoint),
+                                     ("per-plane", plan.plane_pad)) if on)
     lines = [f"{plan.pattern} {plan.ctype} rank={plan.rank} groups={plan.groups} "
              f"c_red={plan.c_red} c_out={plan.c_out} lanes={plan.lanes}"
              + (f" {flags}" if flags else ""),
@@ -206,7 +210,8 @@ def to_text(plan: KernelPlan) -> str:
         axes = " ".join(f"{{u={a.u0}:{a.u1} v={a.v0}:{a.v1} out={_affine(a.ou, 0, a.oc)} "
                         f"lhs={_affine(a.lu, a.lv, a.lc)} rhs={_affine(a.ru, a.rv, a.rc)}}}"
                         for a in r.axes)
-        lines.append(f"{r.name} {r.family} {r.label} {r.vectorize}@{r.tile_axis} {axes}")
+        rows = f"x{r.tile_rows}@{r.row_axis}" if r.tile_rows > 1 else ""
+        lines.append(f"{r.name} {r.family} {r.label} {r.vectorize}@{r.tile_axis}{rows} {axes}")
     for c in plan.classes:
         lines.append(f"{c.name} serves {len(c.members)} regions: {' '.join(c.members)}")
     return "\n".join(lines) + "\n"

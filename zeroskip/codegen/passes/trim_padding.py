@@ -9,9 +9,11 @@ Contract then reads the unpadded tensor and the Pad disappears.
 Where the border would hold much of the work (small maps: a 3x3 conv on 4x4 has 9 regions
 and 49 tap slices of weights to stream instead of 9), the cost model
 (:func:`..cost.keep_zero_padding`) may keep the Pad: the C kernel then copies the data into a
-zero-padded buffer and runs one box. Only a dense forward or input gradient of the C target
-reading its data operand directly keeps it (a sparse kernel skips padded zeros for free, Triton
-kernels mask their loads). The choice and its reason go to ``graph.graph["padding"]``.
+zero-padded buffer and runs one box; a depthwise layer's pads each plane as it reads it, in
+L1. Only a dense forward or input gradient of the C target reading its data operand directly
+keeps it, or a depthwise weight gradient of unit stride (a sparse kernel skips padded zeros for
+free, Triton kernels mask their loads). The choice and its reason go to
+``graph.graph["padding"]``.
 
 Pads in ``reflect``, ``replicate`` or ``circular`` mode hold real data and are left alone.
 """
@@ -22,8 +24,8 @@ import math
 import networkx as nx
 
 from .. import cost
-from ..ir import (Contract, Input, Pad, nodes_of, op, operand, output_channels,
-                  with_history)
+from ..ir import (Contract, Input, Pad, contract_channels, nodes_of, op, operand,
+                  output_channels, with_history)
 from ..regions import clip, drop_if_unused, split_contract
 
 
@@ -32,8 +34,13 @@ def _keeps(graph: nx.DiGraph, node: str, pad: Pad, source: str, sizes) -> tuple[
     why."""
     c: Contract = op(graph, node)
     strategy = graph.graph.get("strategy", "auto")
-    if graph.graph.get("target", "c") != "c" or c.pattern == "grad_weight" or \
-            min(pad.lo + pad.hi) < 0 or not isinstance(op(graph, source), Input):
+    if graph.graph.get("target", "c") != "c" or min(pad.lo + pad.hi) < 0 or \
+            not isinstance(op(graph, source), Input):
+        return False, "trimmed into border regions"
+    if c.pattern == "grad_weight" and not (
+            output_channels(graph, node) == 1 and all(l.lhs.v == 1 for l in c.loops) and
+            isinstance(op(graph, operand(graph, node, "rhs")), Input)):
+        # (A strided one reads its output gradient with zeros inserted.)
         return False, "trimmed into border regions"
     if strategy == "sparse" or (strategy == "auto" and graph.graph["workload"].density < 1.0):
         return False, "a sparse kernel skips padded zeros: border regions trimmed"
@@ -48,8 +55,14 @@ def _keeps(graph: nx.DiGraph, node: str, pad: Pad, source: str, sizes) -> tuple[
     spec = graph.graph["spec"]
     weight_bytes = spec.in_channels * spec.out_channels // spec.groups * \
         math.prod(spec.kernel_size) * (8 if spec.dtype == "float64" else 4)
+    padded_shape = op(graph, operand(graph, node, "lhs")).shape
+    _, c_x, c_y = contract_channels(c, padded_shape, op(graph, operand(graph, node, "rhs")).shape)
+    contracted = (c_y if c.pattern == "grad_input" else c_x) // c.groups
+    plane_bytes = math.prod(padded_shape[2:]) * (8 if spec.dtype == "float64" else 4)
     return cost.keep_zero_padding(nonzero, padded, interior, output_channels(graph, node),
-                                  weight_bytes, width)
+                                  weight_bytes, width, contracted, plane_bytes,
+                                  any(abs(loop.lhs.v if c.pattern == "grad_weight"
+                                          else loop.lhs.u) > 1 for loop in c.loops))
 
 
 def trim_padding(graph: nx.DiGraph) -> nx.DiGraph:
