@@ -226,7 +226,7 @@ def test_channels_tile_remainders(dtype):
     """Many output channels: lanes along channels, register tiles of tile_width positions on
     the last axis; a short last axis of whole tiles, and one (long, of a prime length) with a
     remainder tile."""
-    for last, multiple in ((12, True), (113, False)):
+    for last, multiple in ((24, True), (113, False)):
         # kernel 3, no padding: one region whose last axis has ``last`` outputs.
         spec = LayerSpec.conv(4, 64, 3, input_size=(5, last + 2), dtype=dtype)
         plan = kernel_for(spec).plan
@@ -259,12 +259,19 @@ def test_dense_variant_tile_vectors(make):
 def test_short_rows_get_balanced_tiles(last, want):
     """Rows of at most 8 tiles are split into tiles of balanced widths (8 -> 4 + 4, not 6 +
     2); longer rows, and rows no wider than one tile, keep the widest tile; a variant's width
-    is kept as given. Rows of 16 or more get tiles of 2 vectors of channels."""
+    is kept as given. Rows of 16 or more get tiles of 2 vectors of channels; a shorter row that
+    the tallest tile would split, the tallest tile that holds it whole (64 channels: 2 vectors,
+    as 3 would pad them to 96)."""
     assert lower.fit_width(6, [(last, 10), (1, 1)]) == want
     spec = LayerSpec.conv(4, 64, 3, input_size=(5, last + 2))
     plan = kernel_for(spec, variant=lower.Variant("dense")).plan
-    assert (plan.tile_vectors == 2) == (last >= lower.LONG_ROW)
-    widest = lower.tile_shape(plan.tile_vectors * plan.lanes, plan.lanes, plan.vector_bytes)[1]
+
+    def widest_of(vectors):
+        return lower.tile_shape(vectors * plan.lanes, plan.lanes, plan.vector_bytes)[1]
+    tallest = lower.tile_shape(64, plan.lanes, plan.vector_bytes)[0]
+    whole = last > widest_of(tallest) and widest_of(2) >= last
+    assert (plan.tile_vectors == 2) == (last >= lower.LONG_ROW or whole)
+    widest = widest_of(plan.tile_vectors)
     assert plan.tile_width == lower.fit_width(widest, [(last, 1)])
     assert kernel_for(spec, variant=lower.Variant("dense", 7)).plan.tile_width == 7
     run_and_compare(spec, random_inputs(spec, workload=Workload(2)))
