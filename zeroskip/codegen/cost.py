@@ -83,9 +83,9 @@ PAD_THIN_BORDER = 4        # and no axis has more border outputs than this (both
 # plane is this small: each plane is then padded in the kernel as its tiles read it (in L1),
 # and the tiles run whole rows, several at a time, instead of each border region's short ones.
 # Measured against the trimmed kernel (forward, Xeon AVX-512, 2 threads, 2026-12-06): 3x3 and
-# 5x5 on 7x7-56x56 maps 1.3-4x faster kept, 3x3 on 112x112 (a 51 KiB plane) 1.6x; strided, a
+# 5x5 on 7x7-56x56 maps 1.3-3.7x faster kept, 3x3 on 112x112 (a 51 KiB plane) 1.5x; strided, a
 # 56x56 map 1.2x faster, a 112x112 one 1.15x slower (a quarter of the outputs per plane
-# copied).
+# copied). Their weight gradients of unit stride, over flat padded planes, 3.7-6.8x.
 PAD_PLANE_BYTES = 64 << 10
 PAD_PLANE_BYTES_STRIDED = 32 << 10
 
