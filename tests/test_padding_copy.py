@@ -110,6 +110,8 @@ def test_depthwise_pads_planes_in_the_kernel():
     assert region.tile_rows in (7, 4)     # balanced: 7 rows (32 vector registers), or 4 + 3
     assert "per-plane" in lower.to_text(plan) and f"positions@1x{region.tile_rows}@0" in \
         lower.to_text(plan)
+    # At any density: a depthwise layer has no sparse kernel to skip the padding with.
+    assert plan_of(DEPTHWISE, Workload(1, 0.5)).plane_pad
     # Its weight gradient too (unit stride: flat runs over the planes), not a strided one's.
     assert plan_of(DEPTHWISE.grad_weight()).plane_pad
     strided = LayerSpec.conv(96, 96, 3, stride=2, padding=1, groups=96, input_size=(14, 14))
@@ -123,7 +125,10 @@ def test_depthwise_pads_planes_in_the_kernel():
     LayerSpec.conv(8, 8, 3, padding=(1, 2), groups=8, input_size=(5, 17), dtype="float64"),
     LayerSpec.conv(16, 16, 3, padding=1, groups=16, input_size=(40,)),
     LayerSpec.conv(8, 8, 3, padding=1, groups=8, input_size=(6, 5, 7)),
+    LayerSpec.conv(8, 8, 3, padding=1, groups=8, padding_mode="reflect", input_size=(9, 9)),
     DEPTHWISE.grad_weight(),
+    LayerSpec.conv(8, 8, 3, padding=1, groups=8, padding_mode="circular",
+                   input_size=(9, 9)).grad_weight(),
     LayerSpec.conv(24, 24, 5, padding=2, groups=24, input_size=(14, 14)).grad_weight(),
     LayerSpec.conv(8, 8, 7, padding=3, groups=8, input_size=(9, 12),
                    dtype="float64").grad_weight(),

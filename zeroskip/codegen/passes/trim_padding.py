@@ -42,7 +42,9 @@ def _keeps(graph: nx.DiGraph, node: str, pad: Pad, source: str, sizes) -> tuple[
             isinstance(op(graph, operand(graph, node, "rhs")), Input)):
         # (A strided one reads its output gradient with zeros inserted.)
         return False, "trimmed into border regions"
-    if strategy == "sparse" or (strategy == "auto" and graph.graph["workload"].density < 1.0):
+    if strategy == "sparse" or (strategy == "auto" and graph.graph["workload"].density < 1.0
+                                and output_channels(graph, node) >= cost.MIN_SPARSE_CHANNELS):
+        # (Fewer output channels have no sparse kernel: choose_strategy keeps them dense.)
         return False, "a sparse kernel skips padded zeros: border regions trimmed"
     nonzero = interior = padded = 1
     width = 0
