@@ -71,9 +71,10 @@ WEIGHT_GRAD_SCATTER = 1.27
 # output, each weight read once per tile. Measured at batch 1, 8 and 16 against the trimmed
 # kernel (Xeon, AVX-512, 2 threads, 2026-12-06): 3x3 convs with 9-59 MB of weights on 4x4-16x16
 # maps (border 17-64% of the MACs) run their forward 1.07-2.8x faster kept; with 2.4 MB (256
-# channels, 14x14) as fast either way; a 64-channel 56x56 one (border 7%) 1.5x slower; depthwise layers (one output
-# channel per group, tiles along positions) slower at every size; so is a dilated 3x3 on 33x33
-# whose border regions are 6 outputs wide (their tiles are not thin), 1.2x.
+# channels, 14x14) as fast either way; a 64-channel 56x56 one (border 7%) 1.5x slower; so is a
+# dilated 3x3 on 33x33 whose border regions are 6 outputs wide (their tiles are not thin), 1.2x.
+# Depthwise layers measured slower with a whole padded copy at every size: they pad each plane
+# in the kernel instead (below).
 PAD_WEIGHT_BYTES = 4 << 20  # keep only where the weights are at least this large (beyond L2)
 PAD_BORDER_SHARE = 0.15    # and the border regions hold at least this share of the MACs
 PAD_WASTE = 1.5            # and the copy multiplies at most this many times the non-zero MACs

@@ -24,8 +24,7 @@ import math
 import networkx as nx
 
 from .. import cost
-from ..ir import (Contract, Input, Pad, contract_channels, nodes_of, op, operand,
-                  output_channels, with_history)
+from ..ir import Contract, Input, Pad, contract_channels, nodes_of, op, operand, with_history
 from ..regions import clip, drop_if_unused, split_contract
 
 
@@ -34,16 +33,22 @@ def _keeps(graph: nx.DiGraph, node: str, pad: Pad, source: str, sizes) -> tuple[
     why."""
     c: Contract = op(graph, node)
     strategy = graph.graph.get("strategy", "auto")
+    padded_shape = op(graph, operand(graph, node, "lhs")).shape
+    rhs = operand(graph, node, "rhs")
+    _, c_x, c_y = contract_channels(c, padded_shape, op(graph, rhs).shape)
+    # Output channels per group (what one data element is multiplied into), and contracted.
+    channels, contracted = ((c_x, c_y) if c.pattern == "grad_input" else (c_y, c_x))
+    channels, contracted = channels // c.groups, contracted // c.groups
     if graph.graph.get("target", "c") != "c" or min(pad.lo + pad.hi) < 0 or \
             not isinstance(op(graph, source), Input):
         return False, "trimmed into border regions"
     if c.pattern == "grad_weight" and not (
-            output_channels(graph, node) == 1 and all(l.lhs.v == 1 for l in c.loops) and
-            isinstance(op(graph, operand(graph, node, "rhs")), Input)):
+            channels == 1 and all(l.lhs.v == 1 for l in c.loops) and
+            isinstance(op(graph, rhs), Input)):
         # (A strided one reads its output gradient with zeros inserted.)
         return False, "trimmed into border regions"
     if strategy == "sparse" or (strategy == "auto" and graph.graph["workload"].density < 1.0
-                                and output_channels(graph, node) >= cost.MIN_SPARSE_CHANNELS):
+                                and channels >= cost.MIN_SPARSE_CHANNELS):
         # (Fewer output channels have no sparse kernel: choose_strategy keeps them dense.)
         return False, "a sparse kernel skips padded zeros: border regions trimmed"
     nonzero = interior = padded = 1
@@ -55,16 +60,14 @@ def _keeps(graph: nx.DiGraph, node: str, pad: Pad, source: str, sizes) -> tuple[
         padded *= loop.u_len * loop.v_len
         width = max(width, sum(p.u_len for p, full in parts if not full))
     spec = graph.graph["spec"]
+    element = 8 if spec.dtype == "float64" else 4
     weight_bytes = spec.in_channels * spec.out_channels // spec.groups * \
-        math.prod(spec.kernel_size) * (8 if spec.dtype == "float64" else 4)
-    padded_shape = op(graph, operand(graph, node, "lhs")).shape
-    _, c_x, c_y = contract_channels(c, padded_shape, op(graph, operand(graph, node, "rhs")).shape)
-    contracted = (c_y if c.pattern == "grad_input" else c_x) // c.groups
-    plane_bytes = math.prod(padded_shape[2:]) * (8 if spec.dtype == "float64" else 4)
-    return cost.keep_zero_padding(nonzero, padded, interior, output_channels(graph, node),
-                                  weight_bytes, width, contracted, plane_bytes,
-                                  any(abs(loop.lhs.v if c.pattern == "grad_weight"
-                                          else loop.lhs.u) > 1 for loop in c.loops))
+        math.prod(spec.kernel_size) * element
+    # Outputs step over the input by the stride: a weight gradient's v, the others' u.
+    strided = any(abs(loop.lhs.v if c.pattern == "grad_weight" else loop.lhs.u) > 1
+                  for loop in c.loops)
+    return cost.keep_zero_padding(nonzero, padded, interior, channels, weight_bytes, width,
+                                  contracted, math.prod(padded_shape[2:]) * element, strided)
 
 
 def trim_padding(graph: nx.DiGraph) -> nx.DiGraph:
