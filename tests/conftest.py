@@ -41,6 +41,7 @@ def fresh_cache(tmp_path, monkeypatch):
     from zeroskip.runtime import binding, loader
     monkeypatch.setenv("ZEROSKIP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(loader, "_kernels", {})
+    monkeypatch.setattr(loader, "_identities", {})
     monkeypatch.setattr(binding, "_calls", {})
     binding._gradient_operator.cache_clear()
     yield tmp_path / "cache"

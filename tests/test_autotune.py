@@ -16,6 +16,8 @@ from zeroskip import LayerSpec
 from zeroskip import functional as zf
 from zeroskip.runtime import autotune, binding, tuning
 
+from tuning_helpers import named_kernels
+
 SPEC = LayerSpec.conv(8, 16, 3, padding=1, input_size=(10, 10))
 OTHER = LayerSpec.conv(8, 16, 3, input_size=(10, 10))
 FAST = dict(repeats=1, min_time=0.001)
@@ -292,8 +294,10 @@ def test_gradient_dispatch_follows_the_batch_bucket(db_path):
     """A training step runs each gradient operator's choice tuned for its batch bucket: here
     torch's op for the weight gradient at batch 4, the generated kernel at batch 1."""
     db = tuning.database()
-    db.record(SPEC.grad_weight(), 1.0, "dense", {"dense": 1.0}, batch=1)
-    db.record(SPEC.grad_weight(), 1.0, "torch", {"torch": 1.0}, batch=4)
+    db.record(SPEC.grad_weight(), 1.0, "dense", {"dense": 1.0}, batch=1,
+              kernels=named_kernels(SPEC.grad_weight()))
+    db.record(SPEC.grad_weight(), 1.0, "torch", {"torch": 1.0}, batch=4,
+              kernels=named_kernels(SPEC.grad_weight()))
     gen = torch.Generator().manual_seed(5)
     weight = torch.nn.Parameter(torch.randn(16, 8, 3, 3, generator=gen))
     for batch, want in ((1, "dense"), (4, "torch")):
@@ -378,10 +382,8 @@ def test_tuned_choice_wins_over_the_cost_model(call, monkeypatch):
     found, weight, bias = call
     monkeypatch.setattr(found.forward, "crossover", 0.5)
     db = tuning.database()
-    db.record(SPEC, 0.3, "torch", {"torch": 1.0})
-    db.record(SPEC, 0.7, "sparse", {"sparse": 1.0})
-    db.record(SPEC, 0.1, "dense/w6", {"dense/w6": 1.0})
-    db.record(SPEC, 1.0, "dense", {"dense": 1.0})
+    for density, choice in ((0.3, "torch"), (0.7, "sparse"), (0.1, "dense/w6"), (1.0, "dense")):
+        db.record(SPEC, density, choice, {choice: 1.0}, kernels=named_kernels(SPEC, choice))
     before = zeroskip.stats()["torch_choices"]
     _run(call, weight, bias, 0.25)
     assert found.last == "torch" and zeroskip.stats()["torch_choices"] == before + 1
@@ -401,8 +403,8 @@ def test_one_tuned_choice_needs_no_density(call, monkeypatch):
     """A layer tuned alike at every density runs that choice without sampling its input."""
     found, weight, bias = call
     monkeypatch.setattr(found.forward, "crossover", 0.5)
-    tuning.database().record(SPEC, 0.1, "dense", {})
-    tuning.database().record(SPEC, 1.0, "dense", {})
+    tuning.database().record(SPEC, 0.1, "dense", {}, kernels=named_kernels(SPEC))
+    tuning.database().record(SPEC, 1.0, "dense", {}, kernels=named_kernels(SPEC))
     _run(call, weight, bias, 0.05)
     assert found.last == "dense" and found.last_density == 1.0
 
@@ -413,7 +415,7 @@ def test_dispatch_follows_records_added_later(call, monkeypatch):
     monkeypatch.setattr(found.forward, "crossover", 0.5)
     _run(call, weight, bias, 0.25)
     assert found.last == "sparse"
-    tuning.database().record(SPEC, 0.3, "torch", {})
+    tuning.database().record(SPEC, 0.3, "torch", {}, kernels=named_kernels(SPEC))
     _run(call, weight, bias, 0.25)
     assert found.last == "torch"
 

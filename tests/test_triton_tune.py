@@ -20,6 +20,8 @@ from zeroskip.codegen.variant import Variant
 from zeroskip.codegen.targets import TritonTarget
 from zeroskip.runtime import autotune, loader, reference, tuning
 
+from tuning_helpers import named_kernels
+
 SPEC = LayerSpec.conv(4, 8, 3, 1, 1, input_size=(4, 4))
 STRIDED = LayerSpec.conv(4, 4, 3, 2, 1, bias=False, input_size=(6, 6))
 FAST = dict(repeats=1, min_time=0.001)
@@ -385,8 +387,9 @@ def test_triton_dispatch_decides_on_a_real_density(monkeypatch):
     machine, print_ = tuning.machine_of("triton", "cpu")
     default = loader.kernel_for(SPEC, "triton", Variant("dense")).default.name
     db = tuning.database()
-    db.record(SPEC, 0.1, "torch", {"torch": 0.1}, machine=machine, print_=print_)
-    db.record(SPEC, 1.0, default, {default: 0.1}, machine=machine, print_=print_)
+    named = named_kernels(SPEC, backend="triton")
+    db.record(SPEC, 0.1, "torch", {"torch": 0.1}, machine=machine, print_=print_, kernels=named)
+    db.record(SPEC, 1.0, default, {default: 0.1}, machine=machine, print_=print_, kernels=named)
     w, b = torch.randn(8, 4, 3, 3), torch.randn(8)
     x = autotune.sparse_input((2, 4, 4, 4), 0.05)
     with dispatch.observe() as ran:

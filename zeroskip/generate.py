@@ -457,7 +457,8 @@ def _bundle_c(tmp: Path, layers: list[tuple[str, LayerSpec, Workload]], manifest
         choices: set[str] = set()
         if db is not None and spec.op in FORWARD:   # at the batch and density traced
             result = autotune.tune(spec, work.density, batch=work.batch)
-            db.record(spec, work.density, result.choice, result.ms, batch=work.batch)
+            db.record(spec, work.density, result.choice, result.ms, batch=work.batch,
+                      kernels=result.kernels)
             choices.add(result.choice)
         kernels, skipped = c_kernels(spec, choices, include_grads)
         manifest["skipped"] += [{"layer": name, **s} for s in skipped]

@@ -325,7 +325,8 @@ def tune_model(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
             if key not in done:
                 done.add(key)
                 result = autotune.tune(op_spec, density, repeats, min_time, work.batch)
-                db.record(op_spec, density, result.choice, result.ms, batch=work.batch)
+                db.record(op_spec, density, result.choice, result.ms, batch=work.batch,
+                          kernels=result.kernels)
     db.save()
     return len(done)
 

@@ -49,6 +49,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tu.add_argument("--merge", type=Path, nargs="+", metavar="FILE",
                     help="merge these tuning databases into it (the newer record wins); without "
                          "--specs, --quick or --layers, only merge")
+    tu.add_argument("--prune", action="store_true",
+                    help="drop the records whose kernels the compiler no longer makes (a "
+                         "changed template, tile rule or pass: dispatch ignores them already); "
+                         "without --specs, --quick or --layers, only prune")
     tu.add_argument("--no-progress", action="store_true", help="no progress bar")
     tu.set_defaults(handler=main, subparser=tu)
     return tu
@@ -128,7 +132,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
     from ..runtime import autotune, tuning
-    wanted = not args.merge or args.specs or args.quick or args.layers
+    wanted = not (args.merge or args.prune) or args.specs or args.quick or args.layers
     layers = _tune_layers(args, parser) if wanted else []
     if args.threads:
         torch.set_num_threads(args.threads)   # first: the database files choices by threads
@@ -137,6 +141,10 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.merge:
         taken = sum(db.merge(_read_db(path, "--merge", parser)) for path in args.merge)
         print(f"merged {taken} records from {len(args.merge)} file(s)")
+    keep = None
+    if args.prune:
+        keep = autotune.keep_current(db)
+        print(f"pruned {db.prune(keep)} stale records")
     if layers:
         pairs = [(spec, args.batch or work.batch) for _, spec, work in layers]
         jobs = autotune.jobs(pairs, args.densities, args.backward)
@@ -144,7 +152,6 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                     progress=not args.no_progress, backward=args.backward)
         print(_tune_report(layers, jobs, results, db))
         _tune_notes(layers, jobs, results)
-    else:
-        db.save()
+    db.save(keep)
     print(f"tuning database: {db.path}")
     return 0

@@ -9,6 +9,7 @@ autotuner tries. Adding a target is adding a class here and a launcher in the ru
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -30,6 +31,12 @@ class Compiled:
     source: str
     crossover: float            # the cost model's sparse/dense crossover density
 
+    @property
+    def identity(self) -> str:
+        """What the kernel is, as tuning records name what they timed: a hash of its target
+        and source (a changed template, tile rule or pass gives another)."""
+        return hashlib.sha256(f"{self.target}\n{self.source}".encode()).hexdigest()[:16]
+
 
 class Target:
     name = ""
@@ -50,6 +57,11 @@ class Target:
     def source_variant(self, variant: Variant) -> Variant:
         """The part of ``variant`` the source depends on (kernels are memoized by it)."""
         return variant
+
+    def default_choice(self, compiled: Compiled) -> str:
+        """The name of the variant a layer's untuned dispatch runs, given its kernel compiled
+        as the default variant."""
+        return "dense"
 
     def variants(self, plan: lower.KernelPlan, density: float) -> list[Variant]:
         """The variants the autotuner tries for a layer whose dense plan is ``plan``."""
@@ -131,6 +143,11 @@ class TritonTarget(Target):
 
     def source_variant(self, variant: Variant) -> Variant:
         return Variant(variant.strategy)
+
+    def default_choice(self, compiled: Compiled) -> str:
+        """The default kernel's family at the config sized to the layer."""
+        strategy = "sparse" if compiled.family == "block_sparse" else "dense"
+        return Variant(strategy, config=self.default_config(compiled.plan)).name
 
     @staticmethod
     def default_config(plan: lower.KernelPlan) -> Config:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -55,6 +55,7 @@ class Result:
     errors: dict[str, str]
     contention: float | None
     batch: int = 1
+    kernels: dict[str, str] = field(default_factory=dict)   # identities of those that ran
 
     @property
     def choice(self) -> str:
@@ -207,7 +208,8 @@ def tune_all(layers: Iterable[LayerSpec | tuple[LayerSpec, int]], densities: Ite
         for _, operator, spec, batch, density in bar:
             bar.set_postfix_str(f"{spec.torch_name} {spec.describe()[:40]} @ {density:g}")
             result = tune(spec, density, repeats, min_time, batch)
-            db.record(spec, density, result.choice, result.ms, batch=batch)
+            db.record(spec, density, result.choice, result.ms, batch=batch,
+                      kernels=result.kernels)
             results.append(result)
     db.save()
     return results
@@ -232,7 +234,7 @@ def tune_triton(spec: LayerSpec, density: float = 1.0, device: torch.device | st
     db = db if db is not None else tuning.database()
     machine, print_ = tuning.machine_of("triton", device)
     db.record(spec, density, result.choice, result.ms, machine=machine, print_=print_,
-              batch=batch)
+              batch=batch, kernels=result.kernels)
     if save:
         db.save()
     return result
@@ -254,6 +256,7 @@ def _tune(spec: LayerSpec, density: float, backend: str, device: torch.device, r
         names.append(backend)
         errors[backend] = f"{type(exc).__name__}: {exc}"
     runs: dict[str, Callable[[], object]] = {}
+    kernels: dict[str, str] = {}
     for candidate in found:
         try:
             kernel, run = call(spec, candidate.name, t, backend)
@@ -267,16 +270,77 @@ def _tune(spec: LayerSpec, density: float, backend: str, device: torch.device, r
                 if spill:
                     raise DoesNotFit(spill)
             runs[candidate.name] = run
+            if kernel is not None:
+                kernels[candidate.name] = kernel.identity
         except Exception as exc:   # a failing candidate scores inf; the tuning goes on
             errors[candidate.name] = f"{type(exc).__name__}: {exc}"
             stats.add("tune_failures")
     times, contention = timing.time_device(runs, device, repeats, min_time) if runs \
         else ({}, None)
     ms = {name: times.get(name, math.inf) for name in names}
-    return Result(spec, density, ms, errors, contention, batch)
+    return Result(spec, density, ms, errors, contention, batch, kernels)
 
 
 relative_error = reference.relative_error   # a seam: tests count the checks
+
+
+# --------------------------------------------------------------------------------- records
+def current(spec: LayerSpec, backend: str, record: dict, default: str | None = None) -> bool:
+    """Whether a tuning record still speaks of today's kernels: the kernel it chose and the
+    layer's default one (``default``: its name, found here by default), which the choice was
+    weighed against, have the identities the record names (torch's op has none). A record of
+    format 1 names none: it never is."""
+    default = default or loader.default_choice(spec, backend)
+    named = record.get("kernels") or {}
+    for name in {record["choice"], default} - {"torch"}:
+        try:
+            now = loader.identity(spec, backend, Variant.parse(name)) if name else None
+        except ValueError:       # not a variant name this version knows
+            now = None
+        if now is None or named.get(name) != now:
+            return False
+    return True
+
+
+_stale_seen: set[tuple] = set()
+
+
+def fresh(spec: LayerSpec, backend: str, records: dict[str, dict] | None,
+          default: str, retuned: bool = False) -> dict[str, dict] | None:
+    """Of a layer's records (by bucket), those :func:`current`; the others are ignored, counted
+    in ``stats()['stale_records']`` and reported once per process (``retuned``: autotuning in
+    the loop tunes their buckets again)."""
+    if not records:
+        return records
+    kept = {b: r for b, r in records.items() if current(spec, backend, r, default)}
+    stale = [(tuning.spec_key(spec), backend, b, r["choice"]) for b, r in records.items()
+             if b not in kept]
+    new = [s for s in stale if s not in _stale_seen]
+    if new:
+        first = not _stale_seen
+        _stale_seen.update(new)
+        stats.add("stale_records", len(new))
+        if first:
+            import warnings
+            warnings.warn(
+                f"zeroskip: tuning records that timed kernels the compiler no longer makes "
+                f"(the first: {spec.describe()}, {new[0][2]}, chose {new[0][3]!r}) are ignored"
+                f"{' and tuned again' if retuned else ''}; `zeroskip tune --prune` drops them "
+                "(stats()['stale_records'] counts them)", tuning.ZeroskipTuningWarning,
+                stacklevel=5)
+    return kept or None
+
+
+def keep_current(db: tuning.TuningDB):
+    """``keep(machine, spec, record)`` for :meth:`.tuning.TuningDB.prune`: a record of this CPU
+    or of a GPU (Triton's kernels are the same sources everywhere) is kept while
+    :func:`current`; another CPU's cannot be judged here (its vector width shapes the source)
+    and is kept."""
+    def keep(machine: str, spec: LayerSpec, record: dict) -> bool:
+        if "gpu" in db.machines.get(machine, {}):
+            return current(spec, "triton", record)
+        return machine != db.here or current(spec, "c", record)
+    return keep
 
 
 # --------------------------------------------------------------------------------- GPU fit

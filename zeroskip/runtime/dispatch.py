@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import torch
@@ -36,9 +38,10 @@ from ..codegen.lower import walks_output_gradient
 from ..codegen.cost import WEIGHT_GRAD_RHS_CROSSOVER
 from ..codegen.variant import Variant
 from ..spec import LayerSpec
-from . import bundle, env, loader, stats, tuning
+from . import autotune, bundle, env, loader, online, stats, tuning
 
 MEASURE_EVERY = 256        # GPU calls between two density measurements (each one syncs)
+TUNE = "<tune>"            # what choose() answers where autotuning in the loop tunes the call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,20 +193,48 @@ class Operator:
     # ------------------------------------------------------------------ the decision
     def choose(self, x: torch.Tensor, other: torch.Tensor | None = None) -> str:
         """The candidate to run on ``x`` (batched, as the kernel reads it; ``other``: the second
-        operand): a variant name or 'torch'."""
+        operand): a variant name, 'torch', or :data:`TUNE` where autotuning in the loop tunes
+        this call."""
         self.last_density = 1.0
         if env.get("ZEROSKIP_SPARSE", "1") == "0":
             return self.default
+        tunes = self._tunes_online()
         records, same = self._records(x.device)
-        if same is not None:             # tuned alike at every density: no need to measure
+        if same is not None and not tunes:   # tuned alike at every density: no need to measure
             return same
-        if not x.numel() or not records and (self.backend != "c" or
-                                             self.forward.crossover <= 0):
-            return self.default       # untuned, only the C sparse kernel has a cost model
+        if not x.numel():
+            return self.default
+        if not records and not tunes and not self._untuned_measures():
+            return self.default
         density = self.last_density = self.density(x)
+        if tunes and (not records or
+                      tuning.bucket_key(density, x.shape[0]) not in records):
+            return TUNE
         if records:
             return tuning.nearest(records, density, x.shape[0])["choice"]
-        return "sparse" if density < self.forward.crossover else self.default
+        return self.untuned(x, other)
+
+    def _untuned_measures(self) -> bool:
+        """Whether the untuned decision needs the input's density: only the C sparse kernel has
+        a cost model."""
+        return self.backend == "c" and self.forward.crossover > 0
+
+    def untuned(self, x: torch.Tensor, other: torch.Tensor | None = None) -> str:
+        """The cost model's choice (``last_density`` measured): the sparse kernel below its
+        crossover density."""
+        if self.backend == "c" and self.last_density < self.forward.crossover:
+            return "sparse"
+        return self.default
+
+    def _tunes_online(self) -> bool:
+        """Whether calls without a record are tuned here (autotuning in the loop is on, this
+        process tunes, and no bundle, whose records are final, serves the layer)."""
+        if online.current_mode() == "off" or self._served[1] is not None:
+            return False
+        if not online.tuner():
+            tuning.refresh()    # another rank tunes: read what it saved
+            return False
+        return True
 
     def density(self, x: torch.Tensor) -> float:
         """The density the decision uses (see the module docstring)."""
@@ -233,20 +264,24 @@ class Operator:
         if served is not None and self.backend == "c":
             key: Any = ("bundle", generation)
             if self._tuned[0] != key:
-                self._tune(key, served.records(self.spec))
+                self._adopt(key, served.records(self.spec))
         else:
             db = tuning.database()
             key = db.generation if self.backend == "c" else \
                 (db.generation, device, torch.backends.cudnn.allow_tf32)
             if self._tuned[0] != key:
-                self._tune(key, tuning.records(self.spec, self.backend, device))
+                self._adopt(key, tuning.records(self.spec, self.backend, device))
         return self._tuned[1], self._tuned[2]
 
     def _covering(self) -> Any:
         """The active bundle generated for this operator's layer, or None."""
         return bundle.covering(self.layer)
 
-    def _tune(self, key: Any, records: dict | None) -> None:
+    def _adopt(self, key: Any, records: dict | None) -> None:
+        """Follow ``records`` (from the source ``key`` names) from now on, less those that
+        timed kernels the compiler no longer makes (:func:`.autotune.fresh`)."""
+        records = autotune.fresh(self.spec, self.backend, records, self.default,
+                                 retuned=online.current_mode() != "off")
         choices = {r["choice"] for r in records.values()} if records else set()
         self._tuned = (key, records, choices.pop() if len(choices) == 1 else None)
 
@@ -275,6 +310,11 @@ class Operator:
     def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         """The layer on ``x`` (batched, as :meth:`prepare` gives it)."""
         choice = self.choose(x, weight)
+        if choice is TUNE:
+            out = self._tune_here(x, weight, bias)
+            if out is not None:
+                return out
+            choice = self.untuned(x, weight)
         if choice == "torch" and self.torch_op is None:
             choice = self.default     # torch's op cannot run this call's arguments
         if choice == "torch":
@@ -292,6 +332,59 @@ class Operator:
         self.last = choice
         self._notify(choice)
         return self.launch(kernel, x, weight, bias, variant)
+
+    # ------------------------------------------------------------------ tuning in the loop
+    def candidates(self, density: float) -> list[str]:
+        """What autotuning in the loop weighs at ``density``: torch's op (where it runs this
+        call's arguments), the default kernel and the target's variants (mode 'on': only the
+        sparse kernels among them; 'all': every one)."""
+        side = loader.BACKENDS[self.backend].target()
+        names = [v.name for v in side.variants(self.forward.plan, density)]
+        if online.current_mode() != "all":
+            names = [n for n in names if n in ("sparse", "sparse/rhs")]
+        first = ["torch"] if self.torch_op is not None else []
+        return first + [self.default] + [n for n in names if n != self.default]
+
+    def _tune_here(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                   ) -> torch.Tensor | None:
+        """Tune this call's case on its operands (see :mod:`.online`), record the winner and
+        return the first candidate's result; None where it cannot tune now (kernels still
+        building in the background, the budget spent): the cost model decides this call."""
+        if not loader.quiet() or not online.budget_left():
+            return None
+        start = time.perf_counter()
+        density, batch = self.last_density, x.shape[0]
+        runs: dict[str, Callable[[], torch.Tensor]] = {}
+        kernels: dict[str, str] = {}
+        for name in self.candidates(density):
+            if name == "torch":
+                runs[name] = functools.partial(self.torch_op, x, weight, bias)
+                continue
+            try:
+                variant = Variant.parse(name)
+                kernel = self._resolved[name][1] if name in self._resolved else \
+                    loader.kernel_for(self.spec, self.backend, variant)
+            except (ValueError, *loader.BUILD_ERRORS):
+                continue                # not built here: not a candidate
+            runs[name] = functools.partial(self.launch, kernel, x, weight, bias, variant)
+            kernels[name] = kernel.identity
+        first = next(iter(runs))
+        label = f"{self.spec.describe()} at batch {batch}, density {density:.2f}"
+        out, ms, errors = online.tune(label, runs, first, self.spec.dtype, x.device)
+        choice = min(ms, key=lambda n: (ms[n], n != "torch"))
+        machine, print_ = tuning.machine_of(self.backend, x.device)
+        db = tuning.database()
+        db.record(self.spec, density, choice, ms, machine=machine, print_=print_,
+                  batch=batch, kernels={n: k for n, k in kernels.items() if n not in errors})
+        try:
+            db.save()
+        except OSError as exc:          # a read-only cache: the choice holds in this process
+            online.cannot_save(db.path, exc)
+        stats.add("tuned_cases")
+        stats.add("tuning_seconds", time.perf_counter() - start)
+        self.last = first
+        self._notify(first)
+        return out
 
     def _notify(self, choice: str) -> None:
         if _observers:
@@ -326,16 +419,16 @@ class GradientOperator(Operator):
         self.rhs_walk = self.backend == "c" and plan is not None and \
             walks_output_gradient(plan)
 
-    def choose(self, x: torch.Tensor, other: torch.Tensor | None = None) -> str:
-        """As :meth:`Operator.choose` on the data operand; and a weight gradient whose output
-        gradient (``other``) is sparser than its input and than
-        ``WEIGHT_GRAD_RHS_CROSSOVER`` (where a ReLU masked it) runs the sparse kernel that
-        walks the output gradient (``sparse/rhs``; tuning records are by the input's density,
-        so this measured rule decides it)."""
-        choice = super().choose(x)
-        if (self.rhs_walk and other is not None and other.numel()
-                and choice in (self.default, "sparse")
-                and env.get("ZEROSKIP_SPARSE", "1") != "0"):
+    def _untuned_measures(self) -> bool:
+        return self.rhs_walk or super()._untuned_measures()
+
+    def untuned(self, x: torch.Tensor, other: torch.Tensor | None = None) -> str:
+        """As :meth:`Operator.untuned`; and a weight gradient whose output gradient
+        (``other``) is sparser than its input and than ``WEIGHT_GRAD_RHS_CROSSOVER`` (where a
+        ReLU masked it) runs the sparse kernel that walks the output gradient
+        (``sparse/rhs``)."""
+        choice = super().untuned(x)
+        if self.rhs_walk and other is not None and other.numel():
             density = sampled_density(other)
             if density < WEIGHT_GRAD_RHS_CROSSOVER and density < self.last_density:
                 self.last_density = density

@@ -37,6 +37,7 @@ BUILD_ERRORS = (cache.CacheError, emit.TemplateError, IRError, *c_kernel.ERRORS,
 Kernel = Any      # c_kernel.Kernel or triton_kernel.Kernel: the same interface
 
 _kernels: dict[tuple, Kernel] = {}
+_identities: dict[tuple, str | None] = {}  # kernels' identities, by memo key (not all loaded)
 _building: dict[tuple, Future] = {}      # kernels some thread is building, by memo key
 _lock = threading.Lock()
 
@@ -86,6 +87,36 @@ def kernel_for(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT) 
     return kernel
 
 
+def identity(spec: LayerSpec, backend: str, variant: Variant) -> str | None:
+    """The identity (``Compiled.identity``) of the kernel the compiler makes today for
+    ``spec`` as ``variant``, or None where it makes none: the loaded kernel's, else the source
+    rendered (milliseconds, no compiler), memoized. Tuning records are true while the kernels
+    they timed have these identities."""
+    normal = _normal(spec, backend, variant)
+    kernel = _kernels.get(normal)
+    if kernel is not None:
+        return kernel.identity
+    if normal not in _identities:
+        try:
+            compiled = targets.compile(spec, BACKENDS[backend].target(), normal[2])
+            _identities[normal] = compiled.identity
+        except (IRError, emit.TemplateError, ValueError):
+            _identities[normal] = None
+    return _identities[normal]
+
+
+def default_choice(spec: LayerSpec, backend: str) -> str | None:
+    """The variant name an untuned call of ``spec`` runs on ``backend`` ('dense' on C, the
+    default config's family on Triton), or None where no kernel covers it."""
+    kernel = _kernels.get(_normal(spec, backend, DEFAULT))
+    target = BACKENDS[backend].target()
+    try:
+        compiled = kernel.compiled if kernel is not None else targets.compile(spec, target)
+    except (IRError, emit.TemplateError, ValueError):
+        return None
+    return target.default_choice(compiled)
+
+
 # Compiling ahead: kernels a layer's next calls may load (its gradients while the forward runs,
 # its sparse variant) are built by daemon threads, one per core (each waits on a compiler
 # process), so that a call finds them built or waits less. Daemons: a process that ends does
@@ -124,6 +155,11 @@ def wait_ahead(timeout: float | None = None) -> bool:
 
 
 timing.QUIET.append(wait_ahead)     # nothing times a kernel while others compile
+
+
+def quiet() -> bool:
+    """Whether no kernel is being compiled ahead (timings would share the cores with it)."""
+    return _ahead_left == 0
 
 
 def background() -> bool:

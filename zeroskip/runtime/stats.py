@@ -12,8 +12,9 @@ import warnings
 from collections import Counter
 
 COUNTERS = ("kernel_calls", "fallback_calls", "compiles", "cache_hits", "memo_hits",
-            "bundle_hits", "compile_seconds", "sparse_calls", "variant_calls", "torch_choices", "tune_failures",
-            "compiling_calls")
+            "bundle_hits", "compile_seconds", "sparse_calls", "variant_calls", "torch_choices",
+            "tune_failures", "compiling_calls", "tuned_cases", "tuning_seconds",
+            "stale_records")
 
 _counts: Counter = Counter()
 _lock = threading.Lock()
@@ -47,8 +48,12 @@ def stats(reset: bool = False) -> dict[str, float]:
     ``bundle_hits`` (kernels loaded from a bundle),
     ``compile_seconds``; from per-call dispatch ``sparse_calls`` and ``variant_calls`` (kernels
     other than the layer's dense one), ``torch_choices`` (calls the tuning database sent to
-    torch's op); ``tune_failures`` (autotuning candidates that failed). ``reset=True`` zeroes
-    them after reading."""
+    torch's op); ``tune_failures`` (autotuning candidates that failed); from autotuning in the
+    loop ``tuned_cases`` (a layer's operator tuned at a batch and density) and
+    ``tuning_seconds`` (the calls' time spent tuning, kernel builds included);
+    ``stale_records`` (tuning records ignored: the kernels they timed have changed);
+    ``compiling_calls`` (calls torch's op served while their kernels built in the background).
+    ``reset=True`` zeroes them after reading."""
     with _lock:
         result = {name: _counts.get(name, 0) for name in COUNTERS}
         if reset:

@@ -81,11 +81,11 @@ class Kernel:
 
     def __init__(self, compiled: Compiled, path: Path, module: Any):
         self.compiled, self.spec, self.plan = compiled, compiled.spec, compiled.plan
+        self.identity = compiled.identity     # what tuning records name it by
         self.family, self.crossover = compiled.family, compiled.crossover
         self.source, self.module = path, module
         self.variant = compiled.variant
-        self.default = Variant("sparse" if self.family == "block_sparse" else "dense",
-                               config=TARGET.default_config(compiled.plan))
+        self.default = Variant.parse(TARGET.default_choice(compiled))
         self._packs = PackCache()
         self._launch_args: dict = {}
         self._launched: set = set()      # configs launched once (Triton compiled them)

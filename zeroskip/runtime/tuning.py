@@ -25,6 +25,7 @@ import json
 import math
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -35,7 +36,8 @@ from ..spec import LayerSpec
 from . import cache, cc, env, tritonenv
 
 BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
-FORMAT = 1
+FORMAT = 2          # 2: records name the kernels they timed ("kernels")
+READABLE = (1, 2)   # a format-1 record names none: it is read, and never trusted
 
 
 class ZeroskipTuningWarning(UserWarning):
@@ -161,7 +163,10 @@ _generations = itertools.count(1)
 class TuningDB:
     """Tuned choices: ``{fingerprint id: {spec key: {bucket: record}}}`` with the fingerprints
     themselves, as one JSON file. A record is ``{"choice": candidate name, "ms": {candidate:
-    milliseconds or null for failed}, "date": ISO date}``."""
+    milliseconds or null for failed}, "kernels": {candidate: the kernel's identity}, "date": ISO
+    date}``: ``kernels`` names what was timed (``Compiled.identity``; torch's op has none), so
+    that a record whose kernels the compiler no longer makes is known stale
+    (:func:`zeroskip.runtime.autotune.fresh`)."""
 
     def __init__(self, path: Path | str | None = None, strict: bool = False):
         """``strict``: raise (OSError, ValueError) where the file is missing, unreadable or
@@ -173,6 +178,7 @@ class TuningDB:
         self.here = fingerprint_id(fingerprint())
         self.generation = next(_generations)   # changes whenever the records do
         self._lock = threading.Lock()
+        self.stamp = _stamp(self.path)          # the file as read (see :func:`refresh`)
         self._load(strict)
 
     # reading
@@ -205,8 +211,9 @@ class TuningDB:
 
     @staticmethod
     def _validate(data) -> tuple[dict, dict]:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"not a zeroskip tuning database of format {FORMAT}")
+        if not isinstance(data, dict) or data.get("format") not in READABLE:
+            raise ValueError(f"not a zeroskip tuning database of format "
+                             f"{' or '.join(map(str, READABLE))}")
         machines, records = data["machines"], data["records"]
         if not isinstance(machines, dict) or not isinstance(records, dict):
             raise TypeError("'machines' and 'records' must be objects")
@@ -219,6 +226,11 @@ class TuningDB:
                     parse_bucket(b)
                     if not isinstance(record.get("choice"), str):
                         raise TypeError(f"record {key} @ {b} has no choice")
+                    kernels = record.get("kernels", {})
+                    if not isinstance(kernels, dict) or not all(
+                            isinstance(v, str) for v in kernels.values()):
+                        raise TypeError(f"record {key} @ {b}: 'kernels' must map names to "
+                                        "identities")
         return machines, records
 
     def layer(self, spec: LayerSpec, machine: str | None = None) -> dict[str, dict] | None:
@@ -244,10 +256,12 @@ class TuningDB:
 
     # writing
     def record(self, spec: LayerSpec, density: float, choice: str, ms: dict[str, float],
-               machine: str | None = None, print_: dict | None = None, batch: int = 1) -> None:
+               machine: str | None = None, print_: dict | None = None, batch: int = 1,
+               kernels: dict[str, str] | None = None) -> None:
         """File a choice tuned at ``density`` and ``batch`` under this process's CPU
         fingerprint, or under ``machine`` (a fingerprint id, e.g. :func:`gpu_fingerprint_id`)
-        described by ``print_`` (needed the first time the database sees that machine)."""
+        described by ``print_`` (needed the first time the database sees that machine);
+        ``kernels``: the identities of the kernels timed, by candidate name."""
         with self._lock:
             if machine is None:
                 machine, print_ = self.here, fingerprint()
@@ -259,6 +273,7 @@ class TuningDB:
             layer = self.records.setdefault(machine, {}).setdefault(spec_key(spec), {})
             layer[bucket_key(density, batch)] = {
                 "choice": choice, "date": datetime.date.today().isoformat(),
+                "kernels": dict(kernels or {}),
                 "ms": {k: (round(v, 5) if math.isfinite(v) else None) for k, v in ms.items()}}
             self.generation = next(_generations)
 
@@ -278,12 +293,33 @@ class TuningDB:
             self.generation = next(_generations)
         return taken
 
+    def prune(self, keep) -> int:
+        """Drop every record for which ``keep(machine id, spec, record)`` is false (and the
+        layers and machines left without any). Returns the number dropped."""
+        dropped = 0
+        with self._lock:
+            for fp in list(self.records):
+                layers = self.records[fp]
+                for key in list(layers):
+                    spec = LayerSpec.from_dict(json.loads(key))
+                    for b in list(layers[key]):
+                        if not keep(fp, spec, layers[key][b]):
+                            del layers[key][b]
+                            dropped += 1
+                    if not layers[key]:
+                        del layers[key]
+                if not layers:
+                    del self.records[fp]
+            self.generation = next(_generations)
+        return dropped
+
     def to_json(self) -> dict:
         return {"format": FORMAT, "machines": self.machines, "records": self.records}
 
-    def save(self) -> Path:
-        """Write atomically (a temp file, then ``os.replace``), merging what another process
-        saved meanwhile."""
+    def save(self, keep=None) -> Path:
+        """Write atomically (a temp file, then ``os.replace``) under a file lock, merging what
+        another process saved meanwhile; with ``keep`` (as :meth:`prune` takes it), the merged
+        records it rejects are dropped, here and on disk."""
         from filelock import FileLock
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.path) + ".lock"):
@@ -292,9 +328,13 @@ class TuningDB:
                     warnings.simplefilter("ignore", ZeroskipTuningWarning)
                     disk = TuningDB(self.path)
                 disk.merge(self)
-                data = disk.to_json()
             else:
-                data = self.to_json()
+                disk = self
+            if keep is not None:
+                disk.prune(keep)
+                if disk is not self:
+                    self.prune(keep)
+            data = disk.to_json()
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
             os.replace(tmp, self.path)
@@ -318,6 +358,32 @@ def database() -> TuningDB:
         if _db is None or _db[0] != where:
             _db = (where, TuningDB())
         return _db[1]
+
+
+def _stamp(path: Path) -> tuple | None:
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return (found.st_mtime_ns, found.st_size, found.st_ino)
+
+
+_refreshed = [0.0]
+REFRESH_S = 2.0
+
+
+def refresh() -> bool:
+    """Read the database again where another process (the rank that tunes) saved it since it
+    was read; checked at most every :data:`REFRESH_S` seconds. Returns whether it was read."""
+    now = time.monotonic()
+    if now - _refreshed[0] < REFRESH_S:
+        return False
+    _refreshed[0] = now
+    found = _db
+    if found is None or _stamp(found[1].path) == found[1].stamp:
+        return False
+    reset()
+    return True
 
 
 def reset() -> None:
