@@ -6,6 +6,7 @@ layer's operators (with ``--tune``, again after tuning the models' operators); s
     python benchmarks/bench_train.py                          # both models, their batch sizes
     python benchmarks/bench_train.py --models vgg --batch 32 --threads 2
     python benchmarks/bench_train.py --densities init trained   # also at trained-like ReLUs
+    python benchmarks/bench_train.py --tune --online --steps 50  # offline and online tuning
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--tune", action="store_true", help="also tune the models' operators "
                         "(forward and gradients, torch's op a candidate) and run again")
+    parser.add_argument("--online", action="store_true", help="also train from another empty "
+                        "tuning database with autotuning in the loop on (zeroskip.autotune)")
     parser.add_argument("--densities", nargs="+", default=["init"], choices=("init", "trained"),
                         help="the ReLUs' densities: a fresh model's ('init') and/or those of "
                         "trained networks ('trained': ResNet 0.4, VGG 0.2, the first 0.5)")
@@ -41,7 +44,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report = train.run_train(args.models, args.batch, args.steps, args.repeats, tune=args.tune,
-                             log=sys.stdout, densities=tuple(args.densities))
+                             log=sys.stdout, densities=tuple(args.densities),
+                             online=args.online)
     stem = args.out or RESULTS / f"train-{datetime.date.today().isoformat()}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     text = train.markdown(report)

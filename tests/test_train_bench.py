@@ -103,3 +103,25 @@ def test_trained_like_row_is_marked(tmp_path):
     assert "| tiny-resnet | 2 | untuned, trained-like |" in train.markdown(report)
     with pytest.raises(ValueError, match="densities"):
         train.run_train(["vgg"], densities=("final",))
+
+
+def test_tiny_model_tuned_online(tmp_path):
+    """The online row trains from an empty database with autotuning in the loop: its first
+    step tunes every operator (forward and gradients), later steps tune nothing new, the
+    losses still agree with torch's, and the report shows the tuning."""
+    from zeroskip.runtime import online
+    rows = train.run_model(TINY, steps=3, repeats=1, min_time=0.001, profile_steps=1,
+                           online=True)
+    assert [(r.tuned, r.online) for r in rows] == [(False, False), (True, True)]
+    row = rows[1]
+    assert row.loss_error <= max(train.LOSS_RTOL, 2 * row.loss_drift)
+    # 6 convs, some of one shape (their operators share records), 5 with an input gradient
+    assert 6 <= row.tuned_cases <= 2 * (6 + 6 + 5) and row.tuning_s > 0
+    assert len(row.first_steps_ms) == 3
+    assert max(row.first_steps_ms) == row.first_steps_ms[0]  # the first step tunes most
+    assert online.current_mode() == "off"                  # restored
+    assert not (tmp_path / "user-tuning.json").exists()
+    report = train.TrainReport(rows, {"date": "2026-12-06T00:00:00", "cpu": "cpu", "threads": 1,
+                                      "torch": torch.__version__, "zeroskip": "0"})
+    text = train.markdown(report)
+    assert "| tiny-resnet | 2 | tuned online |" in text and "| cases tuned |" in text

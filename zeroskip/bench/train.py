@@ -18,7 +18,10 @@ the first layer, where a fresh model's ReLUs pass about half of everything.
 All of it first with an empty tuning database of the run's own: zeroskip runs its generated
 kernels throughout ("untuned"). With ``tune``, the model's operators are then tuned as a
 training step runs them (:func:`tune_model`: torch's op is a candidate of each) and everything
-runs again ("tuned"); the rows count the operators that tuning sent to torch's op.
+runs again ("tuned"); the rows count the operators that tuning sent to torch's op. With
+``online``, everything runs again from another empty database with autotuning in the loop on
+(``zeroskip.autotune``: "tuned online"): the row keeps each of the first steps' wall time and
+the time spent tuning.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from torch import nn
 from ..conversion import convert
 from ..models import CifarResNet, vgg_net
 from ..runtime import autotune, stats, tuning
+from ..runtime import online as online_tuning
 from ..runtime.timing import MIN_TIME_S, REPEATS, busy, steady_allocator, time_interleaved
 from ..trace import trace_specs
 from .common import BenchError, _environ, machine
@@ -110,6 +114,10 @@ class TrainRow:
     profiled_torch_ms: float = 0.0
     profiled_zeroskip_ms: float = 0.0
     loss_drift: float = 0.0   # torch against torch from weights one ulp away, relative
+    online: bool = False      # tuned in the loop (zeroskip.autotune), from an empty database
+    first_steps_ms: list[float] = field(default_factory=list)   # zeroskip's first steps
+    tuning_s: float = 0.0     # the time those steps spent tuning
+    tuned_cases: int = 0
 
     @property
     def ratio(self) -> float:
@@ -341,9 +349,10 @@ def build(model: TrainModel, batch: int, seed: int, trained: bool) -> nn.Module:
 
 
 def _compare(model: TrainModel, batch: int, steps: int, repeats: int, min_time: float,
-             profile_steps: int, seed: int, tuned: bool, trained: bool = False) -> TrainRow:
+             profile_steps: int, seed: int, tuned: bool, trained: bool = False,
+             online: bool = False) -> TrainRow:
     """Train fresh copies of ``model`` on both sides: check the losses agree, then time and
-    split the steps."""
+    split the steps (``online``: autotuning in the loop on throughout)."""
     reference = build(model, batch, seed, trained)
     reference_copy = copy.deepcopy(reference)
     converted = convert(copy.deepcopy(reference))
@@ -353,7 +362,11 @@ def _compare(model: TrainModel, batch: int, steps: int, repeats: int, min_time: 
     ref, zs = Trainer(reference, data), Trainer(converted, data)
     losses = {"torch": [float(ref.step()) for _ in range(steps)]}
     before = stats.stats()
-    losses["zeroskip"] = [float(zs.step()) for _ in range(steps)]
+    losses["zeroskip"], first_ms = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        losses["zeroskip"].append(float(zs.step()))
+        first_ms.append((time.perf_counter() - start) * 1e3)
     after = stats.stats()
     ran = {k: (after[k] - before[k]) / steps for k in ("kernel_calls", "torch_choices",
                                                         "fallback_calls")}
@@ -372,7 +385,9 @@ def _compare(model: TrainModel, batch: int, steps: int, repeats: int, min_time: 
                     timing.seconds["torch"] * 1e3, timing.seconds["zeroskip"] * 1e3,
                     timing.contention, losses["torch"], losses["zeroskip"], error,
                     ran["kernel_calls"], ran["torch_choices"], layers, wall_torch, wall_zs,
-                    drift)
+                    drift, online, first_ms,
+                    after["tuning_seconds"] - before["tuning_seconds"],
+                    int(after["tuned_cases"] - before["tuned_cases"]))
 
 
 def _loss_error(losses: list[float], want: list[float]) -> float:
@@ -394,11 +409,12 @@ def torch_drift(model: nn.Module, data: list, steps: int, losses: list[float]) -
 def run_model(model: TrainModel, batch: int | None = None, steps: int = 20,
               repeats: int = REPEATS, min_time: float = MIN_TIME_S, profile_steps: int = 3,
               seed: int = 0, tune: bool = False, log: TextIO | None = None,
-              trained: bool = False) -> list[TrainRow]:
+              trained: bool = False, online: bool = False) -> list[TrainRow]:
     """``model`` trained on both sides with an empty tuning database (zeroskip runs its
     generated kernels, as untuned) and, with ``tune``, again after tuning its layers
-    (:func:`tune_model`, in a database of this run's own); with ``trained``, from
-    trained-like ReLU densities (:func:`trained_like`)."""
+    (:func:`tune_model`, in a database of this run's own); with ``online``, again from another
+    empty database with autotuning in the loop; with ``trained``, from trained-like ReLU
+    densities (:func:`trained_like`)."""
     batch = batch or model.batch
     rows = []
     with tempfile.TemporaryDirectory(prefix="zeroskip-train-") as tmp:
@@ -412,7 +428,22 @@ def run_model(model: TrainModel, batch: int | None = None, steps: int = 20,
                 rows.append(_compare(model, batch, steps, repeats, min_time, profile_steps,
                                      seed, True, trained))
                 _log(log, rows[-1])
+        if online:
+            with _tuning_database(Path(tmp) / "online.json"), _autotuning():
+                rows.append(_compare(model, batch, steps, repeats, min_time, profile_steps,
+                                     seed, True, trained, online=True))
+                _log(log, rows[-1])
     return rows
+
+
+@contextlib.contextmanager
+def _autotuning() -> Iterator[None]:
+    """Autotuning in the loop on meanwhile."""
+    before = online_tuning.set_mode(True)
+    try:
+        yield
+    finally:
+        online_tuning.set_mode(before)
 
 
 def _log(log: TextIO | None, row: TrainRow) -> None:
@@ -421,6 +452,10 @@ def _log(log: TextIO | None, row: TrainRow) -> None:
         print(f"{row.model}, batch {row.batch}, {_mode(row)}: torch "
               f"{row.torch_ms:.1f} ms, zeroskip {row.zeroskip_ms:.1f} ms a step: "
               f"{row.ratio:.2f}x{mark}", file=log, flush=True)
+        if row.online:
+            print(f"  tuned {row.tuned_cases} cases in {row.tuning_s:.1f} s; the first steps "
+                  f"took {', '.join(f'{ms:.0f}' for ms in row.first_steps_ms)} ms", file=log,
+                  flush=True)
 
 
 @dataclass
@@ -437,8 +472,8 @@ class TrainReport:
 
 def run_train(names: list[str], batch: int | None = None, steps: int = 20,
               repeats: int = REPEATS, min_time: float = MIN_TIME_S, tune: bool = False,
-              log: TextIO | None = None, densities: tuple[str, ...] = ("init",)
-              ) -> TrainReport:
+              log: TextIO | None = None, densities: tuple[str, ...] = ("init",),
+              online: bool = False) -> TrainReport:
     """:func:`run_model` for each model named (:data:`MODELS`), with :func:`steady_allocator`,
     at each of ``densities``: 'init' (a fresh model's ReLUs) and 'trained' (trained-like)."""
     unknown = sorted(set(names) - set(MODELS))
@@ -450,12 +485,13 @@ def run_train(names: list[str], batch: int | None = None, steps: int = 20,
     pinned = steady_allocator()
     rows = [row for name in names for mode in densities
             for row in run_model(MODELS[name], batch, steps, repeats, min_time, tune=tune,
-                                 log=log, trained=mode == "trained")]
+                                 log=log, trained=mode == "trained", online=online)]
     return TrainReport(rows, {**machine(), "malloc_pinned": pinned})
 
 
 def _mode(row: TrainRow) -> str:
-    return ("tuned" if row.tuned else "untuned") + (", trained-like" if row.trained else "")
+    tuned = "tuned online" if row.online else "tuned" if row.tuned else "untuned"
+    return tuned + (", trained-like" if row.trained else "")
 
 
 def markdown(report: TrainReport) -> str:
@@ -485,6 +521,15 @@ def markdown(report: TrainReport) -> str:
                      f"{r.images_per_s('zeroskip'):.0f} | {r.losses_torch[-1]:.6f} / "
                      f"{r.losses_zeroskip[-1]:.6f} (N={r.steps}) | {r.loss_error:.1e} | "
                      f"{r.loss_drift:.1e} | {r.torch_choices:g} of {ops:g} |")
+    online = [r for r in report.rows if r.online]
+    if online:
+        lines += ["", "Tuned online: from an empty database, autotuning in the loop on "
+                  "(`zeroskip.autotune`); the first steps' wall times (ms, zeroskip's side, "
+                  "tuning and kernel builds included).", "",
+                  "| model | zeroskip | cases tuned | tuning s | first steps, ms |",
+                  "|---|---|---:|---:|---|"]
+        lines += [f"| {r.model} | {_mode(r)} | {r.tuned_cases} | {r.tuning_s:.1f} | "
+                  f"{', '.join(f'{ms:.0f}' for ms in r.first_steps_ms)} |" for r in online]
     for r in report.rows:
         lines += ["", f"## {r.model} ({_mode(r)}): {r.describe}, batch {r.batch}", "",
                   "ms per step, from 3 profiled steps a side (torch's backward is one op for "
