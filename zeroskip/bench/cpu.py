@@ -174,7 +174,7 @@ def run(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
     rows = _each_layer(layers, lambda layer: bench_layer(layer, batch, repeats, min_time),
                        _forward_note, log)
     overhead = measure_overhead(repeats, min_time)
-    return Report(rows, overhead, {**machine(), "malloc_pinned": pinned}, batch, repeats)
+    return Report(rows, {**machine(), "malloc_pinned": pinned}, batch, repeats, overhead=overhead)
 
 
 def _sweep_note(rows: list[Row]) -> str:

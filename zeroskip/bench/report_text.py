@@ -1,16 +1,25 @@
 """The reports as text: a markdown table per report, with the pieces they share (the header,
-the load footnote, the goal table), and the density sweep's plot."""
+the load footnote, the goal table), and the density sweep's plot. The reports
+(:mod:`.reports`) call these; this module knows them only by what they hold
+(:class:`Table`)."""
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .common import _mark, busy
 from .rows import GPU_KINDS, GPU_PATTERN_NOTE
 
-if TYPE_CHECKING:
-    from .reports import BackwardReport, GpuReport, Report, SweepReport
+
+class Table(Protocol):
+    """What every report holds (``reports.JsonReport``'s fields); each function below reads
+    the figures of its own report besides."""
+
+    rows: list
+    machine: dict
+    batch: int
+    repeats: int
 
 
 def _header(m: dict, batch: int, repeats: int) -> str:
@@ -52,7 +61,7 @@ def _cell(text: str) -> str:
     return " ".join(text.replace("|", "/").split())[:300]
 
 
-def forward_markdown(report: Report) -> str:
+def forward_markdown(report: Table) -> str:
     lines = [_header(report.machine, report.batch, report.repeats), "",
              "| layer | shape | torch ms | zeroskip ms | ratio | frozen | GFLOP/s | skipped "
              "| compile s | strategy |",
@@ -83,7 +92,7 @@ def forward_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
-def sweep_markdown(report: SweepReport) -> str:
+def sweep_markdown(report: Table) -> str:
     lines = [_header(report.machine, report.batch, report.repeats)
              + "; ReLU-like inputs of each density (1: random normal)", "",
              "| layer | density | torch ms | zeroskip ms | ratio | strategy | GFLOP/s "
@@ -108,7 +117,7 @@ def sweep_markdown(report: SweepReport) -> str:
     return "\n".join(lines)
 
 
-def backward_markdown(report: BackwardReport) -> str:
+def backward_markdown(report: Table) -> str:
     lines = [_header(report.machine, report.batch, report.repeats)
              + "; one training step per call: forward + backward", "",
              "| layer | shape | torch ms | zeroskip ms | ratio | skipped "
@@ -137,7 +146,7 @@ def backward_markdown(report: BackwardReport) -> str:
     return "\n".join(lines)
 
 
-def gpu_markdown(report: GpuReport) -> str:
+def gpu_markdown(report: Table) -> str:
     m = report.machine
     tf32 = "TF32" if m.get("tf32") else "IEEE float32"
     lines = [f"zeroskip {m.get('zeroskip')} Triton kernels vs torch {m.get('torch')} "
@@ -178,7 +187,7 @@ def gpu_markdown(report: GpuReport) -> str:
 SPEEDUP_TICKS = (0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 100)
 
 
-def plot(report: SweepReport, path: Path | str) -> Path:
+def plot(report: Table, path: Path | str) -> Path:
     """Write a PNG of the speed-up over torch against input density, one line per layer:
     density falls from 1 on the left, both axes logarithmic (2x and 0.5x equally far from the
     dashed line at 1, as fast as torch). Drawn on a bare ``Figure`` (the Agg canvas), so no

@@ -57,12 +57,19 @@ def from_plain(kind: Any, value: Any) -> Any:
     return value
 
 
+@dataclass
 class JsonReport:
-    """The one serialization of the reports (dataclasses with ``rows``, ``machine``, ``batch``
-    and ``repeats``): :meth:`to_json` writes the machine, batch and repeats, then the report's
-    :meth:`_body` (its rows, figures and goals; nested under ``SECTION`` when set), with every
-    row as :func:`to_plain` writes it; :meth:`from_json` rebuilds the report from the fields
-    its annotations name (:func:`from_plain`), skipping the figures derived from them."""
+    """What every report has (its ``rows``, the ``machine``, ``batch`` and ``repeats`` they
+    ran with) and their one serialization: :meth:`to_json` writes the machine, batch and
+    repeats, then the report's :meth:`_body` (its rows, figures and goals; nested under
+    ``SECTION`` when set), with every row as :func:`to_plain` writes it; :meth:`from_json`
+    rebuilds the report from the fields its annotations name (:func:`from_plain`), skipping
+    the figures derived from them."""
+
+    rows: list
+    machine: dict
+    batch: int
+    repeats: int
 
     SECTION: ClassVar[str | None] = None
 
@@ -87,23 +94,27 @@ def _goal_dicts(goals: list[Goal]) -> list[dict]:
     return [{"goal": g, "value": v, "met": m, "under_load": u} for g, v, m, u in goals]
 
 
-# --------------------------------------------------------------------------------- forward
 @dataclass
-class Report(JsonReport):
-    rows: list[Row]
-    overhead: Overhead
-    machine: dict
-    batch: int
-    repeats: int
+class LayerReport(JsonReport):
+    """A report of one row per layer, each with a ``ratio`` (torch's time over zeroskip's) and
+    whether the layer is ``dense``: the geomeans they share."""
 
     @property
     def geomean_dense(self) -> float | None:
-        """Geometric mean of the ratios over the ordinary dense convs."""
+        """Geometric mean of the ratios over the layers without a sparse input."""
         return geomean([r.ratio for r in self.rows if r.dense])
 
     @property
     def geomean_all(self) -> float | None:
+        """Geometric mean of the ratios over every layer."""
         return geomean([r.ratio for r in self.rows])
+
+
+# --------------------------------------------------------------------------------- forward
+@dataclass
+class Report(LayerReport):
+    rows: list[Row]
+    overhead: Overhead = dataclasses.field(kw_only=True)
 
     @property
     def geomean_frozen(self) -> float | None:
@@ -162,9 +173,6 @@ class SweepReport(JsonReport):
     """A density sweep: one row per layer and input density, in the order they ran."""
 
     rows: list[Row]
-    machine: dict
-    batch: int
-    repeats: int
 
     @property
     def densities(self) -> list[float]:
@@ -190,7 +198,7 @@ class SweepReport(JsonReport):
         return found
 
     def goals(self) -> list[Goal]:
-        """``(goal, measured value, met, measured under load)`` for each of the issue's goals
+        """``(goal, measured value, met, measured under load)`` for each of the speed goals
         that the swept layers and densities measure, computed from the rows."""
         found = []
         if self.rows:
@@ -233,22 +241,12 @@ class SweepReport(JsonReport):
 
 # --------------------------------------------------------------------------------- backward
 @dataclass
-class BackwardReport(JsonReport):
+class BackwardReport(LayerReport):
+    """The training step per layer (``ratio``: the whole step's)."""
+
     SECTION = "backward"
 
     rows: list[BackwardRow]
-    machine: dict
-    batch: int
-    repeats: int
-
-    @property
-    def geomean_all(self) -> float | None:
-        """Geometric mean of the training-step ratios over every layer."""
-        return geomean([r.ratio for r in self.rows])
-
-    @property
-    def geomean_dense(self) -> float | None:
-        return geomean([r.ratio for r in self.rows if r.dense])
 
     @property
     def geomean_grad_input(self) -> float | None:
@@ -266,7 +264,7 @@ class BackwardReport(JsonReport):
 
 # --------------------------------------------------------------------------------- GPU
 def _gpu_goals() -> list[tuple[str, float, Callable[[GpuRow], bool]]]:
-    """The issue's GPU goals: ``(goal, target ratio, which rows it is about)``."""
+    """The GPU speed goals: ``(goal, target ratio, which rows it is about)``."""
     return [
         ("transposed conv on small feature maps (DCGAN and U-Net decoder layers)", 1.3,
          lambda r: r.kind == "forward" and r.op == "conv_transpose"
@@ -283,9 +281,6 @@ def _gpu_goals() -> list[tuple[str, float, Callable[[GpuRow], bool]]]:
 @dataclass
 class GpuReport(JsonReport):
     rows: list[GpuRow]
-    machine: dict
-    batch: int
-    repeats: int
 
     @property
     def dtypes(self) -> list[str]:
@@ -300,7 +295,7 @@ class GpuReport(JsonReport):
                         if r.kind == kind and r.dtype == dtype and r.ratio])
 
     def goals(self) -> list[Goal]:
-        """``(goal, measured value, met, measured under load)`` for each of the issue's GPU
+        """``(goal, measured value, met, measured under load)`` for each of the GPU speed
         goals the rows measure, per dtype: the geometric mean of torch/zeroskip over the rows
         the goal is about. A goal with a failed row among them is not met."""
         found = []
