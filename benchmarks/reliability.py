@@ -1,4 +1,4 @@
-"""Reliability report (issue 7): every fault injected across processes, the cold-cache race and
+"""Reliability report: every fault injected across processes, the cold-cache race and
 the soak, at the full counts (8 processes; 100k forward and 10k forward+backward calls), printed
 as markdown. ``--json FILE`` saves the figures; ``--processes/--calls/--grad-calls`` change the
 counts. Exits 1 if any check fails.

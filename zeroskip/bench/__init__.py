@@ -17,17 +17,17 @@ whose input gradient is a strided transposed convolution, that operator is also 
 
 With ``--densities`` (:func:`run_sweep`), each layer runs on ReLU-like inputs of each density
 (exactly that share of positive values, the rest zeros; density 1 is the random normal input):
-checked, then timed as above, with the strategy zeroskip's per-call dispatch chose (``Call.last``:
+checked, then timed as above, with the strategy zeroskip's per-call dispatch chose (``Operator.last``:
 the dense or sparse kernel, a tuned variant, or torch's op where the tuning database found torch
 fastest; the one case where zeroskip may run torch's op). Non-zero MACs then skip the activation
-zeros too. :class:`SweepReport` computes the issue's goals for sparse inputs from the rows, and
+zeros too. :class:`SweepReport` computes the speed goals for sparse inputs from the rows, and
 :func:`plot` draws speed-up against density.
 
 With ``--device cuda`` (:func:`run_gpu`), the layers' Triton kernels run on a GPU against torch's
 ops (cuDNN) in float32, float16 and bfloat16 at a GPU batch size: the forward, the input and the
 weight gradient, and the block-sparse kernel at 90% zeros on a block-structured input and on
 random zeros. Each result is checked against torch, then both are timed with
-``triton.testing.do_bench``; :class:`GpuReport` computes the issue's GPU goals from the rows.
+``triton.testing.do_bench``; :class:`GpuReport` computes the GPU speed goals from the rows.
 
 The package: :mod:`.suite` (the layers), :mod:`.common` (operands, checks, the dispatch
 observed, the machine), the runners :mod:`.cpu` (forward, density sweep, overhead),

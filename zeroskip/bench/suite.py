@@ -181,7 +181,7 @@ def select(quick: bool = False, patterns: list[str] | None = None,
 
 
 def wide_3x3(spec: LayerSpec) -> bool:
-    """A 2-D 3x3 layer (ungrouped) with at least 64 channels in and out: the layers the issue's
+    """A 2-D 3x3 layer (ungrouped) with at least 64 channels in and out: the layers the speed
     goals for the sparse kernel are about."""
     return spec.kernel_size == (3, 3) and spec.groups == 1 and \
         min(spec.in_channels, spec.out_channels) >= 64

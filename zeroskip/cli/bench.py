@@ -19,9 +19,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                     "with --backward, the times of one training step and the "
                                     "MACs skipped over forward and backward; with --densities, "
                                     "each layer on inputs of each density, the strategy "
-                                    "zeroskip chose and the issue's goals for sparse inputs; "
+                                    "zeroskip chose and the speed goals for sparse inputs; "
                                     "with --device cuda, the Triton kernels against torch "
-                                    "(cuDNN) on the GPU per dtype, with the issue's GPU goals.")
+                                    "(cuDNN) on the GPU per dtype, with the GPU speed goals.")
     be.add_argument("--quick", action="store_true", help="only the quick subset of the suite")
     be.add_argument("--suite", choices=("main", "wide", "all"), default="main",
                     help="main (default): the suite's layers; wide: real-model shapes the "
@@ -51,7 +51,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     help="cpu (default): the C kernels against torch; cuda: the Triton kernels "
                          "against torch (cuDNN) on the GPU, forward, input and weight gradients "
                          "and the block-sparse kernel at 90%% zeros, per dtype, with the "
-                         "issue's GPU goals (exits 1 where no GPU can run them)")
+                         "GPU speed goals (exits 1 where no GPU can run them)")
     be.add_argument("--dtypes", type=_dtypes, metavar="T[,T...]",
                     help="with --device cuda: float32, float16, bfloat16 (fp32, fp16, bf16; "
                          "default all three)")
