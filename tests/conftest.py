@@ -38,11 +38,11 @@ os.environ.pop("ZEROSKIP_DUMP", None)
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     """An empty cache directory and an empty in-process memo, for tests of compiling."""
-    from zeroskip.runtime import binding, loader
+    from zeroskip.runtime import calls, gradients, loader
     monkeypatch.setenv("ZEROSKIP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(loader, "_kernels", {})
     monkeypatch.setattr(loader, "_identities", {})
-    monkeypatch.setattr(binding, "_calls", {})
-    binding._gradient_operator.cache_clear()
+    monkeypatch.setattr(calls, "_calls", {})
+    gradients.forget()
     yield tmp_path / "cache"
-    binding._gradient_operator.cache_clear()   # its kernels live in the directory just removed
+    gradients.forget()   # its kernels live in the directory just removed

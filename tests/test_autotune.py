@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import zeroskip
 from zeroskip import LayerSpec
 from zeroskip import functional as zf
-from zeroskip.runtime import autotune, binding, tuning
+from zeroskip.runtime import autotune, calls, tuning
 
 from tuning_helpers import named_kernels
 
@@ -339,13 +339,13 @@ def test_tune_all_records_every_case(db_path):
 @pytest.fixture
 def call(monkeypatch):
     """The Call of SPEC with fresh per-call state, and its weights: ``(call, weight, bias)``."""
-    monkeypatch.setattr(binding, "_calls", {})
+    monkeypatch.setattr(calls, "_calls", {})
     monkeypatch.delenv("ZEROSKIP_SPARSE", raising=False)
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(16, 8, 3, 3, generator=gen)
     bias = torch.randn(16, generator=gen)
     zf.conv2d(torch.randn(SHAPE), weight, bias, padding=1)
-    (found,) = binding._calls.values()
+    (found,) = calls._calls.values()
     assert found.spec == SPEC
     return found, weight, bias
 

@@ -14,7 +14,7 @@ from zeroskip import LayerSpec, bench
 from zeroskip.codegen import lower
 from zeroskip.cli import main
 from zeroskip.codegen.macs import dense_macs, nonzero_macs
-from zeroskip.runtime import binding, dispatch, loader, reference, stats
+from zeroskip.runtime import dispatch, gradients, loader, reference, stats
 
 TINY_LAYERS = [
     bench.Layer("tiny.conv", "tiny", LayerSpec.conv(8, 8, 3, 1, 1, input_size=(12, 12)),
@@ -255,17 +255,17 @@ def test_backward_summary(backward_report):
 
 
 def _scaled_gradient(which: str, factor: float):
-    gradient = binding._gradient
+    gradient = gradients.LayerGradients.run
 
-    def scaled(kind, *args):
-        result = gradient(kind, *args)
+    def scaled(self, kind, *args):
+        result = gradient(self, kind, *args)
         return result * factor if kind == which else result
     return scaled
 
 
 @pytest.mark.parametrize("which", ["input", "weight"])
 def test_backward_wrong_gradient_raises(monkeypatch, which):
-    monkeypatch.setattr(binding, "_gradient", _scaled_gradient(which, 1.01))
+    monkeypatch.setattr(gradients.LayerGradients, "run", _scaled_gradient(which, 1.01))
     with pytest.raises(bench.BenchError,
                        match=f"tiny.conv-s2: {which} gradient: zeroskip differs from torch"):
         bench.bench_backward_layer(BACKWARD_LAYERS[0], repeats=1, min_time=0.001)
@@ -279,10 +279,10 @@ def test_backward_wrong_grad_input_alone_raises(monkeypatch):
 
 
 def test_backward_fallback_raises(monkeypatch):
-    def fallback(which, grad, other, size, config):
+    def fallback(self, which, grad, other, size):
         stats.fallback("test: no gradient kernel")
-        return reference.gradient(which, grad, other, size, config)
-    monkeypatch.setattr(binding, "_gradient", fallback)
+        return reference.gradient(which, grad, other, size, self.config)
+    monkeypatch.setattr(gradients.LayerGradients, "run", fallback)
     with pytest.warns(stats.ZeroskipFallbackWarning), \
             pytest.raises(bench.BenchError, match="did not run generated kernels"):
         bench.bench_backward_layer(BACKWARD_LAYERS[1], repeats=1, min_time=0.001)

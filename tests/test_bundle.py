@@ -19,7 +19,7 @@ import torch
 import zeroskip
 import zeroskip.functional as ZF
 from zeroskip import LayerSpec, Workload, generate
-from zeroskip.runtime import autotune, binding, bundle, cc, dispatch, loader, stats, tuning
+from zeroskip.runtime import autotune, bundle, calls, cc, dispatch, loader, stats, tuning
 
 NET = textwrap.dedent("""
     import torch
@@ -316,7 +316,7 @@ def test_tuned_bundle_decides_dispatch(tmp_path, fresh_cache, served, monkeypatc
     torch.testing.assert_close(ZF.conv2d(x, w, b, padding=1),
                                torch.nn.functional.conv2d(x, w, b, padding=1),
                                rtol=1e-4, atol=1e-4)
-    (call,) = [c for c in binding._calls.values() if isinstance(c, dispatch.Operator)]
+    (call,) = [c for c in calls._calls.values() if isinstance(c, dispatch.Operator)]
     assert call.last == ("dense" if choice.startswith("dense") and "/" not in choice
                          else choice)
 

@@ -1,6 +1,6 @@
-"""Compiling ahead (``loader.ahead``, ``dispatch.compile_ahead``): a layer's gradients and
-sparse variants build on background threads while its forward runs; a kernel is built once
-however many threads ask for it. In the background (``ZEROSKIP_COMPILE=background``), torch's
+"""Compiling ahead (``loader.ahead``, ``dispatch.build_variants_ahead``,
+``gradients.build_ahead``): a layer's gradients and sparse variants build on background threads
+while its forward runs; a kernel is built once however many threads ask for it. In the background (``ZEROSKIP_COMPILE=background``), torch's
 op serves a call until its kernels are built. Results are torch's throughout."""
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _settle(timeout: float = 120.0) -> None:
 
 
 def _memoized(spec: LayerSpec, variant: str | None = None) -> bool:
-    target = loader.BACKENDS["c"].target()
+    target = loader.RUNTIMES["c"].target()
     wanted = loader.DEFAULT if variant is None else Variant.parse(variant)
     return (spec, "c", target.source_variant(wanted), False) in loader._kernels
 

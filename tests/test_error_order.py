@@ -79,7 +79,7 @@ def faulty_calls(draw):
             padding[axis] = -1
         elif fault == "dilation":
             # A transposed conv's dilation of 0 on a 1-tap axis runs for some batch sizes
-            # (binding.PerBatch, which builds a kernel): a negative one instead.
+            # (calls.PerBatch, which builds a kernel): a negative one instead.
             dilation[axis] = -1 if transposed and kernel[axis] == 1 else \
                 draw(st.sampled_from((0, -1)))
         elif fault == "output_padding":

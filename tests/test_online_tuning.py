@@ -14,7 +14,7 @@ from zeroskip import LayerSpec
 from zeroskip import functional as zf
 from zeroskip.cli import main
 from zeroskip.codegen import emit
-from zeroskip.runtime import autotune, binding, dispatch, loader, online, tuning
+from zeroskip.runtime import autotune, calls, dispatch, gradients, loader, online, tuning
 
 from tuning_helpers import named_kernels
 
@@ -29,15 +29,15 @@ def db_path(tmp_path, monkeypatch):
     monkeypatch.setenv("ZEROSKIP_TUNING_DB", str(path))
     monkeypatch.delenv("ZEROSKIP_AUTOTUNE", raising=False)
     monkeypatch.delenv("ZEROSKIP_AUTOTUNE_BUDGET", raising=False)
-    monkeypatch.setattr(binding, "_calls", {})
+    monkeypatch.setattr(calls, "_calls", {})
     monkeypatch.setattr(online, "_mode", [None])
     monkeypatch.setattr(online, "_over_budget", [False])
     monkeypatch.setattr(autotune, "_stale_seen", set())
-    binding._gradient_operator.cache_clear()
+    gradients.forget()
     tuning.reset()
     yield path
     tuning.reset()
-    binding._gradient_operator.cache_clear()
+    gradients.forget()
 
 
 def _operands(batch=4, density=0.25, seed=0):
@@ -176,7 +176,7 @@ def _changed_template(monkeypatch):
     monkeypatch.setattr(emit, "render", lambda plan: real(plan) + "\n/* upgraded */\n")
     monkeypatch.setattr(loader, "_kernels", {})
     monkeypatch.setattr(loader, "_identities", {})
-    monkeypatch.setattr(binding, "_calls", {})
+    monkeypatch.setattr(calls, "_calls", {})
 
 
 def test_an_upgraded_kernel_never_runs_under_a_stale_record(db_path, monkeypatch):
@@ -200,7 +200,7 @@ def test_an_upgraded_kernel_never_runs_under_a_stale_record(db_path, monkeypatch
     assert "upgraded" in ran[0].operator.forward.source.read_text()
     torch.testing.assert_close(out, F.conv2d(x, weight, bias, padding=1))
     assert zeroskip.stats()["stale_records"] == stale + 1
-    binding._calls.clear()
+    calls._calls.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")              # reported once
         zf.conv2d(x, weight, bias, padding=1)

@@ -21,7 +21,7 @@ from zeroskip.codegen.ir import IRError
 from zeroskip.codegen.targets import TritonTarget
 from zeroskip.codegen.variant import Config, Variant
 from zeroskip.generate import _folders, plan as generate_plan, slug
-from zeroskip.runtime import arguments, binding, tuning
+from zeroskip.runtime import arguments, calls, tuning
 
 MARKER_C = '*/ system("touch /tmp/pwned"); /*'
 MARKER_PY = "__import__('os').system('touch /tmp/pwned')"
@@ -371,7 +371,7 @@ def test_tampered_tuning_database_end_to_end(fresh_cache, monkeypatch, tmp_path)
             db.record(spec, density, str(name), {"dense": 1.0})
         db.save()
         tuning.reset()
-        monkeypatch.setattr(binding, "_calls", {})
+        monkeypatch.setattr(calls, "_calls", {})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             got = zf.conv1d(x, w, b, 2, 1, 1, 2)

@@ -18,7 +18,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import zeroskip
 from zeroskip import functional as ZF
-from zeroskip.runtime import binding, loader, stats
+from zeroskip.runtime import calls, loader, stats
 from zeroskip.spec import LayerSpec
 
 TOL = 1e-5
@@ -363,7 +363,7 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("ZEROSKIP_BACKEND", "triton")
     monkeypatch.setenv("ZEROSKIP_STRICT", "1")
-    monkeypatch.setattr(binding, "_calls", {})
+    monkeypatch.setattr(calls, "_calls", {})
     yield
 
 

@@ -17,7 +17,7 @@ import zeroskip  # noqa: E402
 from zeroskip import functional as zf  # noqa: E402
 from zeroskip.codegen import emit, lower, pipeline  # noqa: E402
 from zeroskip.codegen.variant import Config, Variant  # noqa: E402
-from zeroskip.runtime import binding, dispatch, loader, stats, triton_kernel, tritonenv  # noqa: E402,E501
+from zeroskip.runtime import calls, dispatch, loader, stats, triton_kernel, tritonenv  # noqa: E402,E501
 from zeroskip.spec import LayerSpec  # noqa: E402
 
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -28,7 +28,7 @@ def interpreter(monkeypatch):
     """CPU tensors run the Triton kernels under Triton's interpreter."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("ZEROSKIP_BACKEND", "triton")
-    monkeypatch.setattr(binding, "_calls", {})
+    monkeypatch.setattr(calls, "_calls", {})
     stats.stats(reset=True)
     yield
 
@@ -94,7 +94,7 @@ def test_families_match_torch_forward_and_backward(interpreter, name, fn, xs, ws
     torch_fn = getattr(F, fn)
     run_both(lambda x, w, b: zs_fn(x, w, b, **kwargs), lambda x, w, b: torch_fn(x, w, b, **kwargs),
              x, w, b)
-    (call,) = [c for c in binding._calls.values() if isinstance(c, dispatch.Operator)]
+    (call,) = [c for c in calls._calls.values() if isinstance(c, dispatch.Operator)]
     assert call.last.startswith("dense/")
 
 
@@ -202,18 +202,18 @@ def test_cuda_tensors_dispatch_to_triton(interpreter, monkeypatch):
     monkeypatch.delenv("ZEROSKIP_BACKEND")
     x, w = torch.randn(1, 16, 5, 5), torch.randn(16, 16, 3, 3)
     zf.conv2d(x, w, None, padding=1)
-    assert [type(c) for c in binding._calls.values()] == [dispatch.Operator]
-    monkeypatch.setattr(binding, "_calls", {})
-    monkeypatch.setattr(binding, "_device_type", lambda t: "cuda")
+    assert [type(c) for c in calls._calls.values()] == [dispatch.Operator]
+    monkeypatch.setattr(calls, "_calls", {})
+    monkeypatch.setattr(calls, "_device_type", lambda t: "cuda")
     out = zf.conv2d(x, w, None, padding=1)
-    assert [type(c) for c in binding._calls.values()] == [dispatch.Operator]
+    assert [type(c) for c in calls._calls.values()] == [dispatch.Operator]
     close(out, F.conv2d(x, w, None, padding=1))
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("ZEROSKIP_BACKEND", "triton")
     monkeypatch.setattr(tritonenv, "interpreting", lambda: False)
-    monkeypatch.setattr(binding, "_calls", {})
+    monkeypatch.setattr(calls, "_calls", {})
     monkeypatch.setattr(stats, "_warned", set())
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
     with pytest.warns(stats.ZeroskipFallbackWarning, match="TRITON_INTERPRET=1"):
@@ -223,7 +223,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 
 def test_unknown_backend_is_named(monkeypatch):
     monkeypatch.setenv("ZEROSKIP_BACKEND", "cuda-graphs")
-    monkeypatch.setattr(binding, "_calls", {})
+    monkeypatch.setattr(calls, "_calls", {})
     monkeypatch.setattr(stats, "_warned", set())
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
     with pytest.warns(stats.ZeroskipFallbackWarning, match="ZEROSKIP_BACKEND"):
@@ -256,7 +256,7 @@ def test_kernel_failing_at_first_launch_falls_back_once(interpreter, monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         zf.conv2d(x, w, padding=1)          # no second warning
-    monkeypatch.setattr(binding, "_calls", {})
+    monkeypatch.setattr(calls, "_calls", {})
     monkeypatch.setenv("ZEROSKIP_STRICT", "1")
     with pytest.raises(stats.FallbackError, match="PassManager"):
         zf.conv2d(x, w, padding=1)

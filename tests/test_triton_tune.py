@@ -380,9 +380,9 @@ def test_triton_dispatch_decides_on_a_real_density(monkeypatch):
     measured on the first call (reading a GPU tensor back synchronizes, so not on every call),
     or declared for the layer; never the spec's default of 1."""
     from zeroskip import functional as zf
-    from zeroskip.runtime import binding, dispatch
+    from zeroskip.runtime import calls, dispatch
     monkeypatch.setenv("ZEROSKIP_BACKEND", "triton")
-    monkeypatch.setattr(binding, "_calls", {})
+    monkeypatch.setattr(calls, "_calls", {})
     monkeypatch.setattr(dispatch, "_declared", {})
     machine, print_ = tuning.machine_of("triton", "cpu")
     default = loader.kernel_for(SPEC, "triton", Variant("dense")).default.name

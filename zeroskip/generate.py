@@ -39,7 +39,7 @@ from typing import Any, Iterable
 from . import __version__
 from .spec import LayerSpec, Workload
 
-BACKENDS = ("triton",)
+GENERATE_BACKENDS = ("triton",)
 FORWARD = ("conv", "conv_transpose")
 ROLES = ("forward", "grad_input", "grad_weight")
 LAYOUTS = ("contiguous", "channels_last")
@@ -259,8 +259,9 @@ def generate(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
     from .runtime import tritonenv
     from .runtime.triton_kernel import TARGETS, TORCH_DTYPES
     from .spec import DTYPES
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend not in GENERATE_BACKENDS:
+        raise ValueError(f"backend must be one of {list(GENERATE_BACKENDS)}, "
+                         f"got {backend!r}")
     targets = list(dict.fromkeys(targets))
     dtypes = None if dtypes is None else list(dict.fromkeys(dtypes))
     for target in targets:
@@ -390,8 +391,8 @@ def make_bundle(layers: Iterable[tuple[str, LayerSpec, Workload]], out_dir: Path
     from .trace import FORMAT, VERSION, write_layers
     backends = list(dict.fromkeys(backends))
     for backend in backends:
-        if backend not in bundle.BACKENDS:
-            raise ValueError(f"backend must be among {list(bundle.BACKENDS)}, got {backend!r}")
+        if backend not in bundle.KERNEL_BACKENDS:
+            raise ValueError(f"backend must be among {list(bundle.KERNEL_BACKENDS)}, got {backend!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / bundle.MANIFEST).is_file() and \
             (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -544,4 +545,4 @@ def table(meta: dict[str, Any]) -> str:
 
 
 __all__ = ["generate", "make_bundle", "c_kernels", "plan", "compile_all",
-           "compile_task", "table", "problems", "Task", "BACKENDS", "LAYOUTS"]
+           "compile_task", "table", "problems", "Task", "GENERATE_BACKENDS", "LAYOUTS"]

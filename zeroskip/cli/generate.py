@@ -88,7 +88,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..runtime import bundle, tritonenv
     from ..runtime.triton_kernel import TARGETS, TORCH_DTYPES
     for backend in args.backend:
-        if backend not in bundle.BACKENDS:
+        if backend not in bundle.KERNEL_BACKENDS:
             parser.error(f"--backend: expected c and/or triton, got {backend!r}")
     triton = "triton" in args.backend
     if triton:

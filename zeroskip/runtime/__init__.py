@@ -1,2 +1,3 @@
-"""The runtime, bottom to top: stats, cc, cache, tritonenv; tuning, timing, arguments, reference;
-c_kernel, triton_kernel, bundle, loader; dispatch; binding. autotune sits on top of them all."""
+"""The runtime, bottom to top: env, packs, kernels; stats, cc, cache, tritonenv; timing,
+arguments; tuning, reference; c_kernel, triton_kernel, bundle; loader; autotune, online;
+dispatch; calls, gradients; binding."""

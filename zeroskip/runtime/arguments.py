@@ -208,7 +208,7 @@ def check_call(name, op, rank, input, weight, bias, parsed, padding_mode="zeros"
     the arguments as ``check_arguments`` returns them, or a :class:`TorchDecides` for a fault
     only torch's backend reports. A transposed conv's dilation of 0, output_padding not below
     its stride or dilation, or output size below 1 pass: torch's verdict on them depends on the
-    batch (the binding's ``_prepare_call`` deals with them). With another ``padding_mode`` (nn's
+    batch (``calls._prepare_call`` deals with them). With another ``padding_mode`` (nn's
     modules pad first, with F.pad's own checks) any fault is left to torch's op."""
     try:
         fault = _torch_checks(name, op, rank, input, weight, bias, parsed)

@@ -15,6 +15,7 @@ needs more shared memory than the target has are dropped first.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 
 from ..codegen.variant import Variant
 from ..spec import OPERANDS, LayerSpec
-from . import loader, reference, stats, timing, tritonenv, tuning
+from . import kernels, loader, reference, stats, timing, tritonenv, tuning
 from .timing import MIN_TIME_S, REPEATS
 from .triton_kernel import TORCH_DTYPES
 
@@ -131,7 +132,7 @@ def _candidates(spec: LayerSpec, density: float, backend: str, target: str | Non
                 ) -> tuple[list[Candidate], dict[str, str]]:
     """:func:`candidates` and, by name, why each dropped one was dropped."""
     dense = loader.kernel_for(spec, backend, Variant("dense"))
-    side = loader.BACKENDS[backend].target()
+    side = loader.RUNTIMES[backend].target()
     names = ["torch"] + [v.name for v in side.variants(dense.plan, density)]
     dropped: dict[str, str] = {}
     if target is not None and backend == "triton":
@@ -149,16 +150,8 @@ def call(spec: LayerSpec, name: str, t: dict[str, torch.Tensor], backend: str = 
         return None, reference.op(spec, t)
     variant = Variant.parse(name)
     kernel = loader.kernel_for(spec, backend, variant)
-    lhs_name, rhs_name = OPERANDS[spec.op]
-    lhs, rhs, bias = kernel.prepare(t[lhs_name]), t[rhs_name], t.get("bias")
-    if spec.op == "conv_grad_weight":
-        rhs, shape = kernel.prepare(rhs), spec.output_shape()
-    else:
-        shape = (lhs.shape[0], *spec.output_shape()[1:])
-
-    def run() -> torch.Tensor:
-        return kernel.run(lhs, rhs, kernel.new_output(lhs, shape), bias, variant)
-    return kernel, run
+    operands = kernels.operands(kernel, t)
+    return kernel, functools.partial(kernels.launch, kernel, *operands, variant)
 
 
 # --------------------------------------------------------------------------------- tuning

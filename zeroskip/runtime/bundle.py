@@ -37,7 +37,7 @@ from .tuning import TuningDB, spec_key
 FORMAT = "zeroskip-bundle"
 VERSION = 2            # 2: layers carry their spec and workload (batch, density) apart
 MANIFEST = "manifest.json"
-BACKENDS = ("c", "triton")
+KERNEL_BACKENDS = ("c", "triton")
 OWNERS = (os.geteuid(), 0)     # files of this user, or root's (deployed read-only by root)
 
 
@@ -73,7 +73,7 @@ class Bundle:
         self.kernels: dict[tuple[str, str], dict] = {}
         for i, kernel in enumerate(self.manifest["kernels"]):
             where = f"{self.path / MANIFEST}: kernels[{i}]"
-            if not isinstance(kernel, dict) or kernel.get("backend") not in BACKENDS or \
+            if not isinstance(kernel, dict) or kernel.get("backend") not in KERNEL_BACKENDS or \
                     not isinstance(kernel.get("key"), str) or \
                     kernel.get("load") not in self.files or \
                     not all(f in self.files for f in kernel.get("files", [None])):

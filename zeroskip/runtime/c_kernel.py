@@ -59,6 +59,7 @@ class Kernel:
     def __init__(self, compiled: Compiled, folder: Path):
         self.compiled, self.spec, self.plan = compiled, compiled.spec, compiled.plan
         self.identity = compiled.identity     # what tuning records name it by
+        self.output_shape = compiled.spec.output_shape()
         self.variant, self.crossover = compiled.variant, compiled.crossover
         self.folder, self.source = folder, folder / "kernel.c"
         self.lib = cc.Library(folder / "kernel.so")

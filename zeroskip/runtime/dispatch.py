@@ -2,14 +2,16 @@
 
 An :class:`Operator` is a prepared forward operator on one backend (C on CPU tensors, Triton on
 CUDA tensors or under Triton's interpreter): its spec, its dense kernel and, built on first
-use, the variants the decision picks. A :class:`GradientOperator` is one of a layer's two
-gradient operators (its spec is ``grad_input()`` or ``grad_weight()``), decided the same way.
-Per call it runs
+use, the variants the decision picks. A layer's gradient operators
+(:class:`.gradients.GradientOperator`) are decided the same way. Per call it runs
 
 * what the operator's tuning records on this machine chose (an active bundle's records for a
   layer the bundle was generated for, else the tuning database's), at the batch bucket nearest
   the call's and the density nearest the input's; an operator tuned alike everywhere needs no
-  density at all;
+  density at all; records that timed kernels the compiler no longer makes are ignored
+  (:func:`.autotune.fresh`);
+* with autotuning in the loop on (:mod:`.online`), where no record covers the call's batch and
+  density, every candidate on the call's own operands, recording the fastest;
 * untuned, on the C backend the sparse kernel below the cost model's crossover density and
   the dense one above (forward and gradients alike: the weight gradient's data operand is the
   layer's input, the input gradient's the output gradient, sparse where the layer's own ReLU
@@ -35,10 +37,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..codegen.lower import walks_output_gradient
-from ..codegen.cost import WEIGHT_GRAD_RHS_CROSSOVER
 from ..codegen.variant import Variant
 from ..spec import LayerSpec
-from . import autotune, bundle, env, loader, online, stats, tuning
+from . import autotune, bundle, env, kernels, loader, online, stats, tuning
+from .kernels import Kernel
 
 MEASURE_EVERY = 256        # GPU calls between two density measurements (each one syncs)
 TUNE = "<tune>"            # what choose() answers where autotuning in the loop tunes the call
@@ -113,7 +115,7 @@ def sampled_density(t: torch.Tensor, samples: int = 16384) -> float:
     return float(torch.count_nonzero(picked)) / max(1, picked.numel())
 
 
-def next_variants(spec: LayerSpec, kernel: Any) -> list[str]:
+def next_variants(spec: LayerSpec, kernel: Kernel) -> list[str]:
     """The variants besides the dense kernel (``kernel``, C) that untuned dispatch may load for
     ``spec``: the sparse one where the cost model may pick it (a crossover above 0), and a
     weight gradient's walk of the output gradient's zeros."""
@@ -123,56 +125,27 @@ def next_variants(spec: LayerSpec, kernel: Any) -> list[str]:
     return names
 
 
-def _gradients(spec: LayerSpec) -> list[LayerSpec]:
-    """The input and weight gradients of ``spec`` that a spec states (torch's op computes the
-    others)."""
-    found = []
-    for derive in (spec.grad_input, spec.grad_weight):
-        try:
-            found.append(derive())
-        except ValueError:
-            pass
-    return found
-
-
-def _variants_of(spec: LayerSpec, always: bool = False) -> Callable[[Any], None]:
+def variants_of(spec: LayerSpec, always: bool = False) -> Callable[[Kernel], None]:
     """What to do once ``spec``'s dense kernel is built: build its :func:`next_variants`."""
-    def then(dense: Any) -> None:
+    def then(dense: Kernel) -> None:
         for name in next_variants(spec, dense):
             loader.ahead(spec, "c", Variant.parse(name), always=always)
     return then
 
 
-def compile_ahead(spec: LayerSpec, kernel: Any, gradients: bool) -> None:
-    """Start building in the background (:func:`.loader.ahead`) what a layer's next calls may
-    load: the variants of :func:`next_variants` of its forward (``spec``, whose dense C kernel
-    is ``kernel``), and with ``gradients`` its input and weight gradients' kernels and
-    theirs."""
-    _variants_of(spec)(kernel)
-    if gradients:
-        for grad in _gradients(spec):
-            loader.ahead(grad, "c", then=_variants_of(grad))
-
-
-def gradients_ready(spec: LayerSpec) -> bool:
-    """Whether the input and weight gradients' kernels of ``spec`` (C) are loaded; those not
-    are being built in the background (then the variants dispatch may load for them)."""
-    done = True
-    for grad in _gradients(spec):
-        try:
-            done = loader.ready(grad, "c", then=_variants_of(grad, always=True)) is not None \
-                and done
-        except loader.BUILD_ERRORS:
-            pass        # its gradient operator falls back to torch's op, with the warning
-    return done
+def build_variants_ahead(spec: LayerSpec, kernel: Kernel) -> None:
+    """Start building in the background (:func:`.loader.ahead`) the variants of
+    :func:`next_variants` of ``spec``, whose dense C kernel is ``kernel``: a layer's next calls
+    may load them."""
+    variants_of(spec)(kernel)
 
 
 class Operator:
     """A prepared forward operator; see the module docstring for what :meth:`run` decides.
     ``torch_op(x, weight, bias)``: torch's op for the same call, run where tuning chose it."""
 
-    def __init__(self, spec: LayerSpec, kernel: Any, out_shape: tuple[int, ...],
-                 torch_op: Any = None, layer: LayerSpec | None = None):
+    def __init__(self, spec: LayerSpec, kernel: Kernel, out_shape: tuple[int, ...],
+                 torch_op: Callable | None = None, layer: LayerSpec | None = None):
         self.spec, self.forward, self.out_shape, self.torch_op = spec, kernel, out_shape, torch_op
         self.layer = layer or spec        # the forward layer: what a bundle is generated for
         self.backend = kernel.backend
@@ -182,7 +155,7 @@ class Operator:
         self.last_density = 1.0           # the density the latest call decided on
         self.gradients_asked = False      # its gradients' kernels asked for (and, building
                                           # in the background, built)
-        self._resolved: dict[str, tuple[Variant | None, Any]] = {
+        self._resolved: dict[str, tuple[Variant | None, Kernel]] = {
             self.default: (kernel.default, kernel)}
         self._tuned: tuple = (None, None, None)  # (records' source, records, their one choice)
         # (bundles' generation, the covering bundle, the density it traced for this layer)
@@ -285,7 +258,7 @@ class Operator:
         choices = {r["choice"] for r in records.values()} if records else set()
         self._tuned = (key, records, choices.pop() if len(choices) == 1 else None)
 
-    def resolve(self, name: str) -> tuple[Variant | None, Any]:
+    def resolve(self, name: str) -> tuple[Variant | None, Kernel]:
         """The variant and kernel of choice ``name`` (built on first use); one that cannot be
         built warns once and resolves to the dense kernel."""
         found = self._resolved.get(name)
@@ -338,7 +311,7 @@ class Operator:
         """What autotuning in the loop weighs at ``density``: torch's op (where it runs this
         call's arguments), the default kernel and the target's variants (mode 'on': only the
         sparse kernels among them; 'all': every one)."""
-        side = loader.BACKENDS[self.backend].target()
+        side = loader.RUNTIMES[self.backend].target()
         names = [v.name for v in side.variants(self.forward.plan, density)]
         if online.current_mode() != "all":
             names = [n for n in names if n in ("sparse", "sparse/rhs")]
@@ -370,7 +343,10 @@ class Operator:
             kernels[name] = kernel.identity
         first = next(iter(runs))
         label = f"{self.spec.describe()} at batch {batch}, density {density:.2f}"
+        launched = stats.stats()["kernel_calls"]
         out, ms, errors = online.tune(label, runs, first, self.spec.dtype, x.device)
+        # kernel_calls counts the calls' kernels, not the tuning's runs of them
+        stats.add("kernel_calls", launched - stats.stats()["kernel_calls"])
         choice = min(ms, key=lambda n: (ms[n], n != "torch"))
         machine, print_ = tuning.machine_of(self.backend, x.device)
         db = tuning.database()
@@ -395,56 +371,7 @@ class Operator:
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward.prepare(x)
 
-    def launch(self, kernel: Any, x: torch.Tensor, weight: torch.Tensor,
+    def launch(self, kernel: Kernel, x: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None, variant: Variant | None = None) -> torch.Tensor:
         """Run one of this operator's kernels on ``x`` (batched, prepared)."""
-        out = kernel.new_output(x, (x.shape[0], *self.out_shape))
-        return kernel.run(x, weight, out, bias, variant)
-
-
-class GradientOperator(Operator):
-    """The input or the weight gradient of a layer as an operator: ``spec`` is the layer's
-    ``grad_input()`` or ``grad_weight()``, ``run(lhs, rhs, None)`` takes the gradient kernel's
-    operands (the output gradient and the weight; the input and the output gradient, in the
-    order the spec contracts them), ``out_shape`` is the input gradient's per-sample shape or
-    the weight gradient's whole one, ``layer`` the forward layer, ``crop`` the layer's
-    :attr:`~zeroskip.spec.LayerSpec.gradient_crop` (trailing output-gradient elements the
-    kernels do not read)."""
-
-    def __init__(self, *args, crop: tuple[int, ...] = (), **kwargs):
-        super().__init__(*args, **kwargs)
-        self.crop = crop
-        plan = getattr(self.forward, "plan", None)
-        # A weight gradient whose sparse kernel can walk the output gradient's zeros instead.
-        self.rhs_walk = self.backend == "c" and plan is not None and \
-            walks_output_gradient(plan)
-
-    def _untuned_measures(self) -> bool:
-        return self.rhs_walk or super()._untuned_measures()
-
-    def untuned(self, x: torch.Tensor, other: torch.Tensor | None = None) -> str:
-        """As :meth:`Operator.untuned`; and a weight gradient whose output gradient
-        (``other``) is sparser than its input and than ``WEIGHT_GRAD_RHS_CROSSOVER`` (where a
-        ReLU masked it) runs the sparse kernel that walks the output gradient
-        (``sparse/rhs``)."""
-        choice = super().untuned(x)
-        if self.rhs_walk and other is not None and other.numel():
-            density = sampled_density(other)
-            if density < WEIGHT_GRAD_RHS_CROSSOVER and density < self.last_density:
-                self.last_density = density
-                return "sparse/rhs"
-        return choice
-
-    def _covering(self) -> Any:
-        # The backward does not know whether the layer has a bias: either spec is the layer.
-        return bundle.covering(self.layer) or \
-            bundle.covering(dataclasses.replace(self.layer, bias=not self.layer.bias))
-
-    def launch(self, kernel: Any, x: torch.Tensor, weight: torch.Tensor,
-               bias: torch.Tensor | None, variant: Variant | None = None) -> torch.Tensor:
-        if self.spec.op != "conv_grad_weight":
-            return super().launch(kernel, x, weight, bias, variant)
-        # The weight gradient is a plain contiguous tensor, whatever the activations' layout
-        # (a kernel's new_output follows its data operand's: channels_last on the GPU).
-        out = torch.empty(self.out_shape, dtype=x.dtype, device=x.device)
-        return kernel.run(x, kernel.prepare(weight), out, None, variant)
+        return kernels.launch(kernel, x, weight, bias, variant)

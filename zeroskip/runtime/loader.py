@@ -18,7 +18,7 @@ import queue
 import threading
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -26,15 +26,16 @@ from .. import __version__
 from ..codegen import emit, pipeline, targets
 from ..codegen.ir import IRError
 from ..codegen.variant import DEFAULT, Variant
-from ..spec import OPERANDS, LayerSpec
-from . import bundle, c_kernel, cache, env, stats, timing, triton_kernel, tritonenv
+from ..spec import LayerSpec
+from . import bundle, c_kernel, cache, env, kernels, stats, timing, triton_kernel, tritonenv
+from .kernels import Kernel
 
-BACKENDS = {"c": c_kernel, "triton": triton_kernel}
+# Each target's runtime half (see the module docstring), by backend name.
+RUNTIMES = {"c": c_kernel, "triton": triton_kernel}
 # Why a kernel could not be built: the call then falls back to torch's op with a warning.
 BUILD_ERRORS = (cache.CacheError, emit.TemplateError, IRError, *c_kernel.ERRORS,
                 *triton_kernel.ERRORS)
 
-Kernel = Any      # c_kernel.Kernel or triton_kernel.Kernel: the same interface
 
 _kernels: dict[tuple, Kernel] = {}
 _identities: dict[tuple, str | None] = {}  # kernels' identities, by memo key (not all loaded)
@@ -44,7 +45,7 @@ _lock = threading.Lock()
 
 def _normal(spec: LayerSpec, backend: str, variant: Variant) -> tuple:
     """The memo key of a kernel: the part of the variant that shapes its source."""
-    return (spec, backend, BACKENDS[backend].target().source_variant(variant),
+    return (spec, backend, RUNTIMES[backend].target().source_variant(variant),
             backend == "triton" and tritonenv.interpreting())
 
 
@@ -98,7 +99,7 @@ def identity(spec: LayerSpec, backend: str, variant: Variant) -> str | None:
         return kernel.identity
     if normal not in _identities:
         try:
-            compiled = targets.compile(spec, BACKENDS[backend].target(), normal[2])
+            compiled = targets.compile(spec, RUNTIMES[backend].target(), normal[2])
             _identities[normal] = compiled.identity
         except (IRError, emit.TemplateError, ValueError):
             _identities[normal] = None
@@ -109,7 +110,7 @@ def default_choice(spec: LayerSpec, backend: str) -> str | None:
     """The variant name an untuned call of ``spec`` runs on ``backend`` ('dense' on C, the
     default config's family on Triton), or None where no kernel covers it."""
     kernel = _kernels.get(_normal(spec, backend, DEFAULT))
-    target = BACKENDS[backend].target()
+    target = RUNTIMES[backend].target()
     try:
         compiled = kernel.compiled if kernel is not None else targets.compile(spec, target)
     except (IRError, emit.TemplateError, ValueError):
@@ -217,7 +218,7 @@ def ahead(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT,
 def load(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT) -> Kernel:
     """:func:`kernel_for` without the memo: compile, then load from a bundle or the cache
     (building it there on a miss)."""
-    side = BACKENDS[backend]
+    side = RUNTIMES[backend]
     target = side.target()
     variant = target.source_variant(variant)
     if target.name == "triton":
@@ -278,12 +279,4 @@ def run_spec(spec: LayerSpec, tensors: dict[str, torch.Tensor], variant: Variant
              backend: str = "c") -> torch.Tensor:
     """Run the kernel of ``spec`` (as ``variant``) on its operands, named as in
     ``spec.input_shapes()``."""
-    kernel = kernel_for(spec, backend, variant)
-    lhs_name, rhs_name = OPERANDS[spec.op]
-    lhs = kernel.prepare(tensors[lhs_name])
-    rhs = tensors[rhs_name]
-    if spec.op == "conv_grad_weight":
-        rhs = kernel.prepare(rhs)
-    shape = spec.output_shape() if spec.op == "conv_grad_weight" else \
-        (lhs.shape[0], *spec.output_shape()[1:])
-    return kernel.run(lhs, rhs, kernel.new_output(lhs, shape), tensors.get("bias"), variant)
+    return kernels.run_named(kernel_for(spec, backend, variant), tensors, variant)

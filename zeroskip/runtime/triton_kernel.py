@@ -82,6 +82,7 @@ class Kernel:
     def __init__(self, compiled: Compiled, path: Path, module: Any):
         self.compiled, self.spec, self.plan = compiled, compiled.spec, compiled.plan
         self.identity = compiled.identity     # what tuning records name it by
+        self.output_shape = compiled.spec.output_shape()
         self.family, self.crossover = compiled.family, compiled.crossover
         self.source, self.module = path, module
         self.variant = compiled.variant
