@@ -321,6 +321,72 @@ def test_tuned_bundle_decides_dispatch(tmp_path, fresh_cache, served, monkeypatc
                          else choice)
 
 
+def _follows_bundle(monkeypatch, records, run):
+    """``run()`` (a forward and backward of a bundled layer) dispatches each operator on the
+    bundle's records, reading no tuning database; returns what each operator ran."""
+    def no_database():
+        raise AssertionError("the tuning database was read for a bundled layer")
+    monkeypatch.setattr(tuning, "database", no_database)
+    with dispatch.observe() as ran:
+        run()
+    chosen = {d.spec.op: d.choice for d in ran}
+    assert set(chosen) == {"conv", "conv_grad_input", "conv_grad_weight"}
+    for op, choice in chosen.items():
+        (record,) = records[op].values()
+        assert choice == record["choice"]
+    return chosen
+
+
+def test_tuned_bundle_carries_the_gradients_too(tmp_path, fresh_cache, served, monkeypatch):
+    """--tune tunes the forward and both gradients at the traced workload (the input gradient
+    at the output gradient's density) and bundles each choice's kernel: a training step then
+    runs every operator's tuned choice with no tuning database and no compiler."""
+    spec = LayerSpec.conv(8, 8, 3, padding=1, input_size=(6, 6), bias=False)
+    work = Workload(2, 0.4, grad_density=0.5)
+    manifest = generate.make_bundle([("layer", spec, work)], tmp_path / "tuned", tune=True,
+                                    progress=False)
+    loaded = zeroskip.load_bundle(tmp_path / "tuned")
+    records = {s.op: loaded.records(s) for s in (spec, spec.grad_input(), spec.grad_weight())}
+    assert all(records.values())
+    assert next(iter(records["conv_grad_input"])) == tuning.bucket_key(0.5, 2)
+    assert next(iter(records["conv_grad_weight"])) == tuning.bucket_key(0.4, 2)
+    bundled = {(k["role"], k["variant"]) for k in manifest["kernels"]}
+    for role, op in (("forward", "conv"), ("grad_input", "conv_grad_input"),
+                     ("grad_weight", "conv_grad_weight")):
+        choice = next(iter(records[op].values()))["choice"]
+        assert choice in ("torch", "dense") or (role, choice) in bundled
+    monkeypatch.setenv("ZEROSKIP_CC", "/bin/false")              # no compiler
+    x = autotune.sparse_input((2, 8, 6, 6), 0.4).requires_grad_()
+    w = torch.randn(8, 8, 3, 3, requires_grad=True)
+
+    def step():
+        out = ZF.conv2d(x, w, None, padding=1)
+        out.backward(torch.relu(torch.randn(out.shape)))
+    _follows_bundle(monkeypatch, records, step)
+    assert zeroskip.stats()["fallback_calls"] == 0
+
+
+def test_tuned_triton_bundle_serves_its_choices(tmp_path, fresh_cache, served, monkeypatch):
+    """--backend triton --tune tunes the Triton operators (here under Triton's interpreter,
+    filed under its own machine) and a bundle-served training step follows them."""
+    spec = LayerSpec.conv(4, 4, 3, padding=1, input_size=(4, 4), bias=False)
+    manifest = generate.make_bundle([("layer", spec, Workload(1, 1.0))], tmp_path / "gpu",
+                                    backends=("triton",), tune=True, progress=False)
+    assert manifest["tuning_machines"]["triton"] == tuning.machine_of("triton", "cpu")[0]
+    loaded = zeroskip.load_bundle(tmp_path / "gpu")
+    machine = tuning.machine_of("triton", "cpu")[0]
+    records = {s.op: loaded.records(s, "triton", machine)
+               for s in (spec, spec.grad_input(), spec.grad_weight())}
+    assert all(records.values()) and loaded.records(spec, "triton", "another-gpu") is None
+    monkeypatch.setenv("ZEROSKIP_BACKEND", "triton")
+    x = torch.randn(1, 4, 4, 4, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+
+    def step():
+        ZF.conv2d(x, w, None, padding=1).sum().backward()
+    _follows_bundle(monkeypatch, records, step)
+
+
 # ----------------------------------------------------------------------------- Triton
 def test_triton_kernels_served_from_bundle(tmp_path, fresh_cache, served, monkeypatch):
     """--backend c,triton: the Triton sources are bundled (with PTX and cubin for the target)

@@ -96,6 +96,27 @@ def test_exact_zero_fraction_and_first_layer_density():
     assert densities(data)["(model)"]["mean"] == 1.0
 
 
+def test_output_gradient_densities_are_traced_without_touching_grads():
+    """The backward of random output gradients reaches every conv: a conv followed by a ReLU
+    sees about half its output gradient zero (the mask), the last one none; the model's
+    .grad stay None, and gradients=False traces no gradient densities."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 2, 1))
+    data = trace(model, (2, 3, 8, 8), batches=3)
+    grads = {layer["name"]: layer["grad_density"] for layer in data["layers"]}
+    assert set(grads) == {"0", "2", "4"} and all(g["mean"] > 0 for g in grads.values())
+    assert abs(grads["0"]["mean"] - 0.5) < 0.15 and abs(grads["2"]["mean"] - 0.5) < 0.15
+    assert grads["4"]["mean"] == 1.0
+    assert all(p.grad is None for p in model.parameters())
+    layers = parse_layers(data, "traced")
+    assert [w.grad_density for _, _, w in layers] == [g["mean"] for g in grads.values()]
+    assert all("grad_density" not in layer
+               for layer in trace(model, (2, 3, 8, 8), batches=1, gradients=False)["layers"])
+    frozen = copy.deepcopy(model).requires_grad_(False)      # frozen weights: still traced
+    assert all("grad_density" in layer for layer in trace(frozen, (1, 3, 8, 8))["layers"])
+
+
 def test_seed_and_batches_decide_the_samples():
     model = nn.Sequential(nn.ReLU(), nn.Conv2d(3, 4, 3))
     first, again = (trace(model, (1, 3, 6, 6), batches=3, seed=7) for _ in range(2))
@@ -265,13 +286,14 @@ def test_write_and_read_layers(tmp_path):
     assert [spec.to_dict() for _, spec, _ in layers] == \
         [layer["spec"] for layer in data["layers"]]
     assert [work for *_, work in layers] == \
-        [Workload(layer["batch"], layer["density"]["mean"])
+        [Workload(layer["batch"], layer["density"]["mean"], layer["grad_density"]["mean"])
          for layer in data["layers"]]
     assert list(data) == ["format", "version", "model", "input_shape", "batches", "seed",
                           "fuse_relu", "dtype", "zeroskip", "torch", "layers"]
     assert (data["format"], data["version"], data["model"], data["zeroskip"]) == \
         ("zeroskip-layers", 2, "tests:fusion_model", zeroskip.__version__)
-    assert set(data["layers"][0]) == {"name", "module", "calls", "batch", "density", "spec"}
+    assert set(data["layers"][0]) == {"name", "module", "calls", "batch", "density",
+                                      "grad_density", "spec"}
 
 
 def test_read_layers_takes_the_older_formats(tmp_path):

@@ -210,7 +210,6 @@ def test_generate_records_failures_and_reports_misfits(tmp_path, capsys, monkeyp
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--backend", "triton", "--tune"], "--tune tunes the C kernels"),
     (["--backend", "triton,cuda"], "--backend: expected c and/or triton"),
     (["--backend", "triton", "--target", "sm_70"], "--target: expected targets among"),
     (["--backend", "triton", "--dtype", "float64"], "--dtype: expected dtypes among"),
@@ -219,7 +218,7 @@ def test_generate_records_failures_and_reports_misfits(tmp_path, capsys, monkeyp
     (["--dtype", "float16"], "add --backend triton"),
     (["--layers", "no-such-layer"], "no layer matches"),
     (["missing.json"], "cannot read"),
-], ids=["tune-triton", "backend-unknown", "target", "dtype", "empty-target", "layout",
+], ids=["backend-unknown", "target", "dtype", "empty-target", "layout",
         "dtype-without-triton", "no-layer", "missing-file"])
 def test_generate_bad_arguments_exit_2(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as info:

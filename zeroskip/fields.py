@@ -130,18 +130,19 @@ def _pairs(value: Any, rank: int) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
-def _density(value: Any) -> float:
-    """A finite float in [0, 1] (ValueError else, as for any density out of range)."""
+def _density(value: Any, name: str = "density") -> float:
+    """A finite float in [0, 1] (ValueError else, as for any density out of range), for the
+    field ``name``."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise ValueError(f"density must be a number in [0, 1], got {type(value).__name__} "
+        raise ValueError(f"{name} must be a number in [0, 1], got {type(value).__name__} "
                          f"{_show(value)}")
     try:   # a float subclass's own value (never its __float__), as ints are read
         density = float.__float__(value) if isinstance(value, float) else \
             float(operator.index(value)) if _is_int(value) else float(value)
     except Exception:   # an int too large for a float, a failing __float__
-        raise ValueError(f"density must be a number in [0, 1], got {_show(value)}") from None
+        raise ValueError(f"{name} must be a number in [0, 1], got {_show(value)}") from None
     if not (math.isfinite(density) and 0.0 <= density <= 1.0):
-        raise ValueError(f"density must be a number in [0, 1], got density={density!r}")
+        raise ValueError(f"{name} must be a number in [0, 1], got {name}={density!r}")
     return density
 
 

@@ -326,19 +326,44 @@ def generate(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
 
 
 # --------------------------------------------------------------------------------- bundles
-def c_kernels(spec: LayerSpec, choices: Iterable[str] = (), include_grads: bool = True
-              ) -> tuple[list[tuple[str, str, LayerSpec]], list[dict]]:
+ROLES = ("forward", "grad_input", "grad_weight")
+
+
+def tuned_cases(spec: LayerSpec, work: Workload, include_grads: bool = True
+                ) -> list[tuple[str, LayerSpec, float]]:
+    """``(role, operator's spec, density)`` of each operator of a forward layer that
+    ``--tune`` tunes at ``work``: the forward at the input's density, and with
+    ``include_grads`` the input gradient at the output gradient's density and the weight
+    gradient at the input's (the gradients a spec can state)."""
+    cases = [("forward", spec, work.density)]
+    if include_grads:
+        for role, derive, density in (("grad_input", spec.grad_input, work.grad_density),
+                                      ("grad_weight", spec.grad_weight, work.density)):
+            try:
+                cases.append((role, derive(), density))
+            except ValueError:
+                pass            # c_kernels lists it as skipped
+    return cases
+
+
+def c_kernels(spec: LayerSpec, choices: dict[str, Iterable[str]] | Iterable[str] = (),
+              include_grads: bool = True) -> tuple[list[tuple[str, str, LayerSpec]], list[dict]]:
     """``(role, variant name, spec)`` of every C kernel a layer's calls may load: the forward
-    dense kernel, its sparse variant where the cost model may pick it, the tuned ``choices``,
-    and the input and weight gradients; and the gradients no spec can state, with the reason."""
+    dense kernel, its sparse variant where the cost model may pick it, and the input and
+    weight gradients', each with the tuned ``choices`` (by role; an iterable: the forward's);
+    and the gradients no spec can state, with the reason."""
     from .codegen import lower
     from .runtime import dispatch, loader
     served = spec       # the layer's shape: what the runtime compiles for its calls
     if served.op not in FORWARD:
         role = {"conv_grad_input": "grad_input", "conv_grad_weight": "grad_weight"}[served.op]
         return [(role, lower.DEFAULT.name, served)], []
-    names = set(dispatch.next_variants(served, loader.kernel_for(served)))
-    names |= {c for c in choices if c not in ("torch", lower.DEFAULT.name, "dense")}
+    if not isinstance(choices, dict):
+        choices = {"forward": choices}
+    tuned = {role: {c for c in choices.get(role, ()) if c not in ("torch", lower.DEFAULT.name,
+                                                                  "dense")}
+             for role in ROLES}
+    names = set(dispatch.next_variants(served, loader.kernel_for(served))) | tuned["forward"]
     kernels = [("forward", lower.DEFAULT.name, served)]
     kernels += [("forward", name, served) for name in sorted(names)]
     skipped = []
@@ -353,8 +378,8 @@ def c_kernels(spec: LayerSpec, choices: Iterable[str] = (), include_grads: bool 
                 continue
             kernels.append((role, lower.DEFAULT.name, grad))
             # What dispatch may load for it untuned.
-            kernels += [(role, name, grad)
-                        for name in dispatch.next_variants(grad, loader.kernel_for(grad))]
+            kernels += [(role, name, grad) for name in sorted(
+                set(dispatch.next_variants(grad, loader.kernel_for(grad))) | tuned[role])]
     return kernels, skipped
 
 
@@ -412,7 +437,9 @@ def make_bundle(layers: Iterable[tuple[str, LayerSpec, Workload]], out_dir: Path
             "kernels": [], "skipped": [], "tuning_machine": None}
         write_layers({"format": FORMAT, "version": VERSION,
                       "layers": [{"name": name, "batch": work.batch,
-                                  "density": {"mean": work.density}, "spec": spec.to_dict()}
+                                  "density": {"mean": work.density},
+                                  "grad_density": {"mean": work.grad_density},
+                                  "spec": spec.to_dict()}
                                  for name, spec, work in layers]}, tmp / "layers.json")
         if "c" in backends:
             _bundle_c(tmp, layers, manifest, tune, include_grads, progress)
@@ -420,6 +447,8 @@ def make_bundle(layers: Iterable[tuple[str, LayerSpec, Workload]], out_dir: Path
             _bundle_triton(tmp, layers, manifest, list(dict.fromkeys(targets)),
                            None if dtypes is None else list(dtypes), include_grads, progress,
                            jobs, list(layouts))
+            if tune:
+                _tune_triton(tmp, layers, manifest, include_grads, progress)
         _private(tmp)
         manifest["files"] = {path.relative_to(tmp).as_posix(): hashlib.sha256(
             path.read_bytes()).hexdigest() for path in sorted(tmp.rglob("*")) if path.is_file()}
@@ -455,12 +484,13 @@ def _bundle_c(tmp: Path, layers: list[tuple[str, LayerSpec, Workload]], manifest
                 "layer": name, "role": "every", "spec": spec.describe(),
                 "reason": f"C kernels cover {', '.join(COVERED_DTYPES['c'].values())}"})
             continue
-        choices: set[str] = set()
-        if db is not None and spec.op in FORWARD:   # at the batch and density traced
-            result = autotune.tune(spec, work.density, batch=work.batch)
-            db.record(spec, work.density, result.choice, result.ms, batch=work.batch,
-                      kernels=result.kernels)
-            choices.add(result.choice)
+        choices: dict[str, set[str]] = {role: set() for role in ROLES}
+        if db is not None and spec.op in FORWARD:   # at the batch and densities traced
+            for role, op_spec, density in tuned_cases(spec, work, include_grads):
+                result = autotune.tune(op_spec, density, batch=work.batch)
+                db.record(op_spec, density, result.choice, result.ms, batch=work.batch,
+                          kernels=result.kernels)
+                choices[role].add(result.choice)
         kernels, skipped = c_kernels(spec, choices, include_grads)
         manifest["skipped"] += [{"layer": name, **s} for s in skipped]
         for role, variant, kspec in kernels:
@@ -481,6 +511,37 @@ def _bundle_c(tmp: Path, layers: list[tuple[str, LayerSpec, Workload]], manifest
         db.save()
         (tmp / "tuning.json.lock").unlink(missing_ok=True)
         manifest["tuning_machine"] = db.here
+        manifest.setdefault("tuning_machines", {})["c"] = db.here
+
+
+def _tune_triton(tmp: Path, layers: list[tuple[str, LayerSpec, Workload]], manifest: dict,
+                 include_grads: bool, progress: bool) -> None:
+    """Tune each layer's Triton operators (forward and gradients, at the traced workload) on
+    this machine's GPU, or under Triton's interpreter where it runs (``TRITON_INTERPRET=1``:
+    how tests run it), into the bundle's ``tuning.json`` under the GPU's fingerprint; where
+    neither runs, the manifest says why none was tuned."""
+    import torch
+    from tqdm import tqdm
+
+    from .runtime import autotune, tritonenv, tuning
+    from .runtime.triton_kernel import TORCH_DTYPES
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    problem = tritonenv.problem(device)
+    if problem:
+        manifest["triton_tuning"] = f"not tuned: {problem}"
+        return
+    db = tuning.TuningDB(tmp / "tuning.json")
+    cases = [(name, role, op_spec, density, work.batch) for name, spec, work in layers
+             if spec.op in FORWARD and spec.dtype in TORCH_DTYPES
+             for role, op_spec, density in tuned_cases(spec, work, include_grads)]
+    for name, role, op_spec, density, batch in tqdm(cases, desc="Triton tuning", unit="case",
+                                                    disable=not progress, file=sys.stderr):
+        autotune.tune_triton(op_spec, density, device, db=db, save=False, batch=batch)
+    db.save()
+    (tmp / "tuning.json.lock").unlink(missing_ok=True)
+    manifest.setdefault("tuning_machines", {})["triton"] = tuning.machine_of("triton",
+                                                                              device)[0]
+    manifest["triton_tuning"] = f"tuned on {tuning.machine_of('triton', device)[1]['gpu']}"
 
 
 def _bundle_triton(tmp: Path, layers: list[tuple[str, LayerSpec, Workload]], manifest: dict,

@@ -521,16 +521,20 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class Workload:
-    """What a layer runs on, beside its shape: the batch size and the expected share of
-    non-zeros of its data operand. A :class:`LayerSpec` is the compile key; a workload is what
-    tracing measures, tuning times at and the dispatch decides on."""
+    """What a layer runs on, beside its shape: the batch size, the expected share of non-zeros
+    of its data operand (``density``) and, in training, of its output's gradient
+    (``grad_density``: what its input gradient runs on; a ReLU after the layer masks it). A
+    :class:`LayerSpec` is the compile key; a workload is what tracing measures, tuning times
+    at and the dispatch decides on."""
 
     batch: int = 1
     density: float = 1.0
+    grad_density: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch", _int(self.batch, "batch"))
         object.__setattr__(self, "density", _density(self.density))
+        object.__setattr__(self, "grad_density", _density(self.grad_density, "grad_density"))
         if self.batch < 0:
             raise RuntimeError(f"batch must be non-negative, got batch={self.batch}")
         if self.batch > MAX_ELEMENTS:
@@ -554,7 +558,10 @@ class Workload:
         return f"batch {self.batch}" + (f", density {self.density:g}" if self.density < 1 else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batch": self.batch, "density": self.density}
+        found = {"batch": self.batch, "density": self.density}
+        if self.grad_density < 1:
+            found["grad_density"] = self.grad_density
+        return found
 
 
 DENSE = Workload()

@@ -18,10 +18,12 @@ had. ``zeroskip trace MODULE:FACTORY`` writes that as a layers file, which ``zer
         "calls": 4,                         # calls seen over all batches
         "batch": 1,                         # the batch size of the calls
         "density": {"mean": 0.5, "std": 0.01, "min": 0.49, "max": 0.51},
+        "grad_density": {...},              # its output gradient's (mean, std, min, max),
+                                            # where a backward reached it
         "spec": {...}}]}                    # LayerSpec.to_dict()
 
-:func:`read_layers` gives ``(name, spec, workload)`` per layer, the workload's density the
-mean. It also takes version 1 of this format and the older layer files, a JSON list of
+:func:`read_layers` gives ``(name, spec, workload)`` per layer, the workload's density and
+gradient density the means. It also takes version 1 of this format and the older layer files, a JSON list of
 ``LayerSpec.to_dict()`` objects (each named by ``spec.describe()``) or an object of them by
 name, whose spec objects may carry ``batch`` and ``density`` (those become the workload).
 """
@@ -177,12 +179,15 @@ def _call_spec(module: nn.Module, args: tuple, kwargs: dict, relu: bool) -> Laye
 
 def trace(model: nn.Module, input_shape, batches: int = 4, seed: int = 0,
           fuse_relu: bool = True, dtype: torch.dtype = torch.float32,
-          name: str | None = None) -> dict[str, Any]:
-    """Run ``model`` (in eval mode, under ``no_grad``; its modes are restored after) on
-    ``batches`` batches of ``torch.randn(input_shape)`` drawn from a generator seeded with
-    ``seed``, and return the layers file (module docstring) of every conv call: one entry per
-    module and call shape, with the input density's mean, spread (population std), min and max
-    over the calls. With ``fuse_relu`` the specs fuse a ReLU where ``convert(model,
+          name: str | None = None, gradients: bool = True) -> dict[str, Any]:
+    """Run ``model`` (in eval mode; its modes are restored after) on ``batches`` batches of
+    ``torch.randn(input_shape)`` drawn from a generator seeded with ``seed``, and return the
+    layers file (module docstring) of every conv call: one entry per module and call shape,
+    with the input density's mean, spread (population std), min and max over the calls. With
+    ``gradients``, each batch also runs a backward of random normal output gradients (to the
+    input only: the model's ``.grad`` are left alone), and each entry gets its output
+    gradient's density as ``grad_density`` (what its input gradient runs on; the ReLU after the
+    layer masks it). With ``fuse_relu`` the specs fuse a ReLU where ``convert(model,
     fuse_relu=True)`` would. ``name`` is recorded as the model (e.g. ``"pkg.mod:factory"``).
 
     Raises ValueError for a bad shape or batch count, TraceError where the forward raises or
@@ -202,26 +207,44 @@ def trace(model: nn.Module, input_shape, batches: int = 4, seed: int = 0,
             names[name] = names.get(name, 0) + 1
             label = name if names[name] == 1 else f"{name}#{names[name]}"
             entry = entries[(name, spec)] = dict(name=label, module=type(module).__name__,
-                                                 spec=spec, densities=[], batch=_batch(x, spec))
-        entry["densities"].append(int(torch.count_nonzero(x)) / max(x.numel(), 1))
+                                                 spec=spec, densities=[], grad_densities=[],
+                                                 batch=_batch(x, spec))
+        entry["densities"].append(_share(x))
+        calling[name] = entry
+
+    def output_hook(module, args, kwargs, output, name):
+        # The gradient of the conv's output (before any ReLU after it: a hook registered
+        # before an in-place change sees the gradient of the value before it, masked).
+        entry = calling.pop(name, None)
+        if gradients and entry is not None and isinstance(output, torch.Tensor) and \
+                output.requires_grad:
+            output.register_hook(lambda g: entry["grad_densities"].append(_share(g)))
 
     params = next(iter(model.parameters()), None)
     device = params.device if params is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
     modes = {m: m.training for m in model.modules()}
+    calling: dict[str, dict] = {}
     handles = [m.register_forward_pre_hook(
         lambda mod, args, kwargs, name=n: hook(mod, args, kwargs, name), with_kwargs=True)
         for n, m in convs.items()]
+    handles += [m.register_forward_hook(
+        lambda mod, args, kwargs, out, name=n: output_hook(mod, args, kwargs, out, name),
+        with_kwargs=True) for n, m in convs.items()]
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.set_grad_enabled(gradients):
             for _ in range(batches):
                 x = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+                if gradients and x.is_floating_point():
+                    x.requires_grad_()
                 try:
-                    model(x)
+                    out = model(x)
                 except Exception as exc:
                     raise TraceError(f"the model's forward raised {type(exc).__name__} on an "
                                      f"input of shape {list(shape)}: {exc}") from exc
+                if gradients and x.requires_grad:
+                    _backward(out, x, generator)
     finally:
         for handle in handles:
             handle.remove()
@@ -237,15 +260,45 @@ def trace(model: nn.Module, input_shape, batches: int = 4, seed: int = 0,
             "layers": [_layer(entry) for entry in entries.values()]}
 
 
-def _layer(entry: dict) -> dict[str, Any]:
-    values = entry["densities"]
+def _share(t: torch.Tensor) -> float:
+    """The share of non-zeros in ``t``."""
+    return int(torch.count_nonzero(t)) / max(t.numel(), 1)
+
+
+def _backward(out: Any, x: torch.Tensor, generator: torch.Generator) -> None:
+    """Back-propagate random normal gradients of the model's outputs (tensors, or tensors in
+    tuples, lists and dicts) to ``x`` alone, firing the layers' gradient hooks."""
+    found = [t for t in _tensors(out) if t.requires_grad and t.is_floating_point()]
+    if found:
+        cotangents = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+                      for t in found]
+        torch.autograd.grad(found, x, cotangents, allow_unused=True)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def _stats(values: list[float]) -> dict[str, float]:
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-    return {"name": entry["name"], "module": entry["module"], "calls": len(values),
-            "batch": entry["batch"],
-            "density": {"mean": round(mean, 6), "std": round(std, 6),
-                        "min": round(min(values), 6), "max": round(max(values), 6)},
-            "spec": entry["spec"].to_dict()}
+    return {"mean": round(mean, 6), "std": round(std, 6), "min": round(min(values), 6),
+            "max": round(max(values), 6)}
+
+
+def _layer(entry: dict) -> dict[str, Any]:
+    values = entry["densities"]
+    found = {"name": entry["name"], "module": entry["module"], "calls": len(values),
+             "batch": entry["batch"], "density": _stats(values)}
+    if entry["grad_densities"]:
+        found["grad_density"] = _stats(entry["grad_densities"])
+    return {**found, "spec": entry["spec"].to_dict()}
 
 
 def _batch(x: torch.Tensor, spec: LayerSpec) -> int:
@@ -353,10 +406,9 @@ def _parse_trace(data: dict, source) -> list[tuple[str, LayerSpec, Workload]]:
         where = f"layer {name!r}"
         spec, workload = _spec(entry.get("spec"), source, where)
         if data["version"] >= 2:
-            density = entry.get("density")
-            mean = density.get("mean") if isinstance(density, dict) else None
-            workload = _workload({"batch": entry.get("batch"), "density": mean}, source, where,
-                                 spec)
+            means = {key: entry[key].get("mean") if isinstance(entry.get(key), dict) else None
+                     for key in ("density", "grad_density")}
+            workload = _workload({"batch": entry.get("batch"), **means}, source, where, spec)
         layers.append((name, spec, workload))
     return layers
 
@@ -368,7 +420,8 @@ def _spec(item: Any, source, where: str) -> tuple[LayerSpec, Workload]:
         if not isinstance(item, dict):
             raise TypeError("not a LayerSpec.to_dict() object")
         item = dict(item)
-        work = {key: item.pop(key) for key in ("batch", "density") if key in item}
+        work = {key: item.pop(key) for key in ("batch", "density", "grad_density")
+                if key in item}
         spec = LayerSpec.from_dict(item)
     except (ValueError, TypeError, RuntimeError) as exc:  # LayerSpec raises torch's types
         raise ValueError(f"{source}, {where}: {exc}") from None

@@ -17,13 +17,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                     "sparse where it may be picked; the input- and "
                                     "weight-gradient kernels unless --forward-only) into the "
                                     "bundle OUT: C kernels compiled for this machine "
-                                    "(--backend c; --tune also tunes them here and keeps the "
-                                    "choices), Triton kernels compiled for GPU targets "
+                                    "(--backend c), Triton kernels compiled for GPU targets "
                                     "(--backend triton: OUT/triton/<target>/<layer>/<kernel>."
                                     "{py,ptx,cubin} and OUT/triton/meta.json with registers, "
                                     "shared memory and spills), and OUT/manifest.json with the "
                                     "sha256 of every file, the versions and this machine's "
-                                    "fingerprint. zeroskip.load_bundle(OUT) or "
+                                    "fingerprint; with --tune, the tuned choices of every "
+                                    "operator. zeroskip.load_bundle(OUT) or "
                                     "ZEROSKIP_BUNDLE=OUT serves them. Exits 1 where a kernel "
                                     "failed to build (or, with --strict, a Triton kernel "
                                     "spills or exceeds shared memory).")
@@ -34,8 +34,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     help="kernel backends: c (this machine's CPU; the default) and/or triton "
                          "(GPU targets)")
     ge.add_argument("--tune", action="store_true",
-                    help="tune each layer's C kernels on this machine at the layer's density "
-                         "and bundle the choices")
+                    help="tune each layer's forward, input-gradient and weight-gradient "
+                         "operators at its traced batch and densities (the input gradient at "
+                         "its output gradient's) and bundle the choices: the C kernels on this "
+                         "CPU, the Triton kernels on this machine's GPU (none tuned without "
+                         "one: the manifest says so)")
     ge.add_argument("--target", type=_comma_list, default=["sm_90"], metavar="SM[,SM...]",
                     help="GPU targets, e.g. sm_80,sm_90 (default sm_90)")
     ge.add_argument("--dtype", type=_comma_list, metavar="T[,T...]",
@@ -100,9 +103,6 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error("the triton backend needs Triton (pip install triton)")
     elif args.dtype or args.layout != ["contiguous"]:
         parser.error("--dtype and --layout choose Triton kernels: add --backend triton")
-    if args.tune and "c" not in args.backend:
-        parser.error("--tune tunes the C kernels on this machine (Triton kernels are tuned on "
-                     "a GPU: zeroskip bench --device cuda --tune)")
     for dtype in args.dtype or ():
         if dtype not in TORCH_DTYPES:
             parser.error(f"--dtype: expected dtypes among {', '.join(TORCH_DTYPES)}, "

@@ -15,12 +15,14 @@ TRACE_DEFAULT, TRACE_DEFAULT_SHAPE = "zeroskip.models:resnet_stage", (4, 64, 32,
 def add_parser(sub) -> argparse.ArgumentParser:
     tr = sub.add_parser("trace", help="run a model on sample inputs and write each conv layer's "
                                       "spec with its measured input density",
-                        description="Build the model, run it (eval mode, no gradients) on "
-                                    "--batches random normal batches of --input-shape with a "
-                                    "hook on every convolution, and write each layer's "
-                                    "LayerSpec (with the ReLU fused where zeroskip.convert "
-                                    "fuses it) and its input density (mean, std, min, max over "
-                                    "the calls) to a layers file for zeroskip generate.")
+                        description="Build the model, run it (eval mode) on --batches random "
+                                    "normal batches of --input-shape with a hook on every "
+                                    "convolution, back-propagate random normal output "
+                                    "gradients to the input (the model's .grad untouched), and "
+                                    "write each layer's LayerSpec (with the ReLU fused where "
+                                    "zeroskip.convert fuses it), its input density and its "
+                                    "output gradient's density (mean, std, min, max over the "
+                                    "calls) to a layers file for zeroskip generate.")
     tr.add_argument("factory", nargs="?", metavar="MODULE:FACTORY",
                     help="an importable function or class returning the nn.Module, called "
                          f"without arguments (default: {TRACE_DEFAULT} on "
@@ -33,6 +35,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
     tr.add_argument("--no-fuse-relu", action="store_true",
                     help="specs for convert(model, fuse_relu=False): no fused ReLU")
+    tr.add_argument("--no-gradients", action="store_true",
+                    help="forward only (no output-gradient densities)")
     tr.add_argument("-o", "--out", type=Path, default=Path("layers.json"), metavar="FILE",
                     help="the layers file to write (default layers.json)")
     tr.set_defaults(handler=main, subparser=tr)
@@ -58,7 +62,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                          "1,3,224,224)")
         model = trace.build_model(target)
         data = trace.trace(model, shape, args.batches, args.seed,
-                           fuse_relu=not args.no_fuse_relu, name=target)
+                           fuse_relu=not args.no_fuse_relu, name=target,
+                           gradients=not args.no_gradients)
     except (ValueError, ImportError, AttributeError, TypeError, trace.TraceError) as exc:
         parser.error(str(exc))
     finally:
@@ -72,7 +77,9 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for layer in data["layers"]:
         spec = LayerSpec.from_dict(layer["spec"])
         density = layer["density"]
-        print(f"{layer['name']:<{width}}  {spec.describe(layer['batch'])}  density {density['mean']:.3f} "
-              f"± {density['std']:.3f}")
+        grad = layer.get("grad_density")
+        print(f"{layer['name']:<{width}}  {spec.describe(layer['batch'])}  density "
+              f"{density['mean']:.3f} ± {density['std']:.3f}"
+              + (f", output gradient {grad['mean']:.3f}" if grad else ""))
     print(f"{len(data['layers'])} conv layers of {target} written to {args.out}")
     return 0

@@ -81,21 +81,27 @@ class Bundle:
                                   "not list")
             self.kernels[kernel["backend"], kernel["key"]] = kernel
         try:
-            self.layers = {spec_key(LayerSpec.from_dict(layer["spec"])): layer.get("density")
+            self.layers = {spec_key(LayerSpec.from_dict(layer["spec"])): layer
                            for layer in self.manifest["layers"]}
         except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
             raise BundleError(f"{self.path / MANIFEST}: a layer's spec is malformed: "
                               f"{exc}") from exc
         self.tuning = self._read_tuning()
 
-    def _read_tuning(self) -> dict[str, dict]:
-        """The tuned records, by spec key, of the machine that made the bundle."""
+    def _read_tuning(self) -> dict[str, tuple[str | None, dict[str, dict]]]:
+        """By backend, ``(the machine that tuned, its records by spec key)``: this CPU's for
+        the C kernels, the GPU's (or Triton's interpreter's) for the Triton kernels."""
         if "tuning.json" not in self.files:
             return {}
+        machines = self.manifest.get("tuning_machines") or \
+            {"c": self.manifest.get("tuning_machine")}
         try:
             data = json.loads((self.path / "tuning.json").read_text())
             _, records = TuningDB._validate(data)
-            return records.get(self.manifest.get("tuning_machine"), {})
+            if not isinstance(machines, dict):
+                raise TypeError("the manifest's 'tuning_machines' must be an object")
+            return {backend: (machine, records.get(machine, {}))
+                    for backend, machine in machines.items()}
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise BundleError(f"{self.path / 'tuning.json'} is not a tuning database: "
                               f"{exc}") from exc
@@ -111,16 +117,24 @@ class Bundle:
     def covers(self, spec: LayerSpec) -> bool:
         return spec_key(spec) in self.layers
 
-    def density(self, spec: LayerSpec) -> float | None:
-        """The input density traced for a layer the bundle was generated for, or None."""
-        density = self.layers.get(spec_key(spec))
+    def density(self, spec: LayerSpec, of: str = "density") -> float | None:
+        """The input density (``of='grad_density'``: the output gradient's) traced for a layer
+        the bundle was generated for, or None."""
+        layer = self.layers.get(spec_key(spec))
+        density = layer.get(of) if isinstance(layer, dict) else None
         ok = isinstance(density, (int, float)) and not isinstance(density, bool) and \
             0.0 <= density <= 1.0
         return float(density) if ok else None
 
-    def records(self, spec: LayerSpec) -> dict[str, dict] | None:
-        """The bundle's tuned records of a layer (by density bucket), or None."""
-        return self.tuning.get(spec_key(spec)) or None
+    def records(self, spec: LayerSpec, backend: str = "c", machine: str | None = None
+                ) -> dict[str, dict] | None:
+        """The bundle's tuned records of an operator (``spec``: a forward layer's, or its
+        gradient's) on ``backend`` (by bucket), or None; Triton's only for ``machine`` (a
+        GPU's fingerprint id) the one they were tuned on."""
+        tuned, records = self.tuning.get(backend, (None, {}))
+        if backend != "c" and machine != tuned:
+            return None
+        return records.get(spec_key(spec)) or None
 
     def __repr__(self) -> str:
         return (f"Bundle({str(self.path)!r}, {len(self.kernels)} kernels, "

@@ -232,12 +232,16 @@ class Operator:
         if self._served[0] != generation:
             served = self._covering()
             self._served = (generation, served,
-                            None if served is None else served.density(self.spec))
+                            None if served is None else self._traced_density(served))
         served = self._served[1]
         if served is not None and self.backend == "c":
             key: Any = ("bundle", generation)
             if self._tuned[0] != key:
                 self._adopt(key, served.records(self.spec))
+        elif served is not None and self._gpu_records(served, device) is not None:
+            key = ("bundle", generation, device, torch.backends.cudnn.allow_tf32)
+            if self._tuned[0] != key:
+                self._adopt(key, self._gpu_records(served, device))
         else:
             db = tuning.database()
             key = db.generation if self.backend == "c" else \
@@ -249,6 +253,16 @@ class Operator:
     def _covering(self) -> Any:
         """The active bundle generated for this operator's layer, or None."""
         return bundle.covering(self.layer)
+
+    def _traced_density(self, served: Any) -> float | None:
+        """The density a covering bundle traced for this operator's data operand."""
+        return served.density(self.layer)
+
+    def _gpu_records(self, served: Any, device: torch.device) -> dict | None:
+        """A covering bundle's Triton records, where they were tuned on this GPU (else the
+        tuning database's are read)."""
+        return served.records(self.spec, self.backend, tuning.machine_of(self.backend,
+                                                                          device)[0])
 
     def _adopt(self, key: Any, records: dict | None) -> None:
         """Follow ``records`` (from the source ``key`` names) from now on, less those that

@@ -98,6 +98,13 @@ class GradientOperator(Operator):
         return bundle.covering(self.layer) or \
             bundle.covering(dataclasses.replace(self.layer, bias=not self.layer.bias))
 
+    def _traced_density(self, served) -> float | None:
+        """The input gradient runs on the output gradient (its traced density), the weight
+        gradient on the layer's input."""
+        of = "grad_density" if self.spec.op == "conv_grad_input" else "density"
+        return served.density(self.layer, of) if served.covers(self.layer) else \
+            served.density(dataclasses.replace(self.layer, bias=not self.layer.bias), of)
+
 
 class LayerGradients:
     """The gradients of one call's layer (its config, the input's shape less the batch, the
