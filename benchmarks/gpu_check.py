@@ -112,7 +112,7 @@ def stage_correctness(device: torch.device, sync) -> dict:
 
 def stage_online(device: torch.device, sync) -> dict:
     import zeroskip
-    from zeroskip.runtime import tuning
+    from zeroskip.runtime import online, tuning
     data = _data(device)
     reference, converted = _pair(device)
     want, torch_ms = _train(reference, data, ONLINE_STEPS, sync)
@@ -120,11 +120,10 @@ def stage_online(device: torch.device, sync) -> dict:
         os.environ["ZEROSKIP_TUNING_DB"] = str(Path(tmp) / "tuning.json")
         tuning.reset()
         before = zeroskip.stats()
-        zeroskip.autotune(True)
         try:
-            got, times = _train(converted, data, ONLINE_STEPS, sync)
+            with online.autotuning(True):
+                got, times = _train(converted, data, ONLINE_STEPS, sync)
         finally:
-            zeroskip.autotune(False)
             os.environ.pop("ZEROSKIP_TUNING_DB")
             tuning.reset()
         after = zeroskip.stats()

@@ -362,8 +362,9 @@ def test_tuned_bundle_carries_the_gradients_too(tmp_path, fresh_cache, served, m
     def step():
         out = ZF.conv2d(x, w, None, padding=1)
         out.backward(torch.relu(torch.randn(out.shape)))
+    fallbacks = zeroskip.stats()["fallback_calls"]
     _follows_bundle(monkeypatch, records, step)
-    assert zeroskip.stats()["fallback_calls"] == 0
+    assert zeroskip.stats()["fallback_calls"] == fallbacks
 
 
 def test_tuned_triton_bundle_serves_its_choices(tmp_path, fresh_cache, served, monkeypatch):

@@ -79,6 +79,9 @@ def test_the_switch_and_its_environment(db_path, monkeypatch):
     with pytest.raises(ValueError, match="autotune mode"):
         zeroskip.autotune("fastest")
     zeroskip.autotune(None)                        # the environment decides again
+    with online.autotuning("all"):
+        assert online.current_mode() == "all"
+    assert online._mode == [None] and online.current_mode() == "all"     # the environment's
     monkeypatch.setenv("ZEROSKIP_AUTOTUNE", "yes please")
     with pytest.raises(ValueError, match="ZEROSKIP_AUTOTUNE"):
         online.current_mode()

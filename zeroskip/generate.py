@@ -326,26 +326,6 @@ def generate(layers: Iterable[tuple[str, LayerSpec]], out_dir: Path | str,
 
 
 # --------------------------------------------------------------------------------- bundles
-ROLES = ("forward", "grad_input", "grad_weight")
-
-
-def tuned_cases(spec: LayerSpec, work: Workload, include_grads: bool = True
-                ) -> list[tuple[str, LayerSpec, float]]:
-    """``(role, operator's spec, density)`` of each operator of a forward layer that
-    ``--tune`` tunes at ``work``: the forward at the input's density, and with
-    ``include_grads`` the input gradient at the output gradient's density and the weight
-    gradient at the input's (the gradients a spec can state)."""
-    cases = [("forward", spec, work.density)]
-    if include_grads:
-        for role, derive, density in (("grad_input", spec.grad_input, work.grad_density),
-                                      ("grad_weight", spec.grad_weight, work.density)):
-            try:
-                cases.append((role, derive(), density))
-            except ValueError:
-                pass            # c_kernels lists it as skipped
-    return cases
-
-
 def c_kernels(spec: LayerSpec, choices: dict[str, Iterable[str]] | Iterable[str] = (),
               include_grads: bool = True) -> tuple[list[tuple[str, str, LayerSpec]], list[dict]]:
     """``(role, variant name, spec)`` of every C kernel a layer's calls may load: the forward
@@ -417,7 +397,8 @@ def make_bundle(layers: Iterable[tuple[str, LayerSpec, Workload]], out_dir: Path
     backends = list(dict.fromkeys(backends))
     for backend in backends:
         if backend not in bundle.KERNEL_BACKENDS:
-            raise ValueError(f"backend must be among {list(bundle.KERNEL_BACKENDS)}, got {backend!r}")
+            raise ValueError(f"backend must be among {list(bundle.KERNEL_BACKENDS)}, "
+                             f"got {backend!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / bundle.MANIFEST).is_file() and \
             (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -486,7 +467,7 @@ def _bundle_c(tmp: Path, layers: list[tuple[str, LayerSpec, Workload]], manifest
             continue
         choices: dict[str, set[str]] = {role: set() for role in ROLES}
         if db is not None and spec.op in FORWARD:   # at the batch and densities traced
-            for role, op_spec, density in tuned_cases(spec, work, include_grads):
+            for role, op_spec, density in autotune.operator_cases(spec, work, include_grads):
                 result = autotune.tune(op_spec, density, batch=work.batch)
                 db.record(op_spec, density, result.choice, result.ms, batch=work.batch,
                           kernels=result.kernels)
@@ -533,7 +514,7 @@ def _tune_triton(tmp: Path, layers: list[tuple[str, LayerSpec, Workload]], manif
     db = tuning.TuningDB(tmp / "tuning.json")
     cases = [(name, role, op_spec, density, work.batch) for name, spec, work in layers
              if spec.op in FORWARD and spec.dtype in TORCH_DTYPES
-             for role, op_spec, density in tuned_cases(spec, work, include_grads)]
+             for role, op_spec, density in autotune.operator_cases(spec, work, include_grads)]
     for name, role, op_spec, density, batch in tqdm(cases, desc="Triton tuning", unit="case",
                                                     disable=not progress, file=sys.stderr):
         autotune.tune_triton(op_spec, density, device, db=db, save=False, batch=batch)

@@ -325,10 +325,8 @@ def tune_model(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
     example = data[0]
     grads = gradient_densities(model, data)
     for name, spec, work in trace_specs(copy.deepcopy(model), example):
-        density = {"grad_input": grads.get(name, 1.0), "grad_weight": work.density}
-        cases = [(spec, work.density)] + [(g, density[op])
-                                          for op, g in autotune.gradients(spec)]
-        for op_spec, density in cases:
+        work = dataclasses.replace(work, grad_density=grads.get(name, 1.0))
+        for _, op_spec, density in autotune.operator_cases(spec, work):
             key = (op_spec, tuning.bucket_key(density, work.batch))
             if key not in done:
                 done.add(key)
@@ -429,21 +427,12 @@ def run_model(model: TrainModel, batch: int | None = None, steps: int = 20,
                                      seed, True, trained))
                 _log(log, rows[-1])
         if online:
-            with _tuning_database(Path(tmp) / "online.json"), _autotuning():
+            with _tuning_database(Path(tmp) / "online.json"), online_tuning.autotuning():
                 rows.append(_compare(model, batch, steps, repeats, min_time, profile_steps,
                                      seed, True, trained, online=True))
                 _log(log, rows[-1])
     return rows
 
-
-@contextlib.contextmanager
-def _autotuning() -> Iterator[None]:
-    """Autotuning in the loop on meanwhile."""
-    before = online_tuning.set_mode(True)
-    try:
-        yield
-    finally:
-        online_tuning.set_mode(before)
 
 
 def _log(log: TextIO | None, row: TrainRow) -> None:

@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..codegen.variant import Variant
-from ..spec import OPERANDS, LayerSpec
+from ..spec import OPERANDS, LayerSpec, Workload
 from . import kernels, loader, reference, stats, timing, tritonenv, tuning
 from .timing import MIN_TIME_S, REPEATS
 from .triton_kernel import TORCH_DTYPES
@@ -167,6 +167,23 @@ def tune(spec: LayerSpec, density: float, repeats: int = REPEATS,
 def gradients(spec: LayerSpec) -> list[tuple[str, LayerSpec]]:
     """``(operator, spec)`` of a forward layer's two gradient operators."""
     return [("grad_input", spec.grad_input()), ("grad_weight", spec.grad_weight())]
+
+
+def operator_cases(spec: LayerSpec, work: Workload, gradients: bool = True
+                   ) -> list[tuple[str, LayerSpec, float]]:
+    """``(operator, its spec, density)`` of each operator of a forward layer a training step
+    at ``work`` runs: the forward at the input's density, and with ``gradients`` the input
+    gradient at the output gradient's (``work.grad_density``) and the weight gradient at the
+    input's; a gradient no spec can state is left out (torch's op computes it)."""
+    cases = [("forward", spec, work.density)]
+    if gradients:
+        for name, derive, density in (("grad_input", spec.grad_input, work.grad_density),
+                                      ("grad_weight", spec.grad_weight, work.density)):
+            try:
+                cases.append((name, derive(), density))
+            except ValueError:
+                pass
+    return cases
 
 
 def jobs(layers: Iterable[LayerSpec | tuple[LayerSpec, int]], densities: Iterable[float],

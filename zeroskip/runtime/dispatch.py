@@ -342,19 +342,25 @@ class Operator:
         start = time.perf_counter()
         density, batch = self.last_density, x.shape[0]
         runs: dict[str, Callable[[], torch.Tensor]] = {}
-        kernels: dict[str, str] = {}
+        identities: dict[str, str] = {}
         for name in self.candidates(density):
             if name == "torch":
                 runs[name] = functools.partial(self.torch_op, x, weight, bias)
                 continue
             try:
                 variant = Variant.parse(name)
-                kernel = self._resolved[name][1] if name in self._resolved else \
-                    loader.kernel_for(self.spec, self.backend, variant)
+                if name in self._resolved:
+                    kernel = self._resolved[name][1]
+                elif self.backend == "c" and loader.background():
+                    kernel = loader.ready(self.spec, self.backend, variant)
+                    if kernel is None:
+                        return None     # building in the background: tune on a later call
+                else:
+                    kernel = loader.kernel_for(self.spec, self.backend, variant)
             except (ValueError, *loader.BUILD_ERRORS):
                 continue                # not built here: not a candidate
             runs[name] = functools.partial(self.launch, kernel, x, weight, bias, variant)
-            kernels[name] = kernel.identity
+            identities[name] = kernel.identity
         first = next(iter(runs))
         label = f"{self.spec.describe()} at batch {batch}, density {density:.2f}"
         launched = stats.stats()["kernel_calls"]
@@ -365,7 +371,7 @@ class Operator:
         machine, print_ = tuning.machine_of(self.backend, x.device)
         db = tuning.database()
         db.record(self.spec, density, choice, ms, machine=machine, print_=print_,
-                  batch=batch, kernels={n: k for n, k in kernels.items() if n not in errors})
+                  batch=batch, kernels={n: k for n, k in identities.items() if n not in errors})
         try:
             db.save()
         except OSError as exc:          # a read-only cache: the choice holds in this process

@@ -18,12 +18,13 @@ other ranks read what it saved (:func:`.tuning.refresh`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import sys
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -44,7 +45,10 @@ def set_mode(mode: bool | str = True) -> str:
     """Turn autotuning in the loop on (True or 'on'), to every variant ('all'), or off (False
     or 'off'); returns the mode before. It overrides ``ZEROSKIP_AUTOTUNE`` (None: follow it
     again)."""
-    before = current_mode()
+    try:
+        before = current_mode()
+    except ValueError:          # a bad ZEROSKIP_AUTOTUNE: the call may still set a mode
+        before = "off"
     if mode is None:
         _mode[0] = None
     elif mode is True or mode is False:
@@ -54,6 +58,18 @@ def set_mode(mode: bool | str = True) -> str:
     else:
         raise ValueError(f"autotune mode must be True, False or one of {MODES}, got {mode!r}")
     return before
+
+
+@contextlib.contextmanager
+def autotuning(mode: bool | str = True) -> Iterator[None]:
+    """:func:`set_mode` ``(mode)`` meanwhile; after, the setting before (a call's, or the
+    environment's) again."""
+    saved = _mode[0]
+    set_mode(mode)
+    try:
+        yield
+    finally:
+        _mode[0] = saved
 
 
 def current_mode() -> str:
