@@ -31,6 +31,9 @@ os.environ.pop("ZEROSKIP_BACKEND", None)
 # Kernels compiled ahead by background threads would land in whichever cache and memo a later
 # test sets up: off, except in the tests of it (tests/test_compile_ahead.py).
 os.environ["ZEROSKIP_COMPILE_AHEAD"] = "0"
+# Likewise the compiled launcher, built on a background thread into whichever cache is current:
+# off, except in its own tests (tests/test_launcher.py), which build it and turn it on.
+os.environ["ZEROSKIP_LAUNCHER"] = "0"
 os.environ.pop("ZEROSKIP_STRICT", None)
 os.environ.pop("ZEROSKIP_DUMP", None)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .. import functional as Z
 from ..codegen.macs import dense_macs, nonzero_macs
 from ..spec import LayerSpec
-from ..runtime import autotune, loader, stats
+from ..runtime import autotune, launcher, loader, stats
 from ..runtime.timing import MIN_TIME_S, REPEATS, busy, steady_allocator, time_interleaved
 from .common import (BenchError, _checked_call, _each_layer, call_args, check, machine)
 from .reports import BackwardReport
@@ -154,6 +154,7 @@ def run_backward(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
     dense inputs or, with ``densities``, on ReLU-like inputs of each (rows named
     ``layer@density``); ``log`` gets one line per row."""
     pinned = steady_allocator()
+    launcher.ready()        # calls run through the compiled launcher from the first timing
     cases = [(layer, d) for layer in layers for d in (densities or [1.0])]
     rows = _each_layer(cases,
                        lambda case: bench_backward_layer(case[0], batch, repeats, min_time,

@@ -13,7 +13,7 @@ from .. import freezing
 from .. import functional as Z
 from ..codegen.macs import dense_macs, nonzero_macs
 from ..spec import LayerSpec
-from ..runtime import c_kernel, dispatch, loader, stats
+from ..runtime import dispatch, launcher, loader, stats
 from ..runtime.timing import MIN_TIME_S, REPEATS, busy, steady_allocator, time_interleaved
 from .common import (BenchError, _cache_dir, _checked_call, _each_layer, _mark, _require_kernel,
                      call_args, check, machine, operands)
@@ -127,22 +127,11 @@ def sweep_layer(layer: Layer, densities: tuple[float, ...] = SWEEP_DENSITIES, ba
     return [_timed_row(layer, batch, density, None, repeats, min_time) for density in densities]
 
 
-def _launch_threads(kernel: c_kernel.Kernel, call: Callable[[], object]) -> int:
-    """The thread count that ``call`` passes to ``kernel``'s entry point."""
-    seen = []
-    run = kernel.lib.run
-    kernel.lib.run = lambda *args: seen.append(args[1]) or run(*args)
-    try:
-        call()
-    finally:
-        kernel.lib.run = run
-    return seen[0]
-
-
 def measure_overhead(repeats: int = REPEATS, min_time: float = MIN_TIME_S,
                      spec: LayerSpec = TINY) -> Overhead:
     """Time ``zeroskip.functional`` against its bare kernel (run as ``functional`` runs it, on
     preallocated tensors) and torch on ``spec``."""
+    launcher.ready()                # the call times through it where it can be built
     x, w, b = operands(spec)
     torch_call, zs_call = _calls(spec, x, w, b)
     want = torch_call()
@@ -150,7 +139,7 @@ def measure_overhead(repeats: int = REPEATS, min_time: float = MIN_TIME_S,
     kernel = loader.kernel_for(spec)
     packed, out = kernel.pack(w, b), torch.empty(spec.output_shape())
     run = kernel.lib.run
-    args = (x.shape[0], _launch_threads(kernel, zs_call), x.data_ptr(), packed.data_ptr(),
+    args = (x.shape[0], kernel.threads_for(x.shape[0]), x.data_ptr(), packed.data_ptr(),
             w.data_ptr(), out.data_ptr())
     run(*args)
     check("overhead layer (bare kernel)", out, want)
@@ -158,7 +147,7 @@ def measure_overhead(repeats: int = REPEATS, min_time: float = MIN_TIME_S,
                                "torch": torch_call}, repeats, min_time)
     times = timing.seconds
     return Overhead(spec.describe(), times["functional"] * 1e6, times["kernel"] * 1e6,
-                    times["torch"] * 1e6, args[1], timing.contention)
+                    times["torch"] * 1e6, args[1], timing.contention, launcher.status())
 
 
 def _forward_note(row: Row) -> str:
@@ -171,6 +160,7 @@ def run(layers: list[Layer], batch: int = 1, repeats: int = REPEATS,
     """Benchmark ``layers`` and the per-call overhead (with :func:`steady_allocator`); ``log``
     gets one line per layer."""
     pinned = steady_allocator()
+    launcher.ready()        # calls run through the compiled launcher from the first timing
     rows = _each_layer(layers, lambda layer: bench_layer(layer, batch, repeats, min_time),
                        _forward_note, log)
     overhead = measure_overhead(repeats, min_time)
@@ -189,6 +179,7 @@ def run_sweep(layers: list[Layer], densities: tuple[float, ...] = SWEEP_DENSITIE
     """Benchmark ``layers`` at each input density (with :func:`steady_allocator`); ``log``
     gets one line per layer."""
     pinned = steady_allocator()
+    launcher.ready()        # calls run through the compiled launcher from the first timing
     per_layer = _each_layer(
         layers, lambda layer: sweep_layer(layer, densities, batch, repeats, min_time),
         _sweep_note, log)

@@ -82,7 +82,8 @@ def forward_markdown(report: Table) -> str:
                  f"{o.functional_us:.1f} us, bare kernel {o.kernel_us:.1f} us "
                  f"({o.kernel_threads} thread{'s' if o.kernel_threads > 1 else ''}) -> "
                  f"{o.overhead_us:.1f} us overhead{_mark(o.contention)}; torch "
-                 f"{o.torch_us:.1f} us")
+                 f"{o.torch_us:.1f} us" + (f" (compiled launcher: {o.launcher})"
+                                           if o.launcher else ""))
     if report.rows:
         times = [r.compile_s for r in report.rows]
         lines.append(f"- cold compile: median {statistics.median(times):.2f} s, "

@@ -62,6 +62,7 @@ class Overhead:
     torch_us: float
     kernel_threads: int
     contention: float | None
+    launcher: str = ""        # the compiled launcher's status while timed ('loaded': in use)
 
     @property
     def overhead_us(self) -> float:

@@ -83,6 +83,12 @@ def _needs_autograd(input, weight, bias) -> bool:
     torch's op with torch's own autograd)."""
     if not torch.is_grad_enabled():
         return False
+    try:        # the common case first: nothing needs a gradient
+        if not (input.requires_grad or weight.requires_grad or
+                bias is not None and bias.requires_grad):
+            return False
+    except AttributeError:      # not tensors: the forward call says what torch says
+        return False
     tensors = (input, weight) if bias is None else (input, weight, bias)
     if not (all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
             and any(t.requires_grad for t in tensors)):

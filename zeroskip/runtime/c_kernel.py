@@ -13,7 +13,7 @@ import torch
 from ..codegen import targets
 from ..codegen.targets import Compiled
 from ..codegen.variant import Variant
-from . import cc, stats
+from . import cc, launcher, stats
 from .packs import PackCache
 
 MACS_PER_THREAD = 1 << 16   # below this much work per thread, waking another costs more
@@ -105,6 +105,23 @@ class Kernel:
         """The share of non-zeros in ``x`` (contiguous, batched), sampled in C: microseconds."""
         return self.lib.density(x.shape[0], x.data_ptr())
 
+    def run_new(self, lhs: torch.Tensor, rhs: torch.Tensor, bias: torch.Tensor | None,
+                shape: tuple[int, ...], variant=None) -> torch.Tensor:
+        """:meth:`run` into a new output of ``shape``: on cached packs, one call into the
+        compiled launcher (:mod:`.launcher`), which proves them and runs; else, or where the
+        proof fails, through ctypes (which repacks)."""
+        fast = launcher.module() if self.lib.packed_elems else None
+        if fast is not None and rhs.is_contiguous():
+            found = self._packs.peek(rhs, bias)
+            if found is not None:
+                packed, w_copy, b_copy = found
+                out = fast.run(self.lib.run_address, self.lib.same_address,
+                               self.macs_per_sample, MACS_PER_THREAD, lhs, packed, rhs, w_copy,
+                               bias, b_copy, shape)
+                if out is not None:         # (the launcher counts its kernel_calls)
+                    return out
+        return self.run(lhs, rhs, self.new_output(lhs, shape), bias, variant)
+
     def run(self, lhs: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor,
             bias: torch.Tensor | None = None, variant=None) -> torch.Tensor:
         """Run on ``lhs`` (contiguous, batched) and ``rhs`` (the weight, packed here; for the
@@ -114,13 +131,16 @@ class Kernel:
         return self.launch(lhs, packed, rhs if rhs.is_contiguous() else rhs.detach().contiguous(),
                            out)
 
+    def threads_for(self, batch: int) -> int:
+        """The threads a call on ``batch`` samples runs on (the launcher computes the same)."""
+        return min(torch.get_num_threads(), 1 + batch * self.macs_per_sample // MACS_PER_THREAD)
+
     def launch(self, lhs: torch.Tensor, packed: torch.Tensor, rhs: torch.Tensor,
                out: torch.Tensor) -> torch.Tensor:
         """Run on already packed weights (the bench times this, without the pack lookup)."""
         if out.numel():
             batch = lhs.shape[0]
-            threads = min(torch.get_num_threads(),
-                          1 + batch * self.macs_per_sample // MACS_PER_THREAD)
+            threads = self.threads_for(batch)
             status = self.lib.run(batch, threads, lhs.data_ptr(), packed.data_ptr(),
                                   rhs.data_ptr(), out.data_ptr())
             if status:

@@ -123,3 +123,6 @@ class Library:
         self.same = self._lib.zs_same
         self.same.argtypes = [ctypes.c_int, ptr, ptr, ctypes.c_int64]
         self.same.restype = ctypes.c_int
+        # For the compiled launcher (runtime/launcher.py), which calls them without ctypes.
+        self.run_address = ctypes.cast(self.run, ctypes.c_void_p).value
+        self.same_address = ctypes.cast(self.same, ctypes.c_void_p).value

@@ -41,6 +41,10 @@ class Kernel(Protocol):
         """Write the operator of ``lhs`` (prepared) and ``rhs`` (the weight, packed by the
         kernel; for the weight gradient the prepared second operand) into ``out``."""
 
+    def run_new(self, lhs: torch.Tensor, rhs: torch.Tensor, bias: torch.Tensor | None,
+                shape: tuple[int, ...], variant: Variant | None = None) -> torch.Tensor:
+        """:meth:`run` into a new output of ``shape`` (as :meth:`new_output` makes it)."""
+
     def forget_packed(self) -> None:
         """Drop the weight packs kept across calls."""
 
@@ -54,8 +58,7 @@ def launch(kernel: Kernel, lhs: torch.Tensor, rhs: torch.Tensor,
     if kernel.spec.op == "conv_grad_weight":
         out = torch.empty(kernel.output_shape, dtype=lhs.dtype, device=lhs.device)
         return kernel.run(lhs, kernel.prepare(rhs), out, None, variant)
-    out = kernel.new_output(lhs, (lhs.shape[0], *kernel.output_shape[1:]))
-    return kernel.run(lhs, rhs, out, bias, variant)
+    return kernel.run_new(lhs, rhs, bias, (lhs.shape[0], *kernel.output_shape[1:]), variant)
 
 
 def operands(kernel: Kernel, tensors: dict[str, torch.Tensor]) -> tuple:

@@ -77,11 +77,18 @@ def current_mode() -> str:
     chosen = _mode[0]
     if chosen is not None:
         return chosen
-    value = env.get("ZEROSKIP_AUTOTUNE", "") or ""
-    found = _ENV_MODES.get(value.strip().lower())
+    value = env.get("ZEROSKIP_AUTOTUNE")
+    seen = _read[0]
+    if seen[0] == value:        # (read on every call: the last value's mode is kept)
+        return seen[1]
+    found = _ENV_MODES.get((value or "").strip().lower())
     if found is None:
         raise ValueError(f"ZEROSKIP_AUTOTUNE must be one of 0, 1, on, off, all; got {value!r}")
+    _read[0] = (value, found)
     return found
+
+
+_read: list[tuple[str | None, str]] = [(None, "off")]
 
 
 def tuner() -> bool:

@@ -133,6 +133,24 @@ class PackCache:
                 self._packs.popitem(last=False)
         return packed
 
+    def peek(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple | None:
+        """``(packed, weight's copy, bias's copy)`` where :meth:`get` would prove the pack by
+        comparing ``weight`` and ``bias`` with those copies (the caller compares: the compiled
+        launcher does, in the same call as the kernel's), ``(packed, None, None)`` where a
+        freeze vouches for it, else None (:meth:`get` decides). Whether the storages are the
+        ones packed needs no check here: the bytes compared are the bytes packed."""
+        key = (weight.data_ptr(), weight.stride(), weight.device,
+               None if bias is None else (bias.data_ptr(), bias.stride()))
+        hit = self._packs.get(key)
+        if hit is None or hit.versions != (_version(weight),
+                                           None if bias is None else _version(bias)):
+            return None
+        if _frozen and _alive(hit.refs) and _frozen_before(hit.refs, hit.tick):
+            return hit.packed, None, None
+        if hit.copies is None:
+            return None
+        return hit.packed, hit.copies[0], hit.copies[1]
+
     def _unchanged(self, copies: tuple, weight: torch.Tensor, bias: torch.Tensor | None
                    ) -> bool:
         """Whether ``weight`` and ``bias`` hold, bit for bit, the bytes copied when packing."""

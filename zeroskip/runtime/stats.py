@@ -18,6 +18,9 @@ COUNTERS = ("kernel_calls", "fallback_calls", "compiles", "cache_hits", "memo_hi
 
 _counts: Counter = Counter()
 _lock = threading.Lock()
+# Counters kept elsewhere (the compiled launcher counts its own calls): each is called with
+# ``reset`` and returns counts to add.
+SOURCES: list = []
 _warned: set[str] = set()
 
 
@@ -58,6 +61,9 @@ def stats(reset: bool = False) -> dict[str, float]:
         result = {name: _counts.get(name, 0) for name in COUNTERS}
         if reset:
             _counts.clear()
+        for source in SOURCES:
+            for name, count in source(reset).items():
+                result[name] += count
     return result
 
 

@@ -127,6 +127,11 @@ class Kernel:
         rarely)."""
         return float(torch.count_nonzero(x)) / max(1, x.numel())
 
+    def run_new(self, lhs: torch.Tensor, rhs: torch.Tensor, bias: torch.Tensor | None,
+                shape: tuple[int, ...], variant: Variant | None = None) -> torch.Tensor:
+        """:meth:`run` into a new output of ``shape``."""
+        return self.run(lhs, rhs, self.new_output(lhs, shape), bias, variant)
+
     def run(self, lhs: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor,
             bias: torch.Tensor | None = None, variant: Variant | None = None) -> torch.Tensor:
         """Run on ``lhs`` and ``rhs`` (the weight, packed here; for the weight gradient the
