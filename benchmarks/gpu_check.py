@@ -84,13 +84,13 @@ def _losses_agree(ours: list[float], theirs: list[float]) -> float:
     return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours, theirs))
 
 
-def stage_correctness(device: torch.device, sync) -> dict:
+def stage_correctness(device: torch.device, sync, steps: int = STEPS) -> dict:
     import zeroskip
     data = _data(device)
     reference, converted = _pair(device)
     before = zeroskip.stats()
-    want, _ = _train(reference, data, STEPS, sync)
-    got, times = _train(converted, data, STEPS, sync)
+    want, _ = _train(reference, data, steps, sync)
+    got, times = _train(converted, data, steps, sync)
     after = zeroskip.stats()
     found = {"losses_torch": want, "losses_zeroskip": got,
              "max_loss_diff": _losses_agree(got, want), "step_ms": times,
@@ -110,19 +110,19 @@ def stage_correctness(device: torch.device, sync) -> dict:
     return found
 
 
-def stage_online(device: torch.device, sync) -> dict:
+def stage_online(device: torch.device, sync, steps: int = ONLINE_STEPS) -> dict:
     import zeroskip
     from zeroskip.runtime import online, tuning
     data = _data(device)
     reference, converted = _pair(device)
-    want, torch_ms = _train(reference, data, ONLINE_STEPS, sync)
+    want, torch_ms = _train(reference, data, steps, sync)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["ZEROSKIP_TUNING_DB"] = str(Path(tmp) / "tuning.json")
         tuning.reset()
         before = zeroskip.stats()
         try:
             with online.autotuning(True):
-                got, times = _train(converted, data, ONLINE_STEPS, sync)
+                got, times = _train(converted, data, steps, sync)
         finally:
             os.environ.pop("ZEROSKIP_TUNING_DB")
             tuning.reset()
@@ -157,6 +157,9 @@ def main() -> int:
                         help=f"seconds for all stages (default {BUDGET_S})")
     parser.add_argument("--out", type=Path, help="the results file (default: "
                         "benchmarks/results/gpu-check-<date>.json)")
+    parser.add_argument("--steps", type=int, nargs=2, default=(STEPS, ONLINE_STEPS),
+                        metavar=("CHECKED", "ONLINE"), help="training steps of stages 1 and 2 "
+                        f"(default {STEPS} {ONLINE_STEPS})")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -182,8 +185,8 @@ def main() -> int:
         report["triton"] = triton.__version__
     except ImportError:
         report["triton"] = None
-    stages = [("correctness", lambda: stage_correctness(device, sync)),
-              ("online_autotuning", lambda: stage_online(device, sync))]
+    stages = [("correctness", lambda: stage_correctness(device, sync, args.steps[0])),
+              ("online_autotuning", lambda: stage_online(device, sync, args.steps[1]))]
     if device.type == "cuda":
         stages.append(("bench", lambda: stage_bench(
             max(30.0, args.budget - (time.monotonic() - start) - 20), stamp)))

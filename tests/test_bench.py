@@ -479,9 +479,9 @@ def test_gpu_check_rehearses_on_the_cpu_and_refuses_without_a_gpu(tmp_path):
                              capture_output=True, text=True, env=env, timeout=300)
     assert refused.returncode == 1 and "nothing run" in refused.stderr
     assert not (tmp_path / "g.json").exists()
-    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--out",
-                           str(tmp_path / "c.json")], capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--steps", "2", "3",
+                           "--out", str(tmp_path / "c.json")], capture_output=True, text=True,
+                          env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "c.json").read_text())
     assert report["correctness"]["ok"] and report["correctness"]["fallback_calls"] == 0
