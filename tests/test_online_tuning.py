@@ -267,3 +267,24 @@ def test_triton_kernels_are_tuned_in_the_loop_too(db_path, monkeypatch):
     with dispatch.observe() as ran:
         zf.conv2d(x, weight, None, padding=1)
     assert [d.choice for d in ran] == [record["choice"]]
+
+
+def test_a_bundle_served_layer_is_not_tuned_from_its_first_call(db_path, fresh_cache, tmp_path):
+    """A bundle's records are final: with autotuning on, a layer it covers is not tuned, on
+    its first call either (the covering bundle is found before the decision)."""
+    from zeroskip import Workload, generate
+    from zeroskip.runtime import bundle
+    spec = LayerSpec.conv(6, 8, 3, padding=1, input_size=(9, 9))
+    generate.make_bundle([("layer", spec, Workload(1, 1.0))], tmp_path / "b",
+                         include_grads=False, progress=False)
+    bundle.unload_bundles()
+    zeroskip.load_bundle(tmp_path / "b")
+    try:
+        zeroskip.autotune(True)
+        tuned = zeroskip.stats()["tuned_cases"]
+        x, weight, bias = _operands(batch=1, density=1.0)
+        out = zf.conv2d(x, weight, bias, padding=1)
+        torch.testing.assert_close(out, F.conv2d(x, weight, bias, padding=1))
+        assert zeroskip.stats()["tuned_cases"] == tuned and not db_path.exists()
+    finally:
+        bundle.unload_bundles()

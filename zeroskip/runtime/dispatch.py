@@ -171,8 +171,14 @@ class Operator:
         self.last_density = 1.0
         if env.get("ZEROSKIP_SPARSE", "1") == "0":
             return self.default
-        tunes = self._tunes_online()
+        online_on = online.current_mode() != "off"
+        tuner = online_on and online.tuner()
+        if online_on and not tuner:
+            tuning.refresh()        # another rank tunes: read what it saved
         records, same = self._records(x.device)
+        # Calls without a record are tuned here unless a bundle, whose records are final,
+        # serves the layer (_records has just looked for one).
+        tunes = tuner and self._served[1] is None
         if same is not None and not tunes:   # tuned alike at every density: no need to measure
             return same
         if not x.numel():
@@ -198,16 +204,6 @@ class Operator:
         if self.backend == "c" and self.last_density < self.forward.crossover:
             return "sparse"
         return self.default
-
-    def _tunes_online(self) -> bool:
-        """Whether calls without a record are tuned here (autotuning in the loop is on, this
-        process tunes, and no bundle, whose records are final, serves the layer)."""
-        if online.current_mode() == "off" or self._served[1] is not None:
-            return False
-        if not online.tuner():
-            tuning.refresh()    # another rank tunes: read what it saved
-            return False
-        return True
 
     def density(self, x: torch.Tensor) -> float:
         """The density the decision uses (see the module docstring)."""
