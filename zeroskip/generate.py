@@ -520,9 +520,9 @@ def _tune_triton(tmp: Path, layers: list[tuple[str, LayerSpec, Workload]], manif
         autotune.tune_triton(op_spec, density, device, db=db, save=False, batch=batch)
     db.save()
     (tmp / "tuning.json.lock").unlink(missing_ok=True)
-    manifest.setdefault("tuning_machines", {})["triton"] = tuning.machine_of("triton",
-                                                                              device)[0]
-    manifest["triton_tuning"] = f"tuned on {tuning.machine_of('triton', device)[1]['gpu']}"
+    machine, print_ = tuning.machine_of("triton", device)
+    manifest.setdefault("tuning_machines", {})["triton"] = machine
+    manifest["triton_tuning"] = f"tuned on {print_['gpu']}"
 
 
 def _bundle_triton(tmp: Path, layers: list[tuple[str, LayerSpec, Workload]], manifest: dict,

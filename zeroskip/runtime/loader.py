@@ -38,7 +38,8 @@ BUILD_ERRORS = (cache.CacheError, emit.TemplateError, IRError, *c_kernel.ERRORS,
 
 
 _kernels: dict[tuple, Kernel] = {}
-_identities: dict[tuple, str | None] = {}  # kernels' identities, by memo key (not all loaded)
+# (identity, default choice) of kernels rendered but not loaded, by memo key (_rendered)
+_identities: dict[tuple, tuple[str, str] | None] = {}
 _building: dict[tuple, Future] = {}      # kernels some thread is building, by memo key
 _lock = threading.Lock()
 
@@ -88,34 +89,37 @@ def kernel_for(spec: LayerSpec, backend: str = "c", variant: Variant = DEFAULT) 
     return kernel
 
 
-def identity(spec: LayerSpec, backend: str, variant: Variant) -> str | None:
-    """The identity (``Compiled.identity``) of the kernel the compiler makes today for
-    ``spec`` as ``variant``, or None where it makes none: the loaded kernel's, else the source
-    rendered (milliseconds, no compiler), memoized. Tuning records are true while the kernels
-    they timed have these identities."""
+def _rendered(spec: LayerSpec, backend: str, variant: Variant) -> tuple[str, str] | None:
+    """``(identity, default choice)`` of the kernel the compiler makes today for ``spec`` as
+    ``variant`` (``Compiled.identity``, ``Target.default_choice``): the loaded kernel's, else
+    its source rendered (milliseconds, no compiler), memoized; None where it makes none."""
     normal = _normal(spec, backend, variant)
+    target = RUNTIMES[backend].target()
     kernel = _kernels.get(normal)
     if kernel is not None:
-        return kernel.identity
+        return kernel.identity, target.default_choice(kernel.compiled)
     if normal not in _identities:
         try:
-            compiled = targets.compile(spec, RUNTIMES[backend].target(), normal[2])
-            _identities[normal] = compiled.identity
+            compiled = targets.compile(spec, target, normal[2])
+            _identities[normal] = (compiled.identity, target.default_choice(compiled))
         except (IRError, emit.TemplateError, ValueError):
             _identities[normal] = None
     return _identities[normal]
 
 
+def identity(spec: LayerSpec, backend: str, variant: Variant) -> str | None:
+    """The identity (``Compiled.identity``) of the kernel the compiler makes today for
+    ``spec`` as ``variant``, or None where it makes none (:func:`_rendered`). Tuning records
+    are true while the kernels they timed have these identities."""
+    found = _rendered(spec, backend, variant)
+    return None if found is None else found[0]
+
+
 def default_choice(spec: LayerSpec, backend: str) -> str | None:
     """The variant name an untuned call of ``spec`` runs on ``backend`` ('dense' on C, the
     default config's family on Triton), or None where no kernel covers it."""
-    kernel = _kernels.get(_normal(spec, backend, DEFAULT))
-    target = RUNTIMES[backend].target()
-    try:
-        compiled = kernel.compiled if kernel is not None else targets.compile(spec, target)
-    except (IRError, emit.TemplateError, ValueError):
-        return None
-    return target.default_choice(compiled)
+    found = _rendered(spec, backend, DEFAULT)
+    return None if found is None else found[1]
 
 
 # Compiling ahead: kernels a layer's next calls may load (its gradients while the forward runs,
