@@ -158,6 +158,7 @@ class Operator:
         self._resolved: dict[str, tuple[Variant | None, Kernel]] = {
             self.default: (kernel.default, kernel)}
         self._tuned: tuple = (None, None, None)  # (records' source, records, their one choice)
+        self._bundled: tuple = (None, None)      # (its key, a covering bundle's records)
         # (bundles' generation, the covering bundle, the density it traced for this layer)
         self._served: tuple = (None, None, None)
         self._measured: tuple[int, float] = (0, 1.0)   # (GPU calls since measured, density)
@@ -230,20 +231,23 @@ class Operator:
             self._served = (generation, served,
                             None if served is None else self._traced_density(served))
         served = self._served[1]
-        if served is not None and self.backend == "c":
-            key: Any = ("bundle", generation)
-            if self._tuned[0] != key:
-                self._adopt(key, served.records(self.spec))
-        elif served is not None and self._gpu_records(served, device) is not None:
-            key = ("bundle", generation, device, torch.backends.cudnn.allow_tf32)
-            if self._tuned[0] != key:
-                self._adopt(key, self._gpu_records(served, device))
-        else:
-            db = tuning.database()
-            key = db.generation if self.backend == "c" else \
-                (db.generation, device, torch.backends.cudnn.allow_tf32)
-            if self._tuned[0] != key:
-                self._adopt(key, tuning.records(self.spec, self.backend, device))
+        if served is not None:
+            key: Any = ("bundle", generation) if self.backend == "c" else \
+                ("bundle", generation, device, torch.backends.cudnn.allow_tf32)
+            if self._bundled[0] != key:
+                # Triton's records only where tuned on this GPU (else the database's are read)
+                machine = None if self.backend == "c" else \
+                    tuning.machine_of(self.backend, device)[0]
+                self._bundled = (key, served.records(self.spec, self.backend, machine))
+            if self.backend == "c" or self._bundled[1] is not None:
+                if self._tuned[0] != key:
+                    self._adopt(key, self._bundled[1])
+                return self._tuned[1], self._tuned[2]
+        db = tuning.database()
+        key = db.generation if self.backend == "c" else \
+            (db.generation, device, torch.backends.cudnn.allow_tf32)
+        if self._tuned[0] != key:
+            self._adopt(key, tuning.records(self.spec, self.backend, device))
         return self._tuned[1], self._tuned[2]
 
     def _covering(self) -> Any:
@@ -253,12 +257,6 @@ class Operator:
     def _traced_density(self, served: Any) -> float | None:
         """The density a covering bundle traced for this operator's data operand."""
         return served.density(self.layer)
-
-    def _gpu_records(self, served: Any, device: torch.device) -> dict | None:
-        """A covering bundle's Triton records, where they were tuned on this GPU (else the
-        tuning database's are read)."""
-        return served.records(self.spec, self.backend, tuning.machine_of(self.backend,
-                                                                          device)[0])
 
     def _adopt(self, key: Any, records: dict | None) -> None:
         """Follow ``records`` (from the source ``key`` names) from now on, less those that
